@@ -1,0 +1,28 @@
+"""Where finished requests' usage goes.  ``record`` never blocks the hot path."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import structlog
+
+from gateway.accounting.record import UsageRecord
+
+
+class UsageSink(Protocol):
+    def record(self, rec: UsageRecord) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LogSink:
+    """Standalone mode: usage goes to the log, one line per request."""
+
+    def __init__(self) -> None:
+        self._log = structlog.get_logger("usage")
+
+    def record(self, rec: UsageRecord) -> None:
+        self._log.info("usage", **rec.to_dict())
+
+    async def close(self) -> None:
+        return None

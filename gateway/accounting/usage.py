@@ -1,0 +1,77 @@
+"""Token usage read from upstream responses, normalised across dialects.
+
+``input_tokens`` never includes cache reads or writes (Anthropic's meaning);
+OpenAI's ``prompt_tokens`` includes its cached tokens, so they are split out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+    found: bool = False  # the response reported usage at all
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens + self.cache_write_tokens + self.cache_read_tokens
+
+
+def _int(d: Any, key: str) -> int:
+    if not isinstance(d, dict):
+        return 0
+    v = d.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def apply_anthropic(usage: Usage, u: Any) -> None:
+    """Apply an Anthropic usage object; later values replace earlier ones (cumulative)."""
+    if not isinstance(u, dict):
+        return
+    usage.found = True
+    if "input_tokens" in u:
+        usage.input_tokens = _int(u, "input_tokens")
+    if "output_tokens" in u:
+        usage.output_tokens = _int(u, "output_tokens")
+    if "cache_creation_input_tokens" in u:
+        usage.cache_write_tokens = _int(u, "cache_creation_input_tokens")
+    if "cache_read_input_tokens" in u:
+        usage.cache_read_tokens = _int(u, "cache_read_input_tokens")
+
+
+def apply_openai(usage: Usage, u: Any) -> None:
+    if not isinstance(u, dict):
+        return
+    usage.found = True
+    prompt = _int(u, "prompt_tokens")
+    cached = _int(u.get("prompt_tokens_details"), "cached_tokens")
+    cached = min(cached, prompt)
+    usage.input_tokens = prompt - cached
+    usage.cache_read_tokens = cached
+    usage.output_tokens = _int(u, "completion_tokens")
+
+
+def from_body(dialect: str, body: bytes) -> Usage:
+    """Usage of a non-streamed JSON response (messages, chat, embeddings)."""
+    usage = Usage()
+    if b'"usage"' not in body:
+        return usage
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return usage
+    if not isinstance(doc, dict):
+        return usage
+    if dialect == "anthropic":
+        apply_anthropic(usage, doc.get("usage"))
+    else:
+        apply_openai(usage, doc.get("usage"))
+    return usage

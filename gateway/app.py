@@ -1,0 +1,97 @@
+"""create_app(cfg): wiring only -- resources, middleware, routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from aiohttp.resolver import AsyncResolver
+
+from gateway import keys
+from gateway.accounting.pricing import PriceTable
+from gateway.accounting.sink import LogSink
+from gateway.config import Config
+from gateway.middleware import make_middleware
+from gateway.observability.health import healthz
+from gateway.policy.admit import Admitter, NullLimiter
+from gateway.policy.principals import StandaloneResolver
+from gateway.proxy import handlers
+from gateway.proxy.routing import Router, build_deployments
+from gateway.tasks import TaskTracker
+
+DATA_PLANE = (
+    ("POST", "/v1/messages", handlers.messages),
+    ("POST", "/v1/messages/count_tokens", handlers.count_tokens),
+    ("POST", "/v1/chat/completions", handlers.chat_completions),
+    ("POST", "/v1/embeddings", handlers.embeddings),
+    ("GET", "/v1/models", handlers.models),
+)
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    per_host = max((u.max_connections for u in cfg.upstreams.values()), default=100)
+    connector = aiohttp.TCPConnector(
+        limit=0,  # per-host limits bound it
+        limit_per_host=per_host,
+        resolver=AsyncResolver(),
+        ttl_dns_cache=60,
+        keepalive_timeout=60,
+        enable_cleanup_closed=False,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    app[keys.CLIENT] = session
+    yield
+    await session.close()
+
+
+async def _tasks(app: web.Application) -> AsyncIterator[None]:
+    tracker = TaskTracker()
+    app[keys.TASKS] = tracker
+    yield
+    await tracker.drain(timeout=app[keys.CONFIG].server.drain_seconds)
+
+
+async def _policy(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    resolver = StandaloneResolver(cfg)
+    app[keys.RESOLVER] = resolver
+    limiter = NullLimiter()
+    app[keys.ADMITTER] = Admitter(limiter)
+    yield
+    await limiter.close()
+    await resolver.close()
+
+
+async def _accounting(app: web.Application) -> AsyncIterator[None]:
+    sink = LogSink()
+    app[keys.USAGE] = sink
+    yield
+    await sink.close()
+
+
+def create_app(cfg: Config) -> web.Application:
+    app = web.Application(
+        client_max_size=cfg.server.max_body_bytes + 1,
+        middlewares=[make_middleware(cfg.log.access_log)],
+        handler_args={"max_field_size": 16384},
+    )
+    app[keys.CONFIG] = cfg
+    app[keys.DRAINING] = [False]
+    app[keys.EXTRA] = {}
+    app[handlers.PRICES] = PriceTable.load(cfg)
+    deployments = build_deployments(cfg)
+    app[keys.ROUTER] = Router(cfg, deployments)
+    # Torn down in reverse: accounting flushes after the tracked tasks drained.
+    app.cleanup_ctx.extend([_client_session, _accounting, _policy, _tasks])
+    app.router.add_get("/healthz", healthz)
+    for method, path, handler in DATA_PLANE:
+        app.router.add_route(method, path, handler)
+        app.router.add_route(method, "/ak/{access_key}" + path, handler)
+    return app

@@ -1,0 +1,435 @@
+"""Configuration: one TOML file + ``GATEWAY_*`` overrides -> frozen dataclasses.
+
+Every error in a file is collected and reported at once with its path
+(``routes[2].deployments[0].upstream: unknown upstream 'x'``); unknown keys are
+rejected.  Secrets never live in the file: fields ending in ``_env`` name the
+environment variable that holds them.
+
+Overrides: ``GATEWAY_SERVER__PORT=9000`` sets ``server.port`` (``__`` separates
+levels, values are parsed as TOML literals when they parse, strings otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` lists every problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 0  # 0 = one per core
+    backlog: int = 2048
+    max_body_bytes: int = 10 * 1024 * 1024
+    drain_seconds: float = 30.0
+    worker_ping_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    bootstrap_admin_token_env: str = "GATEWAY_ADMIN_TOKEN"
+    jwt_secret_env: str = "GATEWAY_JWT_SECRET"
+    jwt_issuer: str = "llm-gateway"
+    jwt_audience: str = "llm-gateway-admin"
+    access_token_seconds: int = 900
+    refresh_token_seconds: int = 30 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    url_env: str = "GATEWAY_DATABASE_URL"
+    pool_min: int = 1
+    pool_max: int = 10
+    timeout_ms: int = 500
+    key_cache_seconds: float = 60.0
+    key_cache_size: int = 100_000
+    negative_cache_seconds: float = 5.0
+    negative_cache_size: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url_env: str = "GATEWAY_REDIS_URL"
+    topology: Literal["single", "sentinel", "cluster"] = "single"
+    sentinel_master: str = "mymaster"
+    failure_mode: Literal["local", "open", "closed"] = "local"
+    timeout_ms: int = 100
+    retry_seconds: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MockUpstreamConfig:
+    """The bundled fake provider; ``enabled`` makes ``serve`` run it as a child."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8199
+    latency_ms: float = 0.0
+    ttft_ms: float = 0.0
+    chunk_gap_ms: float = 0.0
+    chunks: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    failure_threshold: int = 5
+    cooldown_seconds: float = 10.0
+    half_open_probes: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    provider: Literal["anthropic", "openai"]
+    base_url: str
+    api_key_env: str = ""
+    max_connections: int = 256
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 120.0
+    idle_timeout: float = 60.0
+    total_timeout: float = 900.0
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    upstream: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    match: str
+    deployments: tuple[DeploymentConfig, ...]
+    fallbacks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Policy limits of a key or a user; ``None`` means no limit."""
+
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+    max_tokens: int | None = None
+    budget_usd: float | None = None
+    budget_period: Literal["day", "month", "total"] = "total"
+    allowed_ips: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StandaloneKeyConfig:
+    """A key of the standalone mode: the plaintext by env reference or its SHA-256."""
+
+    name: str
+    user: str = "standalone"
+    key_env: str = ""
+    key_sha256: str = ""
+    expires_at: str = ""
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True, slots=True)
+class StandaloneUserConfig:
+    name: str
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True, slots=True)
+class PricingConfig:
+    file: str = "prices.toml"
+    unknown_model: Literal["default", "refuse"] = "default"
+    default_input_per_mtok: float = 15.0
+    default_output_per_mtok: float = 75.0
+
+
+@dataclass(frozen=True, slots=True)
+class AccountingConfig:
+    journal_dir: str = "/tmp/llm-gateway-journal"
+    batch_size: int = 500
+    flush_ms: int = 200
+    max_memory_records: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    mock_upstream: MockUpstreamConfig = field(default_factory=MockUpstreamConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    keys: tuple[StandaloneKeyConfig, ...] = ()
+    users: tuple[StandaloneUserConfig, ...] = ()
+    source: str = ""  # the file this came from; not settable in TOML
+
+    # Secrets resolved from the environment at load time (never from the file).
+    def env(self, name: str) -> str:
+        return os.environ.get(name, "") if name else ""
+
+    @property
+    def database_url(self) -> str:
+        return self.env(self.database.url_env)
+
+    @property
+    def redis_url(self) -> str:
+        return self.env(self.redis.url_env)
+
+    @property
+    def standalone(self) -> bool:
+        return not self.database_url
+
+    @property
+    def config_dir(self) -> Path:
+        return Path(self.source).parent if self.source else DEFAULT_CONFIG.parent
+
+
+_INTERNAL_FIELDS = {"source"}
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+    """Convert a TOML value to ``tp``; append ``path: problem`` to errors on failure."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, path, errors)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+            return args[0]
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: must be a table")
+            return None
+        return _build_dataclass(tp, value, path, errors)
+    if origin is tuple:
+        if not isinstance(value, list):
+            errors.append(f"{path}: must be an array")
+            return ()
+        return tuple(_build(args[0], v, f"{path}[{i}]", errors) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: must be a table")
+            return {}
+        return {k: _build(args[1], v, f"{path}.{k}", errors) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append(f"{path}: must be a number, got {value!r}")
+            return 0.0
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: must be an integer, got {value!r}")
+            return 0
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: must be true or false, got {value!r}")
+            return False
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{path}: must be a string, got {value!r}")
+            return ""
+        return value
+    raise TypeError(f"unsupported config type {_type_name(tp)} at {path}")  # pragma: no cover
+
+
+def _build_dataclass(cls: Any, data: dict[str, Any], path: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)} - _INTERNAL_FIELDS
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in known:
+            errors.append(f"{prefix}{key}: unknown key")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data or f.name in _INTERNAL_FIELDS:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{prefix}{f.name}: required")
+                kwargs[f.name] = None
+            continue
+        kwargs[f.name] = _build(hints[f.name], data[f.name], f"{prefix}{f.name}", errors)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - only with errors already listed
+        errors.append(f"{path or '<root>'}: {exc}")
+        return None
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_limits(limits: Limits, path: str, errors: list[str]) -> None:
+    for name in ("rpm", "tpm", "max_concurrency", "max_tokens"):
+        v = getattr(limits, name)
+        if v is not None and v <= 0:
+            errors.append(f"{path}.{name}: must be positive")
+    if limits.budget_usd is not None and limits.budget_usd < 0:
+        errors.append(f"{path}.budget_usd: must not be negative")
+    for i, cidr in enumerate(limits.allowed_ips or ()):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            errors.append(f"{path}.allowed_ips[{i}]: not an IP network: {cidr!r}")
+
+
+def _check(cfg: Config, errors: list[str]) -> None:
+    s = cfg.server
+    if not 0 <= s.port <= 65535:
+        errors.append("server.port: must be 0..65535")
+    if s.workers < 0:
+        errors.append("server.workers: must be 0 (one per core) or more")
+    if s.max_body_bytes <= 0:
+        errors.append("server.max_body_bytes: must be positive")
+    if s.drain_seconds < 0:
+        errors.append("server.drain_seconds: must not be negative")
+    for name, up in cfg.upstreams.items():
+        p = f"upstreams.{name}"
+        if not up.base_url.startswith(("http://", "https://")):
+            errors.append(f"{p}.base_url: must start with http:// or https://")
+        if up.base_url.endswith("/"):
+            errors.append(f"{p}.base_url: must not end with '/'")
+        for t in ("connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout"):
+            if getattr(up, t) <= 0:
+                errors.append(f"{p}.{t}: must be positive")
+        if up.max_connections <= 0:
+            errors.append(f"{p}.max_connections: must be positive")
+        if up.breaker.failure_threshold <= 0:
+            errors.append(f"{p}.breaker.failure_threshold: must be positive")
+    for i, route in enumerate(cfg.routes):
+        p = f"routes[{i}]"
+        if route is None:
+            continue
+        if not route.match:
+            errors.append(f"{p}.match: must not be empty")
+        if not route.deployments:
+            errors.append(f"{p}.deployments: needs at least one deployment")
+        for j, dep in enumerate(route.deployments):
+            if dep is None:
+                continue
+            if dep.upstream not in cfg.upstreams:
+                errors.append(f"{p}.deployments[{j}].upstream: unknown upstream {dep.upstream!r}")
+            if dep.weight <= 0:
+                errors.append(f"{p}.deployments[{j}].weight: must be positive")
+        for j, fb in enumerate(route.fallbacks):
+            if fb not in cfg.upstreams:
+                errors.append(f"{p}.fallbacks[{j}]: unknown upstream {fb!r}")
+    seen: set[str] = set()
+    for i, key in enumerate(cfg.keys):
+        p = f"keys[{i}]"
+        if key is None:
+            continue
+        if key.name in seen:
+            errors.append(f"{p}.name: duplicate key name {key.name!r}")
+        seen.add(key.name)
+        if bool(key.key_env) == bool(key.key_sha256):
+            errors.append(f"{p}: set exactly one of key_env or key_sha256")
+        if key.key_sha256 and (
+            len(key.key_sha256) != 64 or any(c not in "0123456789abcdef" for c in key.key_sha256)
+        ):
+            errors.append(f"{p}.key_sha256: must be 64 lowercase hex characters")
+        _check_limits(key.limits, f"{p}.limits", errors)
+    for i, user in enumerate(cfg.users):
+        if user is not None:
+            _check_limits(user.limits, f"users[{i}].limits", errors)
+
+
+# --------------------------------------------------------------------------- env
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: typing.Mapping[str, str], errors: list[str]) -> None:
+    for name, raw in environ.items():
+        if not name.startswith("GATEWAY_") or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len("GATEWAY_") :].split("__")]
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                errors.append(f"{name}: {'.'.join(parts)} is not a table")
+                break
+            node = child
+        else:
+            node[parts[-1]] = _parse_env_value(raw)
+
+
+def parse(
+    text: str, *, source: str = "", environ: typing.Mapping[str, str] | None = None
+) -> Config:
+    """Parse TOML text (plus env overrides) into a Config or raise ConfigError."""
+    errors: list[str] = []
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source or '<config>'}: TOML syntax: {exc}"]) from None
+    _apply_env(data, os.environ if environ is None else environ, errors)
+    cfg = _build_dataclass(Config, data, "", errors)
+    if cfg is not None:
+        cfg = dataclasses.replace(cfg, source=source)
+        _check(cfg, errors)
+    if errors:
+        raise ConfigError(errors)
+    return typing.cast(Config, cfg)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the file named by ``path``, ``$GATEWAY_CONFIG`` or the embedded default."""
+    chosen = Path(path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG).resolve()
+    try:
+        text = chosen.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{chosen}: cannot read: {exc.strerror}"]) from None
+    return parse(text, source=str(chosen))
+
+
+def model_matches(pattern: str, model: str) -> bool:
+    """Model names and globs (``claude-*``), case-sensitive as providers are."""
+    return pattern == model or fnmatch.fnmatchcase(model, pattern)

@@ -1,0 +1,28 @@
+"""Every typed AppKey and request key in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import ClientSession, web
+
+if TYPE_CHECKING:
+    from gateway.accounting.sink import UsageSink
+    from gateway.config import Config
+    from gateway.policy.admit import Admitter
+    from gateway.policy.principals import PrincipalResolver
+    from gateway.proxy.routing import Router
+    from gateway.tasks import TaskTracker
+
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+CLIENT: web.AppKey[ClientSession] = web.AppKey("client_session")
+ROUTER: web.AppKey[Router] = web.AppKey("router")
+RESOLVER: web.AppKey[PrincipalResolver] = web.AppKey("resolver")
+ADMITTER: web.AppKey[Admitter] = web.AppKey("admitter")
+USAGE: web.AppKey[UsageSink] = web.AppKey("usage_sink")
+TASKS: web.AppKey[TaskTracker] = web.AppKey("tasks")
+DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")  # one mutable flag
+EXTRA: web.AppKey[dict[str, Any]] = web.AppKey("extra")  # stores added by later subsystems
+
+# Request-scoped (plain string keys on web.Request, set by the middleware).
+REQ_CTX = "gw_ctx"

@@ -1,0 +1,119 @@
+"""The admission decision: static checks on the principal, then the limiter.
+
+``admit`` raises GatewayError or returns an Admission that the proxy settles
+when the request ends (always, also on client disconnect or upstream failure).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Protocol
+
+from gateway.config import Limits, model_matches
+from gateway.errors import ErrorKind, GatewayError
+from gateway.policy.principals import Principal
+
+
+@dataclass(slots=True)
+class RequestFacts:
+    """What policy needs to know about one request, read from its body once."""
+
+    model: str
+    stream: bool
+    max_tokens: int | None
+    body_len: int
+    client_ip: str
+    request_id: str
+
+    @property
+    def est_input_tokens(self) -> int:
+        # ~4 bytes per token is the usual estimate; settle corrects it.
+        return self.body_len // 4 + 1
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What the limiter reserved for a request; opaque to the proxy."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    state: object = None
+
+
+class Limiter(Protocol):
+    async def reserve(self, principal: Principal, facts: RequestFacts) -> Reservation: ...
+
+    async def settle(
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation,
+        tokens: int, cost_micros: int,
+    ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class NullLimiter:
+    """No counters: used when no limit applies anywhere."""
+
+    async def reserve(self, principal: Principal, facts: RequestFacts) -> Reservation:
+        return Reservation()
+
+    async def settle(
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation,
+        tokens: int, cost_micros: int,
+    ) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _ip_allowed(ip: str, cidrs: tuple[str, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in _networks(cidrs))
+
+
+def model_allowed(model: str, limits: Limits) -> bool:
+    return limits.models is None or any(model_matches(p, model) for p in limits.models)
+
+
+def check_static(principal: Principal, facts: RequestFacts) -> None:
+    """Every check that needs no counter; raises GatewayError."""
+    if principal.expires_at is not None and time.time() >= principal.expires_at:
+        raise GatewayError(ErrorKind.AUTHENTICATION, "This API key has expired.")
+    if principal.user_disabled:
+        raise GatewayError(ErrorKind.PERMISSION, "The user of this API key is disabled.")
+    for limits in (principal.key_limits, principal.user_limits):
+        if limits.allowed_ips is not None and not _ip_allowed(facts.client_ip, limits.allowed_ips):
+            raise GatewayError(ErrorKind.PERMISSION, "Requests from this IP address are not allowed for this key.")
+        if not model_allowed(facts.model, limits):
+            raise GatewayError(ErrorKind.PERMISSION, f"This API key may not use model '{facts.model}'.")
+        if limits.max_tokens is not None and facts.max_tokens is not None and facts.max_tokens > limits.max_tokens:
+            raise GatewayError(
+                ErrorKind.INVALID_REQUEST,
+                f"max_tokens: {facts.max_tokens} is above this key's limit of {limits.max_tokens}.",
+            )
+
+
+class Admitter:
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    async def admit(self, principal: Principal, facts: RequestFacts) -> Reservation:
+        check_static(principal, facts)
+        return await self.limiter.reserve(principal, facts)
+
+    async def settle(
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation,
+        tokens: int, cost_micros: int,
+    ) -> None:
+        await self.limiter.settle(principal, facts, reservation, tokens, cost_micros)

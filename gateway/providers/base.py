@@ -1,0 +1,42 @@
+"""What the proxy needs to know about a provider, as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Never forwarded in either direction (RFC 9110 hop-by-hop plus what we recompute).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+# Request headers that carry the caller's gateway credentials or are ours to set.
+CLIENT_ONLY = frozenset({"x-api-key", "authorization", "cookie", "accept-encoding", "forwarded", "x-forwarded-for"})
+
+# Response headers we never relay (ours to set, or meaningless to the client).
+UPSTREAM_ONLY = frozenset({"set-cookie", "content-encoding", "server", "date", "alt-svc", "server-timing"})
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str  # also the dialect the provider speaks: "anthropic" | "openai"
+    auth_header: str
+    auth_prefix: str  # "Bearer " or ""
+    # Upstream's own request-id header; relayed under x-upstream-request-id when
+    # it would clash with the gateway's x-request-id.
+    request_id_header: str
+
+    def auth_value(self, api_key: str) -> str:
+        return self.auth_prefix + api_key

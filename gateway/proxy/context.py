@@ -1,0 +1,50 @@
+"""Per-request state shared by the middleware, the proxy and the log line."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+_PROCESS_PREFIX = os.urandom(6).hex()
+_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    # Unique across workers and restarts (random per process) and cheap
+    # (no syscall per request); the ledger deduplicates on it.
+    return f"req_{_PROCESS_PREFIX}{next(_counter):010x}"
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    start: float  # perf_counter at arrival
+    wall_start: float  # unix time at arrival
+    dialect: str = "openai"
+    route: str = ""
+    model: str = ""
+    key_prefix: str = ""
+    user_id: str = ""
+    upstream: str = ""
+    upstream_s: float = 0.0  # time spent waiting on upstreams (excluded from gateway time)
+    ttft_s: float | None = None
+    streamed: bool = False
+    partial: bool = False
+    error_kind: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_micros: int = 0
+    attempts: int = 0
+
+    @classmethod
+    def start_now(cls) -> RequestContext:
+        return cls(new_request_id(), time.perf_counter(), time.time())
+
+    def gateway_ms(self, now: float | None = None) -> float:
+        end = time.perf_counter() if now is None else now
+        return max(0.0, (end - self.start - self.upstream_s) * 1000.0)
+
+    def server_timing(self) -> str:
+        return f"gateway;dur={self.gateway_ms():.3f}"

@@ -1,0 +1,119 @@
+"""Relay an open upstream response to the client: a JSON body or an SSE stream.
+
+Streams go chunk by chunk as they arrive, through the usage tap.  A stream
+the upstream cuts (error, idle timeout, close without its terminal event)
+ends with the dialect's error event, never a terminal success event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.accounting.sse import StreamTap
+from gateway.accounting.usage import Usage, from_body
+from gateway.errors import ErrorKind, stream_error_event
+from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
+from gateway.proxy.context import RequestContext
+from gateway.proxy.routing import Deployment
+
+_SKIP_RESPONSE = HOP_BY_HOP | UPSTREAM_ONLY
+
+
+def client_headers(dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestContext) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    rid_header = dep.provider.request_id_header
+    for name, value in resp.headers.items():
+        low = name.lower()
+        if low in _SKIP_RESPONSE:
+            continue
+        if low == "x-request-id":
+            # The gateway's id owns x-request-id; keep the provider's alongside.
+            if rid_header == "x-request-id":
+                out.add("x-upstream-request-id", value)
+            continue
+        out.add(name, value)
+    out["x-request-id"] = ctx.request_id
+    return out
+
+
+async def relay_body(
+    dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestContext, extra: dict[str, str]
+) -> tuple[web.Response, Usage]:
+    t0 = time.perf_counter()
+    try:
+        body = await resp.read()
+    finally:
+        ctx.upstream_s += time.perf_counter() - t0
+        resp.release()
+    if resp.status < 400:
+        dep.breaker.record_success()
+    usage = from_body(dep.provider.name, body) if resp.status < 400 else Usage()
+    headers = client_headers(dep, resp, ctx)
+    headers.update(extra)
+    headers["server-timing"] = ctx.server_timing()
+    return web.Response(status=resp.status, body=body, headers=headers), usage
+
+
+async def relay_stream(
+    request: web.Request,
+    dep: Deployment,
+    resp: aiohttp.ClientResponse,
+    ctx: RequestContext,
+    extra: dict[str, str],
+    tap: StreamTap,
+) -> web.StreamResponse:
+    """Relay SSE; the tap's usage is read by the caller, also when this raises."""
+    ctx.streamed = True
+    headers = client_headers(dep, resp, ctx)
+    headers.update(extra)
+    headers["server-timing"] = ctx.server_timing()
+    out = web.StreamResponse(status=resp.status, headers=headers)
+    await out.prepare(request)
+    dialect = dep.provider.name
+    loop = asyncio.get_running_loop()
+    idle = dep.cfg.idle_timeout
+    read = resp.content.readany
+    failure: tuple[ErrorKind, str] | None = None
+    try:
+        async with asyncio.timeout(idle) as deadline:
+            while True:
+                t0 = time.perf_counter()
+                chunk = await read()
+                ctx.upstream_s += time.perf_counter() - t0
+                if not chunk:
+                    break
+                if ctx.ttft_s is None:
+                    ctx.ttft_s = time.perf_counter() - ctx.start
+                data = tap.feed(chunk)
+                if data:
+                    await out.write(data)
+                deadline.reschedule(loop.time() + idle)
+    except TimeoutError:
+        failure = (ErrorKind.UPSTREAM_TIMEOUT, "The upstream stalled mid-stream; the answer is incomplete.")
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:
+        if isinstance(exc, ConnectionResetError | aiohttp.ClientConnectionResetError) and request.transport is None:
+            raise  # the client went away: nothing to tell it
+        if request.transport is None or request.transport.is_closing():
+            raise
+        failure = (ErrorKind.UPSTREAM_ERROR, "The upstream connection failed mid-stream; the answer is incomplete.")
+    finally:
+        resp.release() if failure is None and tap.completed else resp.close()
+    rest = tap.flush()
+    if rest:
+        await out.write(rest)
+    if failure is None and not tap.completed and not tap.errored:
+        failure = (ErrorKind.UPSTREAM_ERROR, "The upstream ended the stream early; the answer is incomplete.")
+    if failure is not None:
+        ctx.partial = True
+        ctx.error_kind = failure[0].label
+        dep.breaker.record_failure()
+        await out.write(stream_error_event(failure[0], failure[1], dialect))
+    else:
+        dep.breaker.record_success()
+    await out.write_eof()
+    return out
