@@ -58,15 +58,21 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
     await tracker.drain(timeout=app[keys.CONFIG].server.drain_seconds)
 
 
-async def _policy(app: web.Application) -> AsyncIterator[None]:
+async def _principals(app: web.Application) -> AsyncIterator[None]:
+    """Key -> principal: from the config file (standalone) or Postgres (cached)."""
     cfg = app[keys.CONFIG]
     resolver = StandaloneResolver(cfg)
     app[keys.RESOLVER] = resolver
+    yield
+    await resolver.close()
+
+
+async def _limits(app: web.Application) -> AsyncIterator[None]:
+    """The limiter behind admission: Redis script, or per-process counters."""
     limiter = NullLimiter()
     app[keys.ADMITTER] = Admitter(limiter)
     yield
     await limiter.close()
-    await resolver.close()
 
 
 async def _accounting(app: web.Application) -> AsyncIterator[None]:
@@ -79,17 +85,17 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
 def create_app(cfg: Config) -> web.Application:
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes + 1,
-        middlewares=[make_middleware(cfg.log.access_log)],
+        middlewares=[make_middleware(cfg.log.access_log)],  # type: ignore[list-item]
         handler_args={"max_field_size": 16384},
     )
     app[keys.CONFIG] = cfg
     app[keys.DRAINING] = [False]
     app[keys.EXTRA] = {}
-    app[handlers.PRICES] = PriceTable.load(cfg)
+    app[keys.PRICES] = PriceTable.load(cfg)
     deployments = build_deployments(cfg)
     app[keys.ROUTER] = Router(cfg, deployments)
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
-    app.cleanup_ctx.extend([_client_session, _accounting, _policy, _tasks])
+    app.cleanup_ctx.extend([_client_session, _accounting, _principals, _limits, _tasks])
     app.router.add_get("/healthz", healthz)
     for method, path, handler in DATA_PLANE:
         app.router.add_route(method, path, handler)

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import ClientSession, web
 
 if TYPE_CHECKING:
+    from gateway.accounting.pricing import PriceTable
     from gateway.accounting.sink import UsageSink
     from gateway.config import Config
     from gateway.policy.admit import Admitter
     from gateway.policy.principals import PrincipalResolver
+    from gateway.proxy.context import RequestContext
     from gateway.proxy.routing import Router
     from gateway.tasks import TaskTracker
 
@@ -21,8 +23,9 @@ RESOLVER: web.AppKey[PrincipalResolver] = web.AppKey("resolver")
 ADMITTER: web.AppKey[Admitter] = web.AppKey("admitter")
 USAGE: web.AppKey[UsageSink] = web.AppKey("usage_sink")
 TASKS: web.AppKey[TaskTracker] = web.AppKey("tasks")
+PRICES: web.AppKey[PriceTable] = web.AppKey("prices")
 DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")  # one mutable flag
 EXTRA: web.AppKey[dict[str, Any]] = web.AppKey("extra")  # stores added by later subsystems
 
-# Request-scoped (plain string keys on web.Request, set by the middleware).
-REQ_CTX = "gw_ctx"
+# Request-scoped, set by the middleware.
+REQ_CTX: web.RequestKey[RequestContext] = web.RequestKey("gw_ctx")

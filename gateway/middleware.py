@@ -67,4 +67,4 @@ def make_middleware(access_log: bool) -> Callable[[web.Request, Handler], Awaita
     return gateway_middleware
 
 
-__all__ = ["make_middleware", "ErrorKind"]
+__all__ = ["ErrorKind", "make_middleware"]

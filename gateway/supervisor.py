@@ -31,7 +31,8 @@ def _notifier() -> object | None:
         return None
     import sdnotify
 
-    return sdnotify.SystemdNotifier()
+    notifier: object = sdnotify.SystemdNotifier()
+    return notifier
 
 
 def sd_notify(state: str) -> None:
@@ -211,8 +212,8 @@ class Supervisor:
             sd_notify("READY=1")
         while not self.should_exit:
             while self.signals:
-                sig = self.signals.pop(0)
-                name = signal.Signals(sig).name.lower().removeprefix("sig")
+                signum = self.signals.pop(0)
+                name = signal.Signals(signum).name.lower().removeprefix("sig")
                 getattr(self, f"handle_{name}")()
             self.read_beats()
             self.reap()

@@ -18,8 +18,16 @@ _USAGE_EVENTS = frozenset({b"message_start", b"message_delta", b"error"})
 
 class StreamTap:
     __slots__ = (
-        "dialect", "strip_usage", "usage", "completed", "errored", "deltas",
-        "_tail", "_event", "_held", "_drop",
+        "_drop",
+        "_event",
+        "_held",
+        "_tail",
+        "completed",
+        "deltas",
+        "dialect",
+        "errored",
+        "strip_usage",
+        "usage",
     )
 
     def __init__(self, dialect: str, *, strip_usage: bool = False) -> None:

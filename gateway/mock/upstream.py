@@ -30,9 +30,9 @@ from aiohttp import web
 
 from gateway.config import MockUpstreamConfig
 
-STATS: web.AppKey[dict[str, int]] = web.AppKey("mock_stats", dict)
-SEEN: web.AppKey[collections.deque[dict[str, Any]]] = web.AppKey("mock_seen", collections.deque)
-CFG: web.AppKey[MockUpstreamConfig] = web.AppKey("mock_cfg", MockUpstreamConfig)
+STATS: web.AppKey[dict[str, int]] = web.AppKey("mock_stats")
+SEEN: web.AppKey[collections.deque[dict[str, Any]]] = web.AppKey("mock_seen")
+CFG: web.AppKey[MockUpstreamConfig] = web.AppKey("mock_cfg")
 
 WORD = "lorem "
 
@@ -78,7 +78,7 @@ async def _common(request: web.Request, dialect: str) -> tuple[dict[str, Any], w
     except orjson.JSONDecodeError:
         body = {}
     seen = request.app[SEEN]
-    seen.append({"path": request.path_qs, "headers": dict(request.headers), "body": body, "ts": time.time()})
+    seen.append({"path": request.path_qs, "headers": {str(k).lower(): v for k, v in request.headers.items()}, "body": body, "ts": time.time()})
     cfg = request.app[CFG]
     await _sleep_ms(_num(request, "x-mock-latency-ms", cfg.latency_ms))
     status = int(_num(request, "x-mock-status", 0))
@@ -289,7 +289,7 @@ async def _stream(
 
 
 async def seen(request: web.Request) -> web.Response:
-    return web.Response(body=orjson.dumps(list(request.app[SEEN])), content_type="application/json")
+    return web.Response(body=orjson.dumps(list(request.app[SEEN].copy())), content_type="application/json")
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.providers.base import Provider
 from gateway.providers.anthropic import ANTHROPIC_PROVIDER
+from gateway.providers.base import Provider
 from gateway.providers.openai import OPENAI_PROVIDER
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (ANTHROPIC_PROVIDER, OPENAI_PROVIDER)}
 
-__all__ = ["PROVIDERS", "Provider", "ANTHROPIC_PROVIDER", "OPENAI_PROVIDER"]
+__all__ = ["ANTHROPIC_PROVIDER", "OPENAI_PROVIDER", "PROVIDERS", "Provider"]

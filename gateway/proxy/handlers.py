@@ -9,7 +9,6 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
-from gateway.accounting.pricing import PriceTable
 from gateway.accounting.record import UsageRecord
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage
@@ -19,8 +18,6 @@ from gateway.policy.principals import Principal
 from gateway.proxy.context import RequestContext
 from gateway.proxy.forward import open_upstream
 from gateway.proxy.streaming import relay_body, relay_stream
-
-PRICES: web.AppKey[PriceTable] = web.AppKey("prices", PriceTable)
 
 
 def access_key(request: web.Request) -> str:
@@ -172,10 +169,10 @@ def _finish(
     cost = 0
     priced = True
     if charge and (usage.found or usage.output_tokens):
-        price = app[PRICES].lookup(facts.model)
+        price = app[keys.PRICES].lookup(facts.model)
         if price is None:
             priced = False
-            price = app[PRICES].default
+            price = app[keys.PRICES].default
         cost = price.cost_micros(usage) if price is not None else 0
     elif not charge:
         usage = Usage()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 
 from gateway.config import BreakerConfig
 
@@ -19,9 +20,9 @@ class State(enum.IntEnum):
 
 
 class Breaker:
-    __slots__ = ("_cfg", "state", "failures", "opened_at", "_probes", "_clock")
+    __slots__ = ("_cfg", "_clock", "_probes", "failures", "opened_at", "state")
 
-    def __init__(self, cfg: BreakerConfig, clock: "type[time.monotonic] | None" = None) -> None:  # noqa: UP037
+    def __init__(self, cfg: BreakerConfig, clock: Callable[[], float] | None = None) -> None:
         self._cfg = cfg
         self._clock = clock or time.monotonic
         self.state = State.CLOSED
