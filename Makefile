@@ -10,7 +10,7 @@ test:
 	./scripts/test.sh
 
 check: setup
-	.venv/bin/ruff check gateway tests loadtests
+	.venv/bin/ruff check .
 	.venv/bin/mypy
 
 loadtest: setup
