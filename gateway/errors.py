@@ -86,10 +86,14 @@ def envelope(kind: ErrorKind, message: str, dialect: Dialect) -> bytes:
 
 
 def retry_headers(seconds: float) -> dict[str, str]:
-    """``retry-after`` in whole seconds (1..60) and ``retry-after-ms``."""
-    seconds = max(0.0, seconds)
-    whole = min(60, max(1, math.ceil(seconds)))
-    return {"retry-after": str(whole), "retry-after-ms": str(max(1, int(seconds * 1000)))}
+    """``retry-after`` in whole seconds (1..60) and ``retry-after-ms``, capped alike.
+
+    The SDKs ignore hints above 60 s and fall back to their own backoff, so a
+    longer wait is advertised as 60 s: they come back then and ask again.
+    """
+    seconds = min(60.0, max(0.0, seconds))
+    whole = max(1, math.ceil(seconds))
+    return {"retry-after": str(whole), "retry-after-ms": str(max(1, round(seconds * 1000)))}
 
 
 def render(err: GatewayError, dialect: Dialect) -> web.Response:
