@@ -58,6 +58,17 @@ class AuthConfig:
     jwt_audience: str = "llm-gateway-admin"
     access_token_seconds: int = 900
     refresh_token_seconds: int = 30 * 24 * 3600
+    # argon2id cost (OWASP's 19 MiB, t=2, p=1: ~20 ms per login on one core)
+    argon2_memory_kib: int = 19456
+    argon2_time_cost: int = 2
+    argon2_parallelism: int = 1
+    # Failed logins: after login_max_failures within login_window_seconds an
+    # email is locked, doubling from login_lockout_seconds up to 15 minutes.
+    login_max_failures: int = 5
+    login_max_failures_per_ip: int = 100
+    login_window_seconds: int = 900
+    login_lockout_seconds: int = 30
+    max_keys_per_user: int = 100  # active keys a user may hold via /me/keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +81,9 @@ class DatabaseConfig:
     key_cache_size: int = 100_000
     negative_cache_seconds: float = 5.0
     negative_cache_size: int = 10_000
+    key_lookup_rate: float = 200.0  # cache-miss lookups per second per worker (burst: the same)
+    stale_key_seconds: float = 3600.0  # serve a cached key this long past its TTL while Postgres is down
+    last_used_flush_seconds: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

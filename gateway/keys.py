@@ -9,11 +9,13 @@ from aiohttp import ClientSession, web
 if TYPE_CHECKING:
     from gateway.accounting.pricing import PriceTable
     from gateway.accounting.sink import UsageSink
+    from gateway.auth.settings import AuthSettings
     from gateway.config import Config
     from gateway.policy.admit import Admitter
     from gateway.policy.principals import PrincipalResolver
     from gateway.proxy.context import RequestContext
     from gateway.proxy.routing import Router
+    from gateway.stores.postgres import Database
     from gateway.tasks import TaskTracker
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
@@ -26,6 +28,8 @@ TASKS: web.AppKey[TaskTracker] = web.AppKey("tasks")
 PRICES: web.AppKey[PriceTable] = web.AppKey("prices")
 DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")  # one mutable flag
 EXTRA: web.AppKey[dict[str, Any]] = web.AppKey("extra")  # stores added by later subsystems
+PG: web.AppKey[Database] = web.AppKey("postgres")  # database mode only
+AUTH: web.AppKey[AuthSettings] = web.AppKey("auth_settings")  # control-plane secrets
 
 # Request-scoped, set by the middleware.
 REQ_CTX: web.RequestKey[RequestContext] = web.RequestKey("gw_ctx")

@@ -1,0 +1,81 @@
+"""Control-plane JSON: one error body shape, raised as aiohttp HTTP exceptions.
+
+Every control-plane error is ``{"error": {"code": C, "message": M}}`` (plus
+``"field"`` when one input field is at fault).  Raising web.HTTPException
+subclasses lets any handler (also the usage endpoints) use them unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import retry_headers
+
+_CLASSES: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest,
+    401: web.HTTPUnauthorized,
+    403: web.HTTPForbidden,
+    404: web.HTTPNotFound,
+    409: web.HTTPConflict,
+    413: web.HTTPRequestEntityTooLarge,
+    415: web.HTTPUnsupportedMediaType,
+    429: web.HTTPTooManyRequests,
+    503: web.HTTPServiceUnavailable,
+}
+
+MAX_BODY = 64 * 1024
+
+
+def api_error(status: int, code: str, message: str, *, field: str | None = None,
+              headers: dict[str, str] | None = None, retry_after_s: float | None = None) -> web.HTTPException:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        err["field"] = field
+    hdrs = dict(headers or {})
+    if retry_after_s is not None:
+        hdrs.update(retry_headers(retry_after_s))
+    cls = _CLASSES[status]
+    if cls is web.HTTPRequestEntityTooLarge:
+        exc: web.HTTPException = web.HTTPRequestEntityTooLarge(MAX_BODY, 0, headers=hdrs)
+        exc.body = orjson.dumps({"error": err})
+        exc.content_type = "application/json"
+        return exc
+    return cls(body=orjson.dumps({"error": err}), content_type="application/json", headers=hdrs)
+
+
+def bad_request(message: str, field: str | None = None, code: str = "invalid_request") -> web.HTTPException:
+    return api_error(400, code, message, field=field)
+
+
+def not_found(what: str) -> web.HTTPException:
+    return api_error(404, "not_found", f"{what} not found.")
+
+
+def unavailable(message: str = "The database is unavailable; retry shortly.") -> web.HTTPException:
+    return api_error(503, "unavailable", message, retry_after_s=1.0)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a clear 400/413/415."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise api_error(413, "request_too_large", f"Request body is larger than {MAX_BODY} bytes.")
+    ctype = request.content_type
+    if ctype not in ("application/json", "application/octet-stream", ""):
+        raise api_error(415, "unsupported_media_type", "Send a JSON body (content-type: application/json).")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise api_error(413, "request_too_large", f"Request body is larger than {MAX_BODY} bytes.")
+    try:
+        doc = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        raise bad_request("Request body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise bad_request("Request body must be a JSON object.")
+    return doc

@@ -1,0 +1,80 @@
+"""Access tokens (short-lived JWTs) and opaque refresh tokens.
+
+JWTs are HS256 only (the allow-list: a token naming any other algorithm,
+``none`` included, is rejected) and must carry our issuer, audience, expiry,
+issue time and subject.  Refresh tokens are random strings stored as SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from gateway.auth.settings import AuthSettings
+
+ALGORITHMS = ["HS256"]
+REFRESH_PREFIX = "gwr_"
+LEEWAY_S = 5
+
+
+class InvalidToken(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    user_id: str
+    role: str
+    expires_at: int
+
+
+def issue_access_token(settings: AuthSettings, user_id: str, role: str) -> tuple[str, int]:
+    """A signed JWT and its lifetime in seconds."""
+    now = int(time.time())
+    ttl = settings.cfg.access_token_seconds
+    payload = {
+        "iss": settings.cfg.jwt_issuer,
+        "aud": settings.cfg.jwt_audience,
+        "sub": user_id,
+        "role": role,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl,
+        "jti": secrets.token_hex(8),
+    }
+    return jwt.encode(payload, settings.jwt_secret, algorithm=ALGORITHMS[0]), ttl
+
+
+def verify_access_token(settings: AuthSettings, token: str) -> AccessClaims:
+    if not settings.jwt_secret:
+        raise InvalidToken("token login is not configured")
+    try:
+        claims = jwt.decode(
+            token,
+            settings.jwt_secret,
+            algorithms=ALGORITHMS,
+            audience=settings.cfg.jwt_audience,
+            issuer=settings.cfg.jwt_issuer,
+            leeway=LEEWAY_S,
+            options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise InvalidToken("the access token has expired") from None
+    except jwt.InvalidTokenError:
+        raise InvalidToken("the access token is invalid") from None
+    sub, role = claims.get("sub"), claims.get("role")
+    if not isinstance(sub, str) or not isinstance(role, str):
+        raise InvalidToken("the access token is invalid")
+    return AccessClaims(user_id=sub, role=role, expires_at=int(claims["exp"]))
+
+
+def new_refresh_token() -> str:
+    return REFRESH_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
