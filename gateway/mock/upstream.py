@@ -9,7 +9,8 @@ whole server by its config:
 - ``x-mock-chunk-gap-ms``: delay between SSE events
 - ``x-mock-chunks``: number of content deltas in a stream
 - ``x-mock-status``: answer with this error status in the provider's shape
-- ``x-mock-drop-after``: drop the connection after N content events
+- ``x-mock-drop-after``: drop the connection after N content events (streams),
+  or half-way through the body (non-streamed answers)
 - ``x-mock-stall-after``: stop sending (but keep the connection) after N events
 - ``x-mock-cache-read`` / ``x-mock-cache-write``: cache tokens to report
 
@@ -65,6 +66,20 @@ def _error(dialect: str, status: int) -> web.Response:
     return web.json_response(body, status=status, headers=headers, dumps=lambda o: orjson.dumps(o).decode())
 
 
+async def _body(request: web.Request, payload: bytes, headers: dict[str, str]) -> web.StreamResponse:
+    """A JSON answer; with ``x-mock-drop-after`` the connection dies half-way through it."""
+    if "x-mock-drop-after" not in request.headers:
+        return web.Response(body=payload, content_type="application/json", headers=headers)
+    resp = web.StreamResponse(headers={"content-type": "application/json", **headers})
+    resp.content_length = len(payload)
+    await resp.prepare(request)
+    await resp.write(payload[: len(payload) // 2])
+    request.app[STATS]["bodies_dropped"] += 1
+    if request.transport is not None:
+        request.transport.abort()
+    return resp
+
+
 def _input_tokens(body: dict[str, Any]) -> int:
     return max(1, len(orjson.dumps(body.get("messages") or body.get("input") or "")) // 4)
 
@@ -110,8 +125,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
     }
     msg_id = f"msg_mock{request.app[STATS]['requests']:08d}"
     if not body.get("stream"):
-        return web.Response(
-            body=orjson.dumps(
+        return await _body(
+            request,
+            orjson.dumps(
                 {
                     "id": msg_id,
                     "type": "message",
@@ -123,8 +139,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
                     "usage": {**usage_start, "output_tokens": n},
                 }
             ),
-            content_type="application/json",
-            headers={"request-id": "req_mock_" + msg_id},
+            {"request-id": "req_mock_" + msg_id},
         )
     events: list[tuple[str, dict[str, Any]]] = [
         (
@@ -187,16 +202,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cid = f"chatcmpl-mock{request.app[STATS]['requests']:08d}"
     created = int(time.time())
     if not body.get("stream"):
-        return web.Response(
-            body=orjson.dumps(
+        return await _body(
+            request,
+            orjson.dumps(
                 {
                     "id": cid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": WORD * n}, "finish_reason": "stop"}],
                     "usage": usage,
                 }
             ),
-            content_type="application/json",
-            headers={"x-request-id": "req_mock_" + cid},
+            {"x-request-id": "req_mock_" + cid},
         )
     include = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}

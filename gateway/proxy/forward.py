@@ -27,8 +27,13 @@ _SKIP_REQUEST = HOP_BY_HOP | CLIENT_ONLY
 def upstream_headers(incoming: Mapping[str, str], dep: Deployment) -> CIMultiDict[str]:
     """The client's headers minus credentials and hop-by-hop, plus the provider key."""
     out: CIMultiDict[str] = CIMultiDict()
+    skip = _SKIP_REQUEST
+    conn = incoming.get("connection")
+    if conn and conn.lower() not in ("keep-alive", "close"):
+        # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+        skip = skip | {t.strip().lower() for t in conn.split(",")}
     for name, value in incoming.items():
-        if name.lower() not in _SKIP_REQUEST:
+        if name.lower() not in skip:
             out.add(name, value)
     if dep.auth_value:
         out[dep.provider.auth_header] = dep.auth_value
