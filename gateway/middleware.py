@@ -10,12 +10,15 @@ from aiohttp import web
 from gateway import keys
 from gateway.errors import ErrorKind, GatewayError, render
 from gateway.observability.logging import redact_path
+from gateway.observability.metrics import Metrics
 from gateway.proxy.context import RequestContext
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_middleware(access_log: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_middleware(
+    access_log: bool, metrics: Metrics | None = None
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     log = structlog.get_logger("request")
 
     @web.middleware
@@ -23,6 +26,8 @@ def make_middleware(access_log: bool) -> Callable[[web.Request, Handler], Awaita
         ctx = RequestContext.start_now()
         request[keys.REQ_CTX] = ctx
         status = 500
+        if metrics is not None:
+            metrics.started()
         try:
             try:
                 resp = await handler(request)
@@ -33,6 +38,14 @@ def make_middleware(access_log: bool) -> Callable[[web.Request, Handler], Awaita
                 exc.headers["x-request-id"] = ctx.request_id
                 status = exc.status
                 raise
+            except ConnectionError:
+                raise  # the client went away: nobody to answer
+            except Exception as exc:  # noqa: BLE001 - the one last-resort answer
+                # A bug: answer in the dialect's shape; log the type only (a
+                # traceback could carry a key from a local variable).
+                ctx.error_kind = ErrorKind.INTERNAL.label
+                log.error("unhandled error", request_id=ctx.request_id, exc_type=type(exc).__name__)
+                resp = render(GatewayError(ErrorKind.INTERNAL, "Internal gateway error."), ctx.dialect)
             status = resp.status
             if not resp.prepared:
                 resp.headers["x-request-id"] = ctx.request_id
@@ -43,6 +56,8 @@ def make_middleware(access_log: bool) -> Callable[[web.Request, Handler], Awaita
                 status = 499 if ctx.partial else 500
             raise
         finally:
+            if metrics is not None:
+                metrics.finished(request, ctx, status)
             if access_log:
                 log.info(
                     "request",

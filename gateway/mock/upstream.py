@@ -95,7 +95,11 @@ async def _common(request: web.Request, dialect: str) -> tuple[dict[str, Any], w
     seen = request.app[SEEN]
     seen.append({"path": request.path_qs, "headers": {str(k).lower(): v for k, v in request.headers.items()}, "body": body, "ts": time.time()})
     cfg = request.app[CFG]
-    await _sleep_ms(_num(request, "x-mock-latency-ms", cfg.latency_ms))
+    try:
+        await _sleep_ms(_num(request, "x-mock-latency-ms", cfg.latency_ms))
+    except asyncio.CancelledError:
+        stats["requests_cancelled"] += 1  # the caller went away before the answer
+        raise
     status = int(_num(request, "x-mock-status", 0))
     if status:
         return body, _error(dialect, status)

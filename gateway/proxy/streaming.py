@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage, from_body
-from gateway.errors import ErrorKind, stream_error_event
+from gateway.errors import ErrorKind, GatewayError, stream_error_event
 from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
@@ -46,7 +46,20 @@ async def relay_body(
 ) -> tuple[web.Response, Usage]:
     t0 = time.perf_counter()
     try:
-        body = await resp.read()
+        # Normally the body came with the headers; the idle bound stops a
+        # stalled upstream from holding the request until total_timeout.
+        async with asyncio.timeout(dep.cfg.idle_timeout):
+            body = await resp.read()
+    except TimeoutError:
+        resp.close()
+        dep.breaker.record_failure()
+        raise GatewayError(ErrorKind.UPSTREAM_TIMEOUT, "The upstream stalled while sending its answer.") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
+        resp.close()
+        dep.breaker.record_failure()
+        raise GatewayError(
+            ErrorKind.UPSTREAM_ERROR, "The upstream connection failed while sending its answer."
+        ) from None
     finally:
         ctx.upstream_s += time.perf_counter() - t0
         resp.release()
