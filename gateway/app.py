@@ -14,6 +14,8 @@ from gateway.accounting.sink import LogSink
 from gateway.config import Config
 from gateway.middleware import make_middleware
 from gateway.observability.health import healthz
+from gateway.observability.metrics import Metrics, metrics_ctx, metrics_handler
+from gateway.observability.readiness import readiness_ctx, readyz
 from gateway.policy.admit import Admitter, NullLimiter
 from gateway.policy.principals import StandaloneResolver
 from gateway.proxy import handlers
@@ -83,20 +85,27 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(cfg: Config) -> web.Application:
+    prices = PriceTable.load(cfg)
+    # Priced model names are configured names: safe as metric labels.
+    metrics = Metrics(cfg, known_models=getattr(prices, "_exact", {}))
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes + 1,
-        middlewares=[make_middleware(cfg.log.access_log)],  # type: ignore[list-item]
+        middlewares=[make_middleware(cfg.log.access_log, metrics)],  # type: ignore[list-item]
         handler_args={"max_field_size": 16384},
     )
     app[keys.CONFIG] = cfg
     app[keys.DRAINING] = [False]
     app[keys.EXTRA] = {}
-    app[keys.PRICES] = PriceTable.load(cfg)
+    app[keys.PRICES] = prices
+    app[keys.METRICS] = metrics
     deployments = build_deployments(cfg)
     app[keys.ROUTER] = Router(cfg, deployments)
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
     app.cleanup_ctx.extend([_client_session, _accounting, _principals, _limits, _tasks])
+    app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
     for method, path, handler in DATA_PLANE:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, "/ak/{access_key}" + path, handler)

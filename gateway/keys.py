@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from gateway.accounting.sink import UsageSink
     from gateway.auth.settings import AuthSettings
     from gateway.config import Config
+    from gateway.observability.metrics import Metrics
+    from gateway.observability.readiness import Readiness
     from gateway.policy.admit import Admitter
     from gateway.policy.principals import PrincipalResolver
     from gateway.proxy.context import RequestContext
@@ -28,6 +30,8 @@ TASKS: web.AppKey[TaskTracker] = web.AppKey("tasks")
 PRICES: web.AppKey[PriceTable] = web.AppKey("prices")
 DRAINING: web.AppKey[list[bool]] = web.AppKey("draining")  # one mutable flag
 EXTRA: web.AppKey[dict[str, Any]] = web.AppKey("extra")  # stores added by later subsystems
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 PG: web.AppKey[Database] = web.AppKey("postgres")  # database mode only
 AUTH: web.AppKey[AuthSettings] = web.AppKey("auth_settings")  # control-plane secrets
 

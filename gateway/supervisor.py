@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from gateway.config import Config, ConfigError, load
+from gateway.observability import multiproc
 
 log = structlog.get_logger("supervisor")
 
@@ -138,6 +139,7 @@ class Supervisor:
             if code is None:
                 continue
             self.children.remove(c)
+            multiproc.worker_exited(c.proc.pid)
             os.close(c.read_fd)
             if c.stopping or self.should_exit or c.generation != self.generation:
                 continue
@@ -198,6 +200,7 @@ class Supervisor:
     # -- main loop -------------------------------------------------------------------
 
     def run(self) -> int:
+        multiproc.prepare()  # before any worker imports prometheus_client
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN):
             signal.signal(sig, self._queue)
         self.start_mock()
@@ -238,5 +241,6 @@ class Supervisor:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.mock.wait(timeout=5)
         self.sock.close()
+        multiproc.cleanup()
         log.info("stopped")
         return 0

@@ -1,0 +1,265 @@
+"""Prometheus metrics, aggregated over every worker process.
+
+Under ``llm-gateway serve`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
+(see ``multiproc.py``) before any worker imports prometheus_client, so each
+worker writes its values to mmap files and ``GET /metrics`` on any worker
+sums all of them.  Without that variable (an in-process app in tests) the
+metrics live in a registry of this app alone.
+
+Hot path: the middleware calls ``started()`` and ``finished()`` once per
+request.  ``finished`` looks up one tuple key in a dict of pre-bound label
+children; label values are never user input beyond configured names: the
+model label is the request's model only when it is a configured model name
+(an exact route or a priced model), otherwise ``other``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import prometheus_client.values
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway import keys
+from gateway.config import Config
+from gateway.observability import multiproc
+from gateway.proxy.context import RequestContext
+from gateway.resilience.breaker import State
+
+OTHER_MODEL = "other"
+DEPENDENCIES = frozenset({"postgres", "redis"})
+_CIRCUIT_STATES = {State.CLOSED: "closed", State.OPEN: "open", State.HALF_OPEN: "half_open"}
+_ADMITTED = frozenset({None, "upstream_error", "upstream_timeout"})
+_MAX_BOUND = 20_000  # label combinations cached; all are bounded by config anyway
+
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+UPSTREAM_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+def multiprocess_dir() -> str | None:
+    """The shared directory when prometheus_client runs in multiprocess mode here."""
+    path = os.environ.get(multiproc.ENV)
+    if path and prometheus_client.values.ValueClass is not prometheus_client.values.MutexValue:
+        return path
+    return None
+
+
+@dataclass(slots=True)
+class _Bound:
+    """The label children of one (endpoint, route, model, upstream, status, error)."""
+
+    requests: Any
+    overhead: Any
+    upstream: Any
+    ttft: Any
+    tokens_in: Any
+    tokens_out: Any
+    cost: Any
+    decision: Any
+
+
+def _error_label(error: str | None, status: int, upstream: str) -> str:
+    if error:
+        return error
+    if status < 400:
+        return "none"
+    if status == 499:
+        return "client_closed"
+    if upstream:
+        return "upstream_status"  # the provider's own error, passed through
+    return "internal" if status >= 500 else "http"
+
+
+def _decision(route: str, error: str | None) -> str | None:
+    """What admission decided, for requests that reached it (a route matched)."""
+    if not route:
+        return None
+    if error in ("rate_limited", "budget_exceeded"):
+        return error
+    if error == "unavailable":
+        return "shed"
+    return "admitted" if error in _ADMITTED else "denied"
+
+
+class Metrics:
+    """Every metric of one worker; ``render()`` returns all workers' sum."""
+
+    def __init__(self, cfg: Config, known_models: Iterable[str] = ()) -> None:
+        self.dir = multiprocess_dir()
+        # In multiprocess mode values go to files whatever the registry; the
+        # per-app registry keeps in-process apps (tests) apart.
+        self.registry: CollectorRegistry | None = None if self.dir else CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.known_models = {r.match for r in cfg.routes if not any(c in r.match for c in "*?[")}
+        self.known_models.update(known_models)
+        self._bound: dict[tuple[Any, ...], _Bound] = {}
+        self._circuits: dict[str, State] = {}
+
+        self.requests = Counter(
+            "gateway_requests", "Requests by endpoint, configured route, model, status and error kind.",
+            ["endpoint", "route", "model", "status", "error"], registry=reg,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds", "Time spent inside the gateway per request, upstream time excluded.",
+            ["endpoint"], buckets=OVERHEAD_BUCKETS, registry=reg,
+        )
+        self.upstream = Histogram(
+            "gateway_upstream_seconds", "Time spent waiting on the upstream per request (whole stream included).",
+            ["upstream"], buckets=UPSTREAM_BUCKETS, registry=reg,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds", "Time from request arrival to the first streamed token.",
+            ["upstream"], buckets=TTFT_BUCKETS, registry=reg,
+        )
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens reported by upstreams (input includes cache reads and writes).",
+            ["route", "model", "direction"], registry=reg,
+        )
+        self.cost = Counter(
+            "gateway_cost_usd", "Cost of the recorded usage, in US dollars.", ["route", "model"], registry=reg,
+        )
+        self.admission = Counter(
+            "gateway_admission_decisions", "Admission decisions: admitted, rate_limited, budget_exceeded, denied, shed.",
+            ["decision"], registry=reg,
+        )
+        self.circuit = Gauge(
+            "gateway_circuit_state", "Workers whose circuit breaker for an upstream is in each state.",
+            ["upstream", "state"], multiprocess_mode="livesum", registry=reg,
+        )
+        self.degraded = Gauge(
+            "gateway_dependency_degraded", "Workers currently running degraded because a dependency is unreachable.",
+            ["dependency"], multiprocess_mode="livesum", registry=reg,
+        )
+        self.degradations = Counter(
+            "gateway_dependency_degradations", "Times a worker lost a dependency and switched to degraded mode.",
+            ["dependency"], registry=reg,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests (and streams) in flight.", multiprocess_mode="livesum", registry=reg,
+        )
+        self.workers = Gauge(
+            "gateway_workers", "Live worker processes.", multiprocess_mode="livesum", registry=reg,
+        )
+        self._in_flight_inc = self.in_flight.inc
+        self._in_flight_dec = self.in_flight.dec
+        self._degraded_state: dict[str, bool] = {}
+        for dep in DEPENDENCIES:
+            self.degraded.labels(dep).set(0)
+        self.workers.set(1)
+
+    # -- hot path ------------------------------------------------------------------
+
+    def started(self) -> None:
+        self._in_flight_inc()
+
+    def finished(self, request: web.Request, ctx: RequestContext, status: int) -> None:
+        self._in_flight_dec()
+        model = ctx.model
+        if model and model not in self.known_models:
+            model = OTHER_MODEL
+        key = (request.match_info.route, ctx.route, model, ctx.upstream, status, ctx.error_kind)
+        b = self._bound.get(key)
+        if b is None:
+            b = self._bind(request, ctx.route, model, ctx.upstream, status, ctx.error_kind)
+            if len(self._bound) < _MAX_BOUND:
+                self._bound[key] = b
+        b.requests.inc()
+        b.overhead.observe(ctx.gateway_ms() / 1000.0)
+        if b.upstream is not None and ctx.upstream_s:
+            b.upstream.observe(ctx.upstream_s)
+            if ctx.ttft_s is not None:
+                b.ttft.observe(ctx.ttft_s)
+        if b.tokens_in is not None:
+            if ctx.input_tokens:
+                b.tokens_in.inc(ctx.input_tokens)
+            if ctx.output_tokens:
+                b.tokens_out.inc(ctx.output_tokens)
+            if ctx.cost_micros:
+                b.cost.inc(ctx.cost_micros / 1_000_000)
+        if b.decision is not None:
+            b.decision.inc()
+
+    def _bind(
+        self, request: web.Request, route: str, model: str, upstream: str, status: int, error: str | None
+    ) -> _Bound:
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical.removeprefix("/ak/{access_key}") if resource is not None else "unmatched"
+        decision = _decision(route, error)
+        return _Bound(
+            requests=self.requests.labels(endpoint, route, model, str(status), _error_label(error, status, upstream)),
+            overhead=self.overhead.labels(endpoint),
+            upstream=self.upstream.labels(upstream) if upstream else None,
+            ttft=self.ttft.labels(upstream) if upstream else None,
+            tokens_in=self.tokens.labels(route, model, "input") if route else None,
+            tokens_out=self.tokens.labels(route, model, "output") if route else None,
+            cost=self.cost.labels(route, model) if route else None,
+            decision=self.admission.labels(decision) if decision else None,
+        )
+
+    # -- state gauges --------------------------------------------------------------
+
+    def set_degraded(self, dependency: str, degraded: bool) -> None:
+        """Stores call this when they lose or regain Postgres or Redis."""
+        if dependency not in DEPENDENCIES:
+            raise ValueError(f"unknown dependency {dependency!r}")
+        if self._degraded_state.get(dependency, False) == degraded:
+            return
+        self._degraded_state[dependency] = degraded
+        self.degraded.labels(dependency).set(1 if degraded else 0)
+        if degraded:
+            self.degradations.labels(dependency).inc()
+
+    def refresh_circuits(self, app: web.Application) -> None:
+        for name, dep in app[keys.ROUTER].deployments.items():
+            state = dep.breaker.state
+            old = self._circuits.get(name)
+            if old is state:
+                continue
+            self._circuits[name] = state
+            for s, label in _CIRCUIT_STATES.items():
+                self.circuit.labels(name, label).set(1 if s is state else 0)
+
+    # -- exposition ----------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text of every worker (blocking: run it off the loop)."""
+        if self.dir is None:
+            assert self.registry is not None
+            return generate_latest(self.registry)
+        registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(registry, self.dir)  # type: ignore[no-untyped-call]
+        with multiproc.locked(self.dir, exclusive=False):
+            return generate_latest(registry)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    app = request.app
+    metrics = app[keys.METRICS]
+    metrics.refresh_circuits(app)
+    body = await asyncio.get_running_loop().run_in_executor(None, metrics.render)
+    return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: keep this worker's circuit gauges fresh between scrapes."""
+    metrics = app[keys.METRICS]
+
+    async def refresh_loop() -> None:
+        while True:
+            metrics.refresh_circuits(app)
+            await asyncio.sleep(1.0)
+
+    task = asyncio.get_running_loop().create_task(refresh_loop())
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
