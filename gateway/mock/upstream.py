@@ -14,7 +14,8 @@ whole server by its config:
 - ``x-mock-stall-after``: stop sending (but keep the connection) after N events
 - ``x-mock-cache-read`` / ``x-mock-cache-write``: cache tokens to report
 
-``GET /_mock/requests`` returns the last requests seen (path, headers, body)
+``/_mock/status/{code}/...`` always answers ``code`` in the provider's shape
+(point a deployment's base_url there to make it fail).  ``GET /_mock/requests`` returns the last requests seen (path, headers, body)
 and ``GET /_mock/stats`` the counters; ``POST /_mock/reset`` clears both.
 """
 
@@ -307,6 +308,16 @@ async def _stream(
 # ----------------------------------------------------------------- control
 
 
+async def fixed_status(request: web.Request) -> web.Response:
+    """``/_mock/status/{code}/v1/...``: an upstream that always fails (base_url of a bad deployment)."""
+    tail = "/" + request.match_info["tail"]
+    request.app[STATS]["requests"] += 1
+    request.app[STATS][f"status_{request.match_info['code']}"] += 1
+    request.app[SEEN].append({"path": request.path_qs, "headers": {str(k).lower(): v for k, v in request.headers.items()}, "body": None, "ts": time.time()})
+    return _error("anthropic" if tail.startswith("/v1/messages") else "openai", int(request.match_info["code"]))
+
+
+
 async def seen(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(list(request.app[SEEN].copy())), content_type="application/json")
 
@@ -331,6 +342,7 @@ def create_mock_app(cfg: MockUpstreamConfig | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", openai_models)
+    app.router.add_route("*", r"/_mock/status/{code:\d{3}}/{tail:.*}", fixed_status)
     app.router.add_get("/_mock/requests", seen)
     app.router.add_get("/_mock/stats", stats)
     app.router.add_post("/_mock/reset", reset)

@@ -20,6 +20,7 @@ from gateway.errors import ErrorKind, GatewayError, stream_error_event
 from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
+from gateway.resilience.breaker import State
 
 _SKIP_RESPONSE = HOP_BY_HOP | UPSTREAM_ONLY
 
@@ -60,6 +61,10 @@ async def relay_body(
         raise GatewayError(
             ErrorKind.UPSTREAM_ERROR, "The upstream connection failed while sending its answer."
         ) from None
+    except asyncio.CancelledError:
+        resp.close()
+        dep.breaker.release_probe()  # no verdict: a half-open probe must not stay taken
+        raise
     finally:
         ctx.upstream_s += time.perf_counter() - t0
         resp.release()
@@ -86,7 +91,14 @@ async def relay_stream(
     headers.update(extra)
     headers["server-timing"] = ctx.server_timing()
     out = web.StreamResponse(status=resp.status, headers=headers)
-    await out.prepare(request)
+    if dep.breaker.state is State.HALF_OPEN:
+        # The probe answered: a long stream must not hold the circuit half-open.
+        dep.breaker.record_success()
+    try:
+        await out.prepare(request)
+    except BaseException:
+        resp.close()  # the client is gone before the first byte: free the upstream now
+        raise
     dialect = dep.provider.name
     loop = asyncio.get_running_loop()
     idle = dep.cfg.idle_timeout
