@@ -11,15 +11,18 @@ from aiohttp.resolver import AsyncResolver
 from gateway import keys
 from gateway.accounting.pricing import PriceTable
 from gateway.accounting.sink import LogSink
+from gateway.admin import routes as admin_routes
 from gateway.config import Config
 from gateway.middleware import make_middleware
 from gateway.observability.health import healthz
 from gateway.observability.metrics import Metrics, metrics_ctx, metrics_handler
 from gateway.observability.readiness import readiness_ctx, readyz
 from gateway.policy.admit import Admitter, NullLimiter
-from gateway.policy.principals import StandaloneResolver
+from gateway.policy.cache import PostgresResolver
+from gateway.policy.principals import PrincipalResolver, StandaloneResolver
 from gateway.proxy import handlers
 from gateway.proxy.routing import Router, build_deployments
+from gateway.stores.postgres import postgres_ctx
 from gateway.tasks import TaskTracker
 
 DATA_PLANE = (
@@ -63,7 +66,9 @@ async def _tasks(app: web.Application) -> AsyncIterator[None]:
 async def _principals(app: web.Application) -> AsyncIterator[None]:
     """Key -> principal: from the config file (standalone) or Postgres (cached)."""
     cfg = app[keys.CONFIG]
-    resolver = StandaloneResolver(cfg)
+    resolver: PrincipalResolver = (
+        StandaloneResolver(cfg) if cfg.standalone else await PostgresResolver.open(app[keys.PG], cfg)
+    )
     app[keys.RESOLVER] = resolver
     yield
     await resolver.close()
@@ -101,9 +106,10 @@ def create_app(cfg: Config) -> web.Application:
     deployments = build_deployments(cfg)
     app[keys.ROUTER] = Router(cfg, deployments)
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
-    app.cleanup_ctx.extend([_client_session, _accounting, _principals, _limits, _tasks])
+    app.cleanup_ctx.extend([postgres_ctx, _client_session, _accounting, _principals, _limits, _tasks])
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
     app.router.add_get("/healthz", healthz)
+    admin_routes.setup(app)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     for method, path, handler in DATA_PLANE:

@@ -1,0 +1,262 @@
+"""Postgres-backed key -> principal resolution, cached in each worker.
+
+- A hit costs no I/O: one SHA-256, one dict lookup (plus a set insert that
+  feeds the batched ``last_used_at`` update).
+- Misses go to Postgres once per key at a time (single flight), within a
+  per-worker lookup budget (token bucket), so a flood of random keys can
+  neither fill memory (both caches are bounded LRUs) nor reach Postgres on
+  every request; over budget an unknown key gets 503, never a 401.
+- Unknown keys are cached negatively for a few seconds.
+- Changes arrive by LISTEN/NOTIFY ('k:<key id>' or 'u:<user id>') and drop the
+  entries at once; the TTL is the backstop, and every (re)connection of the
+  listener drops the whole cache since notifications may have been missed.
+- Postgres down: cached keys keep working (also past their TTL, up to
+  ``stale_key_seconds``); an unknown key gets 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from gateway.config import Config
+from gateway.errors import ErrorKind, GatewayError
+from gateway.policy.principals import KEY_PREFIX, Principal, StandaloneResolver, hash_key
+from gateway.stores import access_keys
+from gateway.stores.notify import Listener
+from gateway.stores.postgres import Database, DatabaseUnavailable
+
+CHANNEL = "gateway_principals"
+MIN_KEY_LEN = len(KEY_PREFIX) + 32
+MAX_KEY_LEN = 256
+
+log = structlog.get_logger("keys")
+
+
+@dataclass(slots=True)
+class ResolverStats:
+    hits: int = 0
+    negative_hits: int = 0
+    lookups: int = 0  # queries sent to Postgres
+    stale_served: int = 0
+    unavailable: int = 0
+    throttled: int = 0
+    invalidations: int = 0
+
+
+@dataclass(slots=True)
+class _Entry:
+    principal: Principal
+    fresh_until: float  # monotonic
+
+
+class _TokenBucket:
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class PostgresResolver:
+    def __init__(self, db: Database, cfg: Config) -> None:
+        d = cfg.database
+        self.db = db
+        self.ttl = d.key_cache_seconds
+        self.size = d.key_cache_size
+        self.neg_ttl = d.negative_cache_seconds
+        self.neg_size = d.negative_cache_size
+        self.stale_s = d.stale_key_seconds
+        self.timeout = d.timeout_ms / 1000
+        self.flush_s = d.last_used_flush_seconds
+        self.static = StandaloneResolver(cfg) if cfg.keys else None  # config-file keys keep working
+        self.stats = ResolverStats()
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._negative: OrderedDict[str, float] = OrderedDict()
+        self._by_key: dict[str, str] = {}
+        self._by_user: dict[str, set[str]] = {}
+        self._inflight: dict[str, asyncio.Future[Principal | None]] = {}
+        self._generation = 0  # bumped by every invalidation: a lookup that raced one is not cached
+        self._bucket = _TokenBucket(d.key_lookup_rate)
+        self._used: set[str] = set()
+        self.listener = Listener(db.dsn, CHANNEL, self._on_notify, self._on_connect)
+        self._flusher: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, db: Database, cfg: Config) -> PostgresResolver:
+        self = cls(db, cfg)
+        self.listener.start()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        return self
+
+    # ---------------------------------------------------------------- hot path
+
+    async def resolve(self, key: str) -> Principal | None:
+        if self.static is not None:
+            p = await self.static.resolve(key)
+            if p is not None:
+                return p
+        if not (MIN_KEY_LEN <= len(key) <= MAX_KEY_LEN and key.startswith(KEY_PREFIX)):
+            return None  # cannot be one of ours: no cache entry, no query
+        h = hash_key(key)
+        now = time.monotonic()
+        entry = self._cache.get(h)
+        if entry is not None and entry.fresh_until > now:
+            self._cache.move_to_end(h)
+            self._used.add(entry.principal.key_id)
+            self.stats.hits += 1
+            return entry.principal
+        until = self._negative.get(h)
+        if until is not None:
+            if until > now:
+                self.stats.negative_hits += 1
+                return None
+            del self._negative[h]
+        principal = await self._lookup(h, entry)
+        if principal is not None:
+            self._used.add(principal.key_id)
+        return principal
+
+    async def _lookup(self, h: str, stale: _Entry | None) -> Principal | None:
+        pending = self._inflight.get(h)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        if not self._bucket.take():
+            self.stats.throttled += 1
+            if stale is not None:
+                return stale.principal
+            raise GatewayError(ErrorKind.UNAVAILABLE, "Too many unknown API keys are being checked; retry shortly.",
+                               retry_after_s=1.0)
+        fut: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
+        self._inflight[h] = fut
+        generation = self._generation
+        try:
+            principal = await self._query(h, stale)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters (if any) re-raise it
+            raise
+        else:
+            fut.set_result(principal)
+            if generation == self._generation:
+                self._store(h, principal)
+            return principal
+        finally:
+            del self._inflight[h]
+
+    async def _query(self, h: str, stale: _Entry | None) -> Principal | None:
+        self.stats.lookups += 1
+        try:
+            async with self.db.connection(timeout=self.timeout) as conn:
+                return await access_keys.lookup_principal(conn, h, self.timeout)
+        except (DatabaseUnavailable, TimeoutError):
+            if stale is not None and time.monotonic() - stale.fresh_until < self.stale_s:
+                self.stats.stale_served += 1
+                return stale.principal
+            self.stats.unavailable += 1
+            raise GatewayError(ErrorKind.UNAVAILABLE, "The key store is unavailable; retry shortly.",
+                               retry_after_s=1.0) from None
+
+    def _store(self, h: str, principal: Principal | None) -> None:
+        now = time.monotonic()
+        if principal is None:
+            self._drop(h)
+            self._negative[h] = now + self.neg_ttl
+            self._negative.move_to_end(h)
+            while len(self._negative) > self.neg_size:
+                self._negative.popitem(last=False)
+            return
+        self._negative.pop(h, None)
+        self._cache[h] = _Entry(principal, now + self.ttl)
+        self._cache.move_to_end(h)
+        self._by_key[principal.key_id] = h
+        self._by_user.setdefault(principal.user_id, set()).add(h)
+        while len(self._cache) > self.size:
+            old, _ = next(iter(self._cache.items()))
+            self._drop(old)
+
+    def _drop(self, h: str) -> None:
+        entry = self._cache.pop(h, None)
+        if entry is None:
+            return
+        p = entry.principal
+        if self._by_key.get(p.key_id) == h:
+            del self._by_key[p.key_id]
+        hashes = self._by_user.get(p.user_id)
+        if hashes is not None:
+            hashes.discard(h)
+            if not hashes:
+                del self._by_user[p.user_id]
+
+    # ---------------------------------------------------------------- invalidation
+
+    def _on_notify(self, payload: str) -> None:
+        kind, _, ident = payload.partition(":")
+        self._generation += 1
+        self.stats.invalidations += 1
+        if kind == "k":
+            h = self._by_key.get(ident)
+            if h is not None:
+                self._drop(h)
+        elif kind == "u":
+            for h in list(self._by_user.get(ident, ())):
+                self._drop(h)
+
+    def _on_connect(self) -> None:
+        # Notifications may have been missed while disconnected: start over.
+        self._generation += 1
+        if self._cache:
+            log.info("key cache dropped after listener (re)connect", entries=len(self._cache))
+        self._cache.clear()
+        self._by_key.clear()
+        self._by_user.clear()
+
+    def invalidate_key(self, key_id: str) -> None:
+        """Drop one key at once in this worker (the NOTIFY reaches the others)."""
+        self._on_notify(f"k:{key_id}")
+
+    def invalidate_user(self, user_id: str) -> None:
+        self._on_notify(f"u:{user_id}")
+
+    def sizes(self) -> tuple[int, int]:
+        return len(self._cache), len(self._negative)
+
+    # ---------------------------------------------------------------- last_used
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await self.flush_last_used()
+
+    async def flush_last_used(self) -> None:
+        if not self._used:
+            return
+        batch, self._used = self._used, set()
+        try:
+            async with self.db.connection(timeout=self.timeout) as conn:
+                await access_keys.touch_last_used(conn, batch, datetime.now(UTC), timeout=5.0)
+        except (DatabaseUnavailable, TimeoutError):
+            self._used |= batch  # try again next time; bounded by the number of keys
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush_last_used(), timeout=2.0)
+        await self.listener.close()
