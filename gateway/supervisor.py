@@ -1,57 +1,61 @@
-"""The supervisor: bind once, run N workers, replace the dead, drain, roll.
+"""The supervisor: bind once, run N workers, replace the dead and the hung, drain on TERM, roll on HUP.
 
-Like uvicorn's multiprocess supervisor, signal handlers only queue the signal;
-the main loop dispatches ``handle_<sig>()``.  Workers are separate
-interpreters (``python -m gateway worker``) that inherit the listening socket,
-so a worker that closes its copy while draining drops no queued connection.
-Each worker writes to a notify pipe: ``R`` when ready, ``.`` as a heartbeat,
-``S`` when stopped; a worker silent for too long is killed and replaced.
+Shaped like uvicorn's ``supervisors/multiprocess.py``: signal handlers only
+queue the signal (``signal.set_wakeup_fd`` wakes the loop); the main loop
+dispatches ``handle_<sig>()``.  Workers are fresh interpreters (``python -m
+gateway worker``) that inherit the one listening socket, so all of them share
+one accept queue: a worker that closes its copy while draining drops no queued
+connection, its siblings or the next generation accept it.  (With
+SO_REUSEPORT each worker would own a queue, and Linux drops a closed queue's
+connections.)
+
+Each worker writes to its own notify pipe: ``R`` once serving, ``.`` every
+half ``worker_ping_seconds``, ``S`` when drained.  A ready worker silent for
+three ping periods is hung (blocked event loop, SIGSTOP, deadlock) and is
+killed; a worker that dies is replaced, with a back-off when it keeps dying
+young.  Every worker of a generation runs the configuration text the
+supervisor validated for it (a memfd), so a replacement never picks up a file
+edited since.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import os
+import selectors
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import structlog
 
-from gateway.config import Config, ConfigError, load
-from gateway.observability import multiproc
+from gateway.config import Config, ConfigError, parse
 
 log = structlog.get_logger("supervisor")
 
-
-def _notifier() -> object | None:
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return None
-    import sdnotify
-
-    notifier: object = sdnotify.SystemdNotifier()
-    return notifier
+START_TIMEOUT = 30.0  # a worker not serving this long after its start is killed
+KILL_MARGIN = 10.0  # past drain_seconds, a stopping worker gets SIGKILL (cleanup flushes, pools close)
+TICK = 0.5  # the main loop wakes at least this often (timeouts, respawns, watchdog)
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+# What systemd hands the main process only; children must not talk to it.
+_SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
-def sd_notify(state: str) -> None:
-    n = _notifier()
-    if n is not None:
-        n.notify(state)  # type: ignore[attr-defined]
-
-
-@dataclass(slots=True)
-class Child:
-    index: int
-    proc: subprocess.Popen[bytes]
-    read_fd: int
-    generation: int
-    started: float = field(default_factory=time.monotonic)
-    last_beat: float = field(default_factory=time.monotonic)
-    ready: bool = False
-    stopping: bool = False
+def default_workers() -> int:
+    """One per core this process may run on (taskset and cpusets included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -64,23 +68,183 @@ def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+class SystemdNotifier:
+    """sd_notify(3) to ``$NOTIFY_SOCKET`` when systemd gave one; a no-op otherwise."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self._sock: Any = None
+        self._watchdog_s: float | None = None
+        self._next_watchdog = 0.0
+        if environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._sock = sdnotify.SystemdNotifier()
+        usec = environ.get("WATCHDOG_USEC")
+        pid = environ.get("WATCHDOG_PID")
+        if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
+            self._watchdog_s = int(usec) / 1e6 / 2
+
+    def notify(self, *lines: str) -> None:
+        if self._sock is not None:
+            self._sock.notify("\n".join(lines))
+
+    def reloading(self) -> None:
+        # Type=notify-reload wants the monotonic time with RELOADING=1.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading")
+
+    def watchdog(self, now: float) -> None:
+        if self._watchdog_s is not None and now >= self._next_watchdog:
+            self._next_watchdog = now + self._watchdog_s
+            self.notify("WATCHDOG=1")
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the supervisor dies.
+
+    So a supervisor killed with SIGKILL leaves no orphans: its workers drain
+    and exit (they also notice the broken notify pipe).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before prctl: the signal will never come
+            os._exit(0)
+
+    return preexec
+
+
+@dataclass(slots=True, eq=False)
+class WorkerProcess:
+    index: int
+    generation: int
+    proc: subprocess.Popen[bytes]
+    beat_fd: int
+    started: float
+    last_beat: float
+    ready: bool = False
+    stop_deadline: float | None = None  # set once told to stop
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_deadline is not None
+
+
+@dataclass(slots=True, eq=False)
+class Generation:
+    """A configuration and the workers that run it."""
+
+    number: int
+    cfg: Config
+    config_fd: int  # memfd holding the validated TOML text; -1 when unavailable
+    size: int  # how many workers it should have
+
+
+@dataclass(slots=True, eq=False)
+class Rollout:
+    """A generation starting; the workers it replaces drain once all of it is ready."""
+
+    generation: Generation
+    workers: list[WorkerProcess]
+    replaces: list[WorkerProcess]
+    deadline: float
+    initial: bool
+
+
+@dataclass(slots=True)
+class Respawns:
+    """When a dead worker's slot may start again: at once, or later if it keeps dying young."""
+
+    at: dict[int, float] = field(default_factory=dict)
+    failures: dict[int, int] = field(default_factory=dict)
+
+    def schedule(self, w: WorkerProcess, now: float) -> float:
+        young = not w.ready or now - w.started < 5.0
+        n = self.failures.get(w.index, 0) + 1 if young else 0
+        self.failures[w.index] = n
+        delay = 0.0 if n == 0 else min(0.25 * 2 ** (n - 1), 10.0)
+        self.at[w.index] = now + delay
+        return delay
+
+
 class Supervisor:
-    def __init__(self, cfg: Config, config_path: str, workers: int | None = None) -> None:
-        self.cfg = cfg
-        self.config_path = config_path
-        self.n = workers or cfg.server.workers or os.cpu_count() or 1
+    def __init__(
+        self,
+        cfg: Config,
+        config_path: str,
+        *,
+        workers: int | None = None,
+        port: int | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        env = dict(os.environ if environ is None else environ)
+        self.config_path = str(Path(config_path).resolve())
+        self.cli_workers = workers
+        self.cli_port = port
+        self.notifier = SystemdNotifier(env)
+        self.child_env = {k: v for k, v in env.items() if k not in _SYSTEMD_ENV}
+        self.preexec = _die_with_parent()
+        cfg = self._effective(cfg)
         self.sock = bind_socket(cfg.server.host, cfg.server.port, cfg.server.backlog)
-        self.children: list[Child] = []
-        self.generation = 0
-        self.signals: list[int] = []
-        self.should_exit = False
+        self.address = (cfg.server.host, cfg.server.port)
+        self.current = self._generation(0, cfg, Path(self.config_path).read_text())
+        self.workers: list[WorkerProcess] = []
+        self.rollout: Rollout | None = None
+        self.reload_again = False
+        self.respawns = Respawns()
         self.mock: subprocess.Popen[bytes] | None = None
+        self.signals: deque[int] = deque()
+        self.should_exit = False
+        self.exit_code = 0
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    # -- configuration ---------------------------------------------------------
+
+    def _effective(self, cfg: Config) -> Config:
+        if self.cli_port is not None:
+            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=self.cli_port))
+        return cfg
+
+    def _generation(self, number: int, cfg: Config, text: str) -> Generation:
+        size = self.cli_workers or cfg.server.workers or default_workers()
+        fd = -1
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create(f"gateway-config-{number}")
+            os.write(fd, text.encode())
+        return Generation(number, cfg, fd, size)
+
+    def _load(self) -> tuple[Config, str]:
+        """Read and validate the file the way a worker will use it (prices included)."""
+        from gateway.accounting.pricing import PriceTable
+
+        try:
+            text = Path(self.config_path).read_text()
+        except OSError as exc:
+            raise ConfigError([f"{self.config_path}: cannot read: {exc.strerror}"]) from None
+        cfg = self._effective(parse(text, source=self.config_path))
+        PriceTable.load(cfg)
+        return cfg, text
 
     # -- processes -------------------------------------------------------------
 
-    def spawn(self, index: int) -> Child:
+    def spawn(self, index: int, gen: Generation) -> WorkerProcess:
         r, w = os.pipe()
         os.set_blocking(r, False)
+        fds = [self.sock.fileno(), w]
         cmd = [
             sys.executable, "-m", "gateway", "worker",
             "--config", self.config_path,
@@ -88,159 +252,259 @@ class Supervisor:
             "--notify-fd", str(w),
             "--index", str(index),
         ]
-        proc = subprocess.Popen(cmd, pass_fds=(self.sock.fileno(), w))
-        os.close(w)
-        child = Child(index, proc, r, self.generation)
-        self.children.append(child)
-        log.info("worker started", index=index, pid=proc.pid, generation=self.generation)
-        return child
+        if gen.config_fd >= 0:
+            cmd += ["--config-fd", str(gen.config_fd)]
+            fds.append(gen.config_fd)
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=fds, env=self.child_env, preexec_fn=self.preexec)
+        finally:
+            os.close(w)
+        now = time.monotonic()
+        worker = WorkerProcess(index, gen.number, proc, r, started=now, last_beat=now)
+        self.workers.append(worker)
+        self.selector.register(r, selectors.EVENT_READ, worker)
+        log.info("worker started", index=index, pid=proc.pid, generation=gen.number)
+        return worker
+
+    def stop_worker(self, w: WorkerProcess, grace: float | None = None) -> None:
+        """SIGTERM: the worker stops accepting, drains, exits; SIGKILL if it overstays."""
+        if w.stopping:
+            return
+        grace = self.current.cfg.server.drain_seconds if grace is None else grace
+        w.stop_deadline = time.monotonic() + grace + KILL_MARGIN
+        with contextlib.suppress(ProcessLookupError):
+            w.proc.send_signal(signal.SIGTERM)
 
     def start_mock(self) -> None:
-        if not self.cfg.mock_upstream.enabled:
+        if not self.current.cfg.mock_upstream.enabled:
             return
         cmd = [sys.executable, "-m", "gateway", "mock-upstream", "--config", self.config_path]
-        self.mock = subprocess.Popen(cmd)
+        self.mock = subprocess.Popen(cmd, env=self.child_env, preexec_fn=self.preexec)
+        log.info("mock upstream started", pid=self.mock.pid, port=self.current.cfg.mock_upstream.port)
 
-    def read_beats(self) -> None:
-        now = time.monotonic()
-        for c in self.children:
+    def stop_mock(self) -> None:
+        if self.mock is None:
+            return
+        self.mock.terminate()
+        try:
+            self.mock.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.mock.kill()
+            self.mock.wait()
+        self.mock = None
+
+    def start_generation(self, gen: Generation, *, initial: bool) -> None:
+        replaces = [w for w in self.workers if not w.stopping]
+        new = [self.spawn(i, gen) for i in range(gen.size)]
+        self.rollout = Rollout(gen, new, replaces, time.monotonic() + START_TIMEOUT, initial)
+
+    # -- events ------------------------------------------------------------------
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a beat, a signal or the timeout; record the beats."""
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 512):
+                        pass
+                continue
+            w: WorkerProcess = key.data
             try:
-                data = os.read(c.read_fd, 4096)
+                data = os.read(w.beat_fd, 512)
             except BlockingIOError:
                 continue
-            except OSError:
+            if not data:  # the worker closed its end: it exited; the next check reaps it
+                self.selector.unregister(w.beat_fd)
                 continue
-            if data:
-                c.last_beat = now
-                if b"R" in data:
-                    c.ready = True
+            w.last_beat = time.monotonic()
+            if b"R" in data and not w.ready:
+                w.ready = True
+                log.info("worker ready", index=w.index, pid=w.pid, generation=w.generation)
 
-    def wait_ready(self, kids: list[Child], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.read_beats()
-            if all(c.ready for c in kids):
-                return True
-            if any(c.proc.poll() is not None for c in kids):
-                return False
-            time.sleep(0.02)
-        return False
+    def dispatch_signals(self) -> None:
+        while self.signals:
+            sig = signal.Signals(self.signals.popleft())
+            getattr(self, "handle_" + sig.name.lower().removeprefix("sig"))()
 
-    def reap(self) -> None:
-        """Replace dead workers of the current generation; forget stopped ones."""
-        hung_after = max(3 * self.cfg.server.worker_ping_seconds, 5.0)
+    def check_workers(self) -> None:
+        """Reap the exited, kill the hung and the overstaying, replace the dead."""
         now = time.monotonic()
-        for c in list(self.children):
-            code = c.proc.poll()
-            if code is None and c.ready and not c.stopping and now - c.last_beat > hung_after:
-                log.warning("worker hung; killing", index=c.index, pid=c.proc.pid)
-                c.proc.kill()
-                code = c.proc.wait()
+        hung_after = 3 * self.current.cfg.server.worker_ping_seconds
+        for w in list(self.workers):
+            code = w.proc.poll()
             if code is None:
+                if w.killed:
+                    pass
+                elif w.stop_deadline is not None:
+                    if now > w.stop_deadline:
+                        self.kill(w, "worker did not drain in time; killing")
+                elif w.ready and now - w.last_beat > hung_after:
+                    self.kill(w, "worker hung; killing", silent_s=round(now - w.last_beat, 1))
+                elif not w.ready and now - w.started > START_TIMEOUT:
+                    self.kill(w, "worker did not start in time; killing")
                 continue
-            self.children.remove(c)
-            multiproc.worker_exited(c.proc.pid)
-            os.close(c.read_fd)
-            if c.stopping or self.should_exit or c.generation != self.generation:
-                continue
-            log.warning("worker died; replacing", index=c.index, pid=c.proc.pid, code=code)
-            self.spawn(c.index)
+            self._forget(w)
+            if w.stopping or self.should_exit:
+                log.info("worker exited", index=w.index, pid=w.pid, code=code, generation=w.generation)
+            elif self.rollout is not None and w in self.rollout.workers:
+                self.abort_rollout(f"worker {w.index} exited with {code} before it was ready")
+            elif w.generation == self.current.number and w.index < self.current.size:
+                delay = self.respawns.schedule(w, now)
+                log.warning("worker died; replacing", index=w.index, pid=w.pid, code=code, delay_s=delay)
+        for index, at in list(self.respawns.at.items()):
+            if now >= at and not self.should_exit:
+                del self.respawns.at[index]
+                if index < self.current.size:
+                    self.spawn(index, self.current)
         if self.mock is not None and self.mock.poll() is not None and not self.should_exit:
             log.warning("mock upstream died; restarting", code=self.mock.returncode)
             self.start_mock()
 
-    def stop_children(self, kids: list[Child]) -> None:
-        for c in kids:
-            c.stopping = True
-            with contextlib.suppress(ProcessLookupError):
-                c.proc.send_signal(signal.SIGTERM)
+    def kill(self, w: WorkerProcess, why: str, **fields: Any) -> None:
+        log.warning(why, index=w.index, pid=w.pid, **fields)
+        w.killed = True
+        with contextlib.suppress(ProcessLookupError):
+            w.proc.kill()
 
-    # -- signals -------------------------------------------------------------------
+    def _forget(self, w: WorkerProcess) -> None:
+        self.workers.remove(w)
+        with contextlib.suppress(KeyError):
+            self.selector.unregister(w.beat_fd)
+        os.close(w.beat_fd)
+
+    def check_rollout(self) -> None:
+        r = self.rollout
+        if r is None:
+            return
+        if all(w.ready for w in r.workers):
+            self.finish_rollout(r)
+        elif time.monotonic() > r.deadline:
+            self.abort_rollout(f"workers not ready after {START_TIMEOUT:.0f}s")
+
+    def finish_rollout(self, r: Rollout) -> None:
+        self.rollout = None
+        old = self.current
+        self.current = r.generation
+        for w in r.replaces:
+            self.stop_worker(w, grace=old.cfg.server.drain_seconds)
+        if old.config_fd >= 0 and old is not r.generation:
+            os.close(old.config_fd)
+        self.respawns = Respawns()
+        cfg = self.current.cfg
+        if r.initial:
+            self.start_mock()
+            log.info("gateway serving", host=self.address[0], port=self.sock.getsockname()[1], workers=len(r.workers),
+                     pid=os.getpid())
+        else:
+            if cfg.mock_upstream != old.cfg.mock_upstream:
+                self.stop_mock()
+                self.start_mock()
+            log.info("reloaded", generation=self.current.number, workers=len(r.workers), draining=len(r.replaces))
+        self.notifier.notify("READY=1", f"STATUS=serving on port {self.sock.getsockname()[1]} with {len(r.workers)} workers")
+        if self.reload_again:
+            self.reload_again = False
+            self.handle_hup()
+
+    def abort_rollout(self, reason: str) -> None:
+        r = self.rollout
+        assert r is not None
+        self.rollout = None
+        for w in r.workers:
+            self.stop_worker(w, grace=0)
+        if r.generation.config_fd >= 0:
+            os.close(r.generation.config_fd)
+        if r.initial:
+            log.error("workers failed to start", reason=reason)
+            self.exit_code = 1
+            self.should_exit = True
+            return
+        log.error("reload failed; keeping the running workers", reason=reason, generation=self.current.number)
+        self.notifier.notify("READY=1", "STATUS=reload failed; serving the previous configuration")
+
+    # -- signals -----------------------------------------------------------------
 
     def _queue(self, sig: int, frame: object) -> None:
         self.signals.append(sig)
 
     def handle_term(self) -> None:
+        if self.should_exit:  # a second TERM/INT: stop waiting for the drain
+            log.warning("second stop signal; killing the workers")
+            for w in self.workers:
+                w.stop_deadline = 0.0
+            return
         self.should_exit = True
 
     handle_int = handle_term
 
     def handle_hup(self) -> None:
-        """Roll to a new configuration with no failed request.
+        """Roll to the changed configuration with no failed request.
 
-        New workers start on the same socket with the new config; once all are
-        ready the old ones drain.  A bad file keeps the old workers running.
+        A new generation starts on the same socket; once all of it is ready
+        the old one drains.  An invalid file keeps the running workers.
         """
+        if self.should_exit:
+            return
+        if self.rollout is not None:
+            log.info("reload requested during a rollout; reloading again after it")
+            self.reload_again = True
+            return
         try:
-            cfg = load(self.config_path)
+            cfg, text = self._load()
         except ConfigError as exc:
-            log.error("reload refused: invalid configuration", errors=exc.errors)
+            log.error("reload refused: invalid configuration; keeping the running workers",
+                      path=self.config_path, errors=exc.errors)
             return
-        if (cfg.server.host, cfg.server.port) != (self.cfg.server.host, self.cfg.server.port):
-            log.warning("reload: a new listen address needs a restart; keeping the old one")
-        sd_notify("RELOADING=1")
-        old = [c for c in self.children if not c.stopping]
-        self.cfg = cfg
-        self.generation += 1
-        new = [self.spawn(i) for i in range(self.n)]
-        if not self.wait_ready(new, timeout=30):
-            log.error("reload failed: new workers not ready; keeping the old ones")
-            self.stop_children(new)
-            self.generation -= 1
-            sd_notify("READY=1")
-            return
-        self.stop_children(old)
-        log.info("reloaded", generation=self.generation)
-        sd_notify("READY=1")
+        self.notifier.reloading()
+        if (cfg.server.host, cfg.server.port) != self.address:
+            log.warning("reload: a new listen address takes a restart; keeping the old one", address=self.address)
+        log.info("reloading", generation=self.current.number + 1)
+        self.start_generation(self._generation(self.current.number + 1, cfg, text), initial=False)
 
     def handle_ttin(self) -> None:
-        self.n += 1
-        self.spawn(self.n - 1)
+        """One more worker."""
+        if self.rollout is None and not self.should_exit:
+            self.current.size += 1
+            self.spawn(self.current.size - 1, self.current)
 
-    # -- main loop -------------------------------------------------------------------
+    def handle_ttou(self) -> None:
+        """One worker fewer (never below one)."""
+        if self.rollout is None and not self.should_exit and self.current.size > 1:
+            self.current.size -= 1
+            self.respawns.at.pop(self.current.size, None)
+            for w in self.workers:
+                if w.index == self.current.size and w.generation == self.current.number:
+                    self.stop_worker(w)
+
+    # -- main loop -----------------------------------------------------------------
 
     def run(self) -> int:
-        multiproc.prepare()  # before any worker imports prometheus_client
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN):
+        for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._queue)
-        self.start_mock()
-        kids = [self.spawn(i) for i in range(self.n)]
-        if not self.wait_ready(kids, timeout=60):
-            log.error("workers failed to start")
-            self.should_exit = True
-        else:
-            log.info(
-                "gateway serving", host=self.cfg.server.host, port=self.sock.getsockname()[1], workers=self.n
-            )
-            sd_notify("READY=1")
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.start_generation(self.current, initial=True)
         while not self.should_exit:
-            while self.signals:
-                signum = self.signals.pop(0)
-                name = signal.Signals(signum).name.lower().removeprefix("sig")
-                getattr(self, f"handle_{name}")()
-            self.read_beats()
-            self.reap()
-            time.sleep(0.05)
+            self.wait(TICK)
+            self.dispatch_signals()
+            self.check_rollout()
+            self.check_workers()
+            self.notifier.watchdog(time.monotonic())
         return self.shutdown()
 
     def shutdown(self) -> int:
-        sd_notify("STOPPING=1")
-        log.info("draining", workers=len(self.children), grace_s=self.cfg.server.drain_seconds)
-        self.stop_children(self.children)
-        deadline = time.monotonic() + self.cfg.server.drain_seconds + 10
-        for c in self.children:
-            remaining = max(0.1, deadline - time.monotonic())
-            try:
-                c.proc.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                log.warning("worker did not drain in time; killing", pid=c.proc.pid)
-                c.proc.kill()
-                c.proc.wait()
-        if self.mock is not None:
-            self.mock.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.mock.wait(timeout=5)
+        """Drain: every worker stops accepting and finishes what it has, then the supervisor exits."""
+        self.notifier.notify("STOPPING=1", "STATUS=draining")
+        log.info("draining", workers=len(self.workers), grace_s=self.current.cfg.server.drain_seconds)
+        self.rollout = None
+        for w in self.workers:
+            self.stop_worker(w)
+        # The workers closed (or are closing) their copies; with ours gone the
+        # port refuses new connections instead of queueing them for nobody.
         self.sock.close()
-        multiproc.cleanup()
-        log.info("stopped")
-        return 0
+        while self.workers:
+            self.wait(0.1)
+            self.dispatch_signals()
+            self.check_workers()
+            self.notifier.watchdog(time.monotonic())
+        self.stop_mock()
+        log.info("stopped", code=self.exit_code)
+        return self.exit_code

@@ -1,10 +1,18 @@
-"""One uvloop worker process: serve the app on the inherited socket.
+"""One uvloop worker process: serve the app on the inherited socket, then drain.
 
-Lifecycle: start -> tell the supervisor "ready" on the notify pipe -> send a
-heartbeat every few seconds -> on SIGTERM: stop accepting (close our copy of
-the listening socket; the supervisor and siblings keep theirs), let in-flight
-requests and streams finish up to ``server.drain_seconds``, cancel the rest,
-run cleanup (flush usage, close pools) and exit 0.
+Lifecycle: start -> ``R`` on the notify pipe -> ``.`` every half ping period
+-> on SIGTERM (or SIGINT, or the supervisor gone):
+
+1. mark the app draining: every response from now on says
+   ``Connection: close``, so keep-alive clients retire their connections
+   themselves instead of racing a close;
+2. stop accepting: close this worker's copy of the listening socket (the
+   kernel's queue stays with the supervisor and the other workers);
+3. give keep-alive clients ``RETIRE_SECONDS`` to get that answer, then
+   ``runner.cleanup()``: close idle connections, wait for in-flight requests
+   and streams up to ``server.drain_seconds`` in all, cancel the rest, run
+   the cleanup contexts (tracked tasks drain, usage flushes, pools close);
+4. ``S`` on the pipe, exit 0.
 """
 
 from __future__ import annotations
@@ -24,45 +32,87 @@ from gateway.app import create_app
 from gateway.config import Config
 from gateway.observability import logging as gwlog
 
+READY, ALIVE, STOPPED = b"R", b".", b"S"
+RETIRE_SECONDS = 1.0  # at most; never more than a quarter of the grace period
 
-async def serve(cfg: Config, sock: socket.socket, notify_fd: int | None, index: int) -> None:
+
+class Heartbeat:
+    """The notify pipe to the supervisor; a broken pipe means the supervisor is gone."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self.parent = os.getppid()
+        if fd is not None:
+            os.set_blocking(fd, False)  # never block the loop on a stopped supervisor
+
+    def send(self, msg: bytes) -> bool:
+        """Write ``msg``; False once the supervisor is gone."""
+        if self.fd is not None:
+            try:
+                os.write(self.fd, msg)
+            except BrokenPipeError:
+                return False
+            except BlockingIOError:  # a full pipe: the supervisor is alive but slow
+                pass
+        return os.getppid() == self.parent
+
+
+async def serve(cfg: Config, sock: socket.socket, heartbeat: Heartbeat, index: int) -> None:
     log = structlog.get_logger("worker")
+    loop = asyncio.get_running_loop()
+    grace = cfg.server.drain_seconds
+    retire = min(RETIRE_SECONDS, grace / 4)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     app = create_app(cfg)
     runner = web.AppRunner(
         app,
         access_log=None,  # our middleware logs one redacted line per request
         handler_cancellation=True,  # a client that goes away cancels its upstream call
-        shutdown_timeout=cfg.server.drain_seconds,
+        shutdown_timeout=grace - retire,  # in-flight requests get the whole grace period in all
     )
     await runner.setup()
     site = web.SockSite(runner, sock, backlog=cfg.server.backlog)
     await site.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    log.info("worker ready", index=index, pid=os.getpid())
-
-    def beat(msg: bytes) -> None:
-        if notify_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(notify_fd, msg)
-
-    beat(b"R")
+    log.info("worker serving", index=index, pid=os.getpid())
     interval = cfg.server.worker_ping_seconds / 2
-    while not stop.is_set():
+    alive = heartbeat.send(READY)
+    while alive and not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
-        beat(b".")
-    app[keys.DRAINING][0] = True
-    log.info("worker draining", index=index, grace_s=cfg.server.drain_seconds)
-    await runner.cleanup()
-    beat(b"S")
+        alive = heartbeat.send(ALIVE)
+    if not alive:
+        log.warning("supervisor gone; draining", index=index)
+    log.info("worker draining", index=index, grace_s=grace)
+    await drain(app, runner, site, retire)
+    # Done: a late SIGTERM (the supervisor's after systemd's, say) must not turn exit 0 into death by signal.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    heartbeat.send(STOPPED)
     log.info("worker stopped", index=index)
 
 
+async def drain(app: web.Application, runner: web.AppRunner, site: web.BaseSite, retire: float) -> None:
+    app[keys.DRAINING][0] = True
+    await site.stop()  # closes our copy of the listening socket: no new connection comes here
+    server = runner.server
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retire
+    # aiohttp has no event for "the last connection closed": poll it.
+    while server is not None and server.connections and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    await runner.cleanup()
+
+
+def _ignore_group_signals() -> None:
+    """HUP and TTIN/TTOU are the supervisor's (a terminal may send them to the whole group)."""
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def run(cfg: Config, fd: int, notify_fd: int | None, index: int) -> None:
+    _ignore_group_signals()
     gwlog.configure(cfg.log.level, worker=index)
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    uvloop.run(serve(cfg, sock, notify_fd, index))
+    uvloop.run(serve(cfg, sock, Heartbeat(notify_fd), index))
