@@ -19,6 +19,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,7 +255,10 @@ def _build(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(f"{path}: must be a table")
-            return None
+            try:
+                return tp()  # its defaults, so that the checks after the build still run
+            except TypeError:
+                return None  # required fields: callers skip None
         return _build_dataclass(tp, value, path, errors)
     if origin is tuple:
         if not isinstance(value, list):
@@ -338,8 +342,14 @@ def _check(cfg: Config, errors: list[str]) -> None:
         errors.append("server.max_body_bytes: must be positive")
     if s.drain_seconds < 0:
         errors.append("server.drain_seconds: must not be negative")
+    if s.backlog <= 0:
+        errors.append("server.backlog: must be positive")
+    if s.worker_ping_seconds <= 0:
+        errors.append("server.worker_ping_seconds: must be positive")
     for name, up in cfg.upstreams.items():
         p = f"upstreams.{name}"
+        if up is None:
+            continue
         if not up.base_url.startswith(("http://", "https://")):
             errors.append(f"{p}.base_url: must start with http:// or https://")
         if up.base_url.endswith("/"):
@@ -351,6 +361,10 @@ def _check(cfg: Config, errors: list[str]) -> None:
             errors.append(f"{p}.max_connections: must be positive")
         if up.breaker.failure_threshold <= 0:
             errors.append(f"{p}.breaker.failure_threshold: must be positive")
+        if up.breaker.half_open_probes <= 0:
+            errors.append(f"{p}.breaker.half_open_probes: must be positive (0 would never close an open circuit)")
+        if up.breaker.cooldown_seconds < 0:
+            errors.append(f"{p}.breaker.cooldown_seconds: must not be negative")
     for i, route in enumerate(cfg.routes):
         p = f"routes[{i}]"
         if route is None:
@@ -383,6 +397,11 @@ def _check(cfg: Config, errors: list[str]) -> None:
             len(key.key_sha256) != 64 or any(c not in "0123456789abcdef" for c in key.key_sha256)
         ):
             errors.append(f"{p}.key_sha256: must be 64 lowercase hex characters")
+        if key.expires_at:
+            try:
+                datetime.fromisoformat(key.expires_at.replace("Z", "+00:00"))
+            except ValueError:
+                errors.append(f"{p}.expires_at: not an ISO 8601 date-time: {key.expires_at!r}")
         _check_limits(key.limits, f"{p}.limits", errors)
     for i, user in enumerate(cfg.users):
         if user is not None:
