@@ -256,7 +256,7 @@ def _build(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         if not isinstance(value, dict):
             errors.append(f"{path}: must be a table")
             try:
-                return tp()  # its defaults, so that the checks after the build still run
+                return typing.cast(Any, tp)()  # its defaults, so that the checks after the build still run
             except TypeError:
                 return None  # required fields: callers skip None
         return _build_dataclass(tp, value, path, errors)
