@@ -37,13 +37,11 @@ def api_error(status: int, code: str, message: str, *, field: str | None = None,
     hdrs = dict(headers or {})
     if retry_after_s is not None:
         hdrs.update(retry_headers(retry_after_s))
+    text = orjson.dumps({"error": err}).decode()
     cls = _CLASSES[status]
     if cls is web.HTTPRequestEntityTooLarge:
-        exc: web.HTTPException = web.HTTPRequestEntityTooLarge(MAX_BODY, 0, headers=hdrs)
-        exc.body = orjson.dumps({"error": err})
-        exc.content_type = "application/json"
-        return exc
-    return cls(body=orjson.dumps({"error": err}), content_type="application/json", headers=hdrs)
+        return web.HTTPRequestEntityTooLarge(MAX_BODY, 0, text=text, content_type="application/json", headers=hdrs)
+    return cls(text=text, content_type="application/json", headers=hdrs)
 
 
 def bad_request(message: str, field: str | None = None, code: str = "invalid_request") -> web.HTTPException:
