@@ -37,37 +37,90 @@ class StreamTap:
         self.completed = False  # saw message_stop / [DONE]
         self.errored = False  # saw an error event from upstream
         self.deltas = 0  # content events seen: the output estimate of a cut stream
-        self._tail = b""
+        self._tail = b""  # an incomplete last line
         self._event = b""
-        self._held: list[bytes] = []
+        self._held = b""  # strip mode: complete lines of an event not yet ended
         self._drop = False
 
     def feed(self, chunk: bytes) -> bytes:
         """Consume a chunk; return the bytes the client should get now."""
         data = self._tail + chunk if self._tail else chunk
-        start = 0
-        out: list[bytes] | None = [] if self.strip_usage else None
-        find = data.find
-        while True:
-            nl = find(b"\n", start)
-            if nl < 0:
-                break
-            line = data[start:nl]
-            raw = data[start : nl + 1]
-            start = nl + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            self._line(line)
-            if out is not None:
-                self._held.append(raw)
-                if not line:  # end of event
-                    if not self._drop:
-                        out.extend(self._held)
-                    self._held.clear()
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._tail = data
+            return b"" if self.strip_usage else chunk
+        self._tail = data[end + 1 :]
+        if self.strip_usage:
+            return self._feed_held(data[: end + 1])
+        # Hot path: one C-level split, then a tight loop over the lines.  This
+        # runs for every chunk of every stream (profile: the line-by-line
+        # find/slice version was ~15% of a streamed request's CPU).
+        if self.dialect == "anthropic":
+            self._anthropic_lines(data[:end].split(b"\n"))
+        else:
+            deltas = 0
+            for line in data[:end].split(b"\n"):
+                if line[:5] == b"data:":
+                    payload = line[5:].strip()
+                    if b'"usage"' in payload or payload == b"[DONE]":
+                        self._openai(payload)
+                    else:
+                        deltas += 1
+            self.deltas += deltas
+        return chunk
+
+    def _anthropic_lines(self, lines: list[bytes]) -> None:
+        event = self._event
+        deltas = 0
+        for line in lines:
+            head = line[:5]
+            if head == b"data:":
+                if event == b"content_block_delta":
+                    deltas += 1
+                elif event == b"message_stop":
+                    self.completed = True
+                elif event in _USAGE_EVENTS:
+                    self._anthropic_doc(event, line[5:].strip())
+            elif head == b"event":
+                if line[5:6] == b":":
+                    event = line[6:].strip()
+            elif not line or line == b"\r":
+                event = b""
+        self._event = event
+        self.deltas += deltas
+
+    def _feed_held(self, complete: bytes) -> bytes:
+        """Strip mode: pass whole events on, minus the usage-only chunk the client did not ask for."""
+        held = self._held
+        region = held + complete if held else complete
+        out: list[bytes] = []
+        emit_from = 0  # region[emit_from:ev_start] is whole events to pass on
+        ev_start = 0
+        pos = len(held)  # held lines were parsed when they arrived
+        openai = self.dialect != "anthropic"
+        for line in complete[:-1].split(b"\n"):
+            nxt = pos + len(line) + 1
+            if not line or line == b"\r":  # end of event
+                if self._drop:
+                    out.append(region[emit_from:ev_start])
+                    emit_from = nxt
                     self._drop = False
-        self._tail = data[start:]
-        if out is None:
-            return chunk
+                ev_start = nxt
+                self._event = b""
+            elif openai:
+                if line[:5] == b"data:":
+                    payload = line[5:].strip()
+                    if b'"usage"' in payload or payload == b"[DONE]":
+                        self._openai(payload)
+                    else:
+                        self.deltas += 1
+            else:
+                self._line(line[:-1] if line.endswith(b"\r") else line)
+            pos = nxt
+        self._held = region[ev_start:]
+        if not out:
+            return region[emit_from:ev_start]
+        out.append(region[emit_from:ev_start])
         return b"".join(out)
 
     def flush(self) -> bytes:
@@ -78,8 +131,8 @@ class StreamTap:
             self._line(line)
         if self.strip_usage:
             if not self._drop:
-                rest = b"".join(self._held) + self._tail
-            self._held.clear()
+                rest = self._held + self._tail
+            self._held = b""
         self._tail = b""
         return rest
 
@@ -108,8 +161,10 @@ class StreamTap:
         if event == b"message_stop":
             self.completed = True
             return
-        if event not in _USAGE_EVENTS:
-            return
+        if event in _USAGE_EVENTS:
+            self._anthropic_doc(event, payload)
+
+    def _anthropic_doc(self, event: bytes, payload: bytes) -> None:
         try:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -130,6 +185,11 @@ class StreamTap:
             self.completed = True
             return
         if b'"usage"' not in payload:
+            self.deltas += 1
+            return
+        if b'"usage":null' in payload and payload.count(b'"usage"') == 1:
+            # OpenAI sends "usage":null in every chunk once include_usage is
+            # on: a content chunk, no need to parse it.
             self.deltas += 1
             return
         try:
