@@ -1,0 +1,27 @@
+// Load: the release gate. Ramp to 50 VUs over 2 min, hold 5 min, ramp down
+// over 2 min, with the realistic request mix; DESIGN.md's service levels as
+// thresholds (gateway_latency p95 < 50 ms, p99 < 100 ms; errors < 1 %).
+//   make loadtest SCRIPT=gateway-load.js            # ~9 min
+//   DURATION_SCALE=0.1 make loadtest SCRIPT=gateway-load.js   # ~1 min
+import exec from 'k6/execution';
+import { mixedIteration, SLO, stages } from './lib/common.js';
+
+export const options = {
+  scenarios: {
+    load: {
+      executor: 'ramping-vus',
+      startVUs: 0,
+      stages: stages([[120, 50], [300, 50], [120, 0]]),
+      gracefulRampDown: '10s',
+    },
+  },
+  thresholds: {
+    ...SLO,
+    policy_check_latency: ['p(95)<50'],
+    'http_req_duration{endpoint:messages,stream:false}': ['p(95)<500'],
+  },
+};
+
+export default function () {
+  mixedIteration(exec.vu.iterationInScenario);
+}
