@@ -350,9 +350,10 @@ def _check(cfg: Config, errors: list[str]) -> None:
         p = f"upstreams.{name}"
         if up is None:
             continue
-        if not up.base_url.startswith(("http://", "https://")):
+        base_url = up.base_url or ""  # None: already reported as required
+        if up.base_url is not None and not base_url.startswith(("http://", "https://")):
             errors.append(f"{p}.base_url: must start with http:// or https://")
-        if up.base_url.endswith("/"):
+        if base_url.endswith("/"):
             errors.append(f"{p}.base_url: must not end with '/'")
         for t in ("connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout"):
             if getattr(up, t) <= 0:
@@ -373,7 +374,7 @@ def _check(cfg: Config, errors: list[str]) -> None:
             errors.append(f"{p}.match: must not be empty")
         if not route.deployments:
             errors.append(f"{p}.deployments: needs at least one deployment")
-        for j, dep in enumerate(route.deployments):
+        for j, dep in enumerate(route.deployments or ()):
             if dep is None:
                 continue
             if dep.upstream not in cfg.upstreams:
