@@ -48,6 +48,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
+        # Never keep an upstream's cookies: they would go to the next caller
+        # (and filtering an empty jar is per-request work for nothing).
+        cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
         timeout=aiohttp.ClientTimeout(total=None),
     )
