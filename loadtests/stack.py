@@ -62,6 +62,10 @@ def log(msg: str) -> None:
     print(f"[loadtest] {msg}", flush=True)
 
 
+def _show(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def env_num(name: str, default: float) -> float:
     raw = os.environ.get(name, "")
     return float(raw) if raw else default
@@ -267,7 +271,7 @@ def run_k6(stack: Stack, script: Path, out: Path, k6_args: list[str]) -> int:
     if os.environ.get("K6_JSON", "1") != "0":
         cmd += ["--out", f"json={out / 'k6.json.gz'}"]
     cmd += [*k6_args, str(script)]
-    log(f"k6 run {script.relative_to(HERE)} (DURATION_SCALE={scale}) -> {out.relative_to(ROOT)}")
+    log(f"k6 run {script.relative_to(HERE)} (DURATION_SCALE={scale}) -> {_show(out)}")
     env = {**os.environ, "K6_NO_USAGE_REPORT": "true"}
     with open(out / "summary.txt", "wb") as summary:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=HERE)
@@ -335,7 +339,7 @@ def main(argv: list[str]) -> int:
         first_failure = first_failure or 1
     finally:
         stack.stop()
-        log(f"stack stopped; results in {run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir}")
+        log(f"stack stopped; results in {_show(run_dir)}")
     return first_failure
 
 
