@@ -13,7 +13,8 @@ check: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 
-loadtest: setup
+SCRIPT ?= gateway-smoke.js
+loadtest: setup  # make loadtest SCRIPT=gateway-load.js [DURATION_SCALE=0.1]
 	./loadtests/run.sh $(SCRIPT)
 
 bench: setup
