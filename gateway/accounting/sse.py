@@ -62,7 +62,7 @@ class StreamTap:
             for line in data[:end].split(b"\n"):
                 if line[:5] == b"data:":
                     payload = line[5:].strip()
-                    if b'"usage"' in payload or payload == b"[DONE]":
+                    if b'"usage"' in payload or payload == b"[DONE]" or b'"error"' in payload:
                         self._openai(payload)
                     else:
                         deltas += 1
@@ -110,7 +110,7 @@ class StreamTap:
             elif openai:
                 if line[:5] == b"data:":
                     payload = line[5:].strip()
-                    if b'"usage"' in payload or payload == b"[DONE]":
+                    if b'"usage"' in payload or payload == b"[DONE]" or b'"error"' in payload:
                         self._openai(payload)
                     else:
                         self.deltas += 1
@@ -184,7 +184,7 @@ class StreamTap:
         if payload == b"[DONE]":
             self.completed = True
             return
-        if b'"usage"' not in payload:
+        if b'"usage"' not in payload and b'"error"' not in payload:
             self.deltas += 1
             return
         if b'"usage":null' in payload and payload.count(b'"usage"') == 1:

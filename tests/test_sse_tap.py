@@ -1,0 +1,262 @@
+"""Property tests of the SSE usage tap (gateway/accounting/sse.py) and usage parsing.
+
+The tap sees the stream in whatever pieces TCP hands over: any split of the
+bytes (mid-line, mid-UTF-8 character, between \\r and \\n) must give the same
+bytes to the client and the same usage as the stream in one piece.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.accounting.sse import StreamTap
+from gateway.accounting.usage import Usage, apply_anthropic, apply_openai, from_body
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+TOKENS = st.integers(min_value=0, max_value=10**7)
+
+
+@dataclass
+class Stream:
+    events: list[bytes]  # each a complete SSE event, blank line included
+    usage: Usage  # what the tap must report
+    completed: bool
+    usage_event: int | None = None  # index of OpenAI's usage-only chunk
+
+
+def event(lines: list[bytes], eols: list[bytes]) -> bytes:
+    return b"".join(line + eol for line, eol in zip([*lines, b""], eols, strict=True))
+
+
+@st.composite
+def eol_for(draw: Any, n: int) -> list[bytes]:
+    return draw(st.lists(st.sampled_from([b"\n", b"\r\n"]), min_size=n, max_size=n))
+
+
+@st.composite
+def anthropic_streams(draw: Any) -> Stream:
+    start = {k: draw(TOKENS) for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")}
+    start["output_tokens"] = draw(st.integers(0, 5))
+    docs: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": {"id": "m", "role": "assistant", "usage": start}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0}),
+    ]
+    for text in draw(st.lists(TEXT, max_size=8)):
+        docs.append(("content_block_delta", {"type": "content_block_delta", "delta": {"type": "text_delta", "text": text}}))
+        if draw(st.booleans()):
+            docs.append(("ping", {"type": "ping"}))
+    docs.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    # message_delta usage is cumulative: each carries the running total (last wins).
+    totals = sorted(draw(st.lists(TOKENS, max_size=3)))
+    for total in totals:
+        docs.append(("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": total}}))
+    completed = draw(st.booleans())
+    if completed:
+        docs.append(("message_stop", {"type": "message_stop"}))
+    events = [
+        event([b"event: " + name.encode(), b"data: " + orjson.dumps(doc)], draw(eol_for(3))) for name, doc in docs
+    ]
+    usage = Usage(
+        input_tokens=start["input_tokens"],
+        output_tokens=totals[-1] if totals else start["output_tokens"],
+        cache_write_tokens=start["cache_creation_input_tokens"],
+        cache_read_tokens=start["cache_read_input_tokens"],
+        found=True,
+    )
+    return Stream(events, usage, completed)
+
+
+@st.composite
+def openai_streams(draw: Any, *, with_usage: bool | None = None) -> Stream:
+    include = draw(st.booleans()) if with_usage is None else with_usage
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    extra = {"usage": None} if include else {}
+    docs: list[dict[str, Any]] = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant"}}], **extra}]
+    docs += [
+        {**base, "choices": [{"index": 0, "delta": {"content": t}}], **extra} for t in draw(st.lists(TEXT, max_size=8))
+    ]
+    docs.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], **extra})
+    usage = Usage()
+    usage_event = None
+    if include:
+        prompt, completion = draw(TOKENS), draw(TOKENS)
+        cached = draw(st.integers(0, prompt))
+        usage_event = len(docs)
+        docs.append({**base, "choices": [], "usage": {
+            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }})
+        usage = Usage(input_tokens=prompt - cached, output_tokens=completion, cache_read_tokens=cached, found=True)
+    events = [event([b"data: " + orjson.dumps(d)], draw(eol_for(2))) for d in docs]
+    completed = draw(st.booleans())
+    if completed:
+        events.append(event([b"data: [DONE]"], draw(eol_for(2))))
+    return Stream(events, usage, completed, usage_event)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def run(dialect: str, chunks: list[bytes], strip: bool = False) -> tuple[bytes, StreamTap]:
+    tap = StreamTap(dialect, strip_usage=strip)
+    out = b"".join(tap.feed(c) for c in chunks if c) + tap.flush()
+    return out, tap
+
+
+def same_tap(a: StreamTap, b: StreamTap) -> None:
+    assert a.usage == b.usage
+    assert a.completed == b.completed
+    assert a.deltas == b.deltas
+    assert a.output_estimate == b.output_estimate
+
+
+CUTS = st.lists(st.integers(min_value=0, max_value=10**6), max_size=40)
+
+
+@SETTINGS
+@given(stream=anthropic_streams(), cuts=CUTS)
+def test_anthropic_any_split_gives_same_bytes_and_usage(stream, cuts):
+    data = b"".join(stream.events)
+    out, tap = run("anthropic", split(data, cuts))
+    whole_out, whole = run("anthropic", [data])
+    assert data == out
+    assert data == whole_out
+    same_tap(whole, tap)
+    assert stream.usage == tap.usage
+    assert stream.completed == tap.completed
+
+
+@SETTINGS
+@given(stream=openai_streams(), cuts=CUTS)
+def test_openai_any_split_gives_same_bytes_and_usage(stream, cuts):
+    data = b"".join(stream.events)
+    out, tap = run("openai", split(data, cuts))
+    _, whole = run("openai", [data])
+    assert data == out
+    same_tap(whole, tap)
+    assert stream.usage == tap.usage
+    assert stream.completed == tap.completed
+
+
+@SETTINGS
+@given(stream=openai_streams(with_usage=True), cuts=CUTS)
+def test_openai_strip_usage_removes_exactly_the_usage_chunk_for_any_split(stream, cuts):
+    """With strip_usage the usage-only event is dropped whole, and every other byte passes unchanged."""
+    data = b"".join(stream.events)
+    expected = b"".join(e for i, e in enumerate(stream.events) if i != stream.usage_event)
+    out, tap = run("openai", split(data, cuts), strip=True)
+    assert expected == out
+    assert stream.usage == tap.usage
+    assert stream.completed == tap.completed
+
+
+@SETTINGS
+@given(stream=openai_streams(with_usage=False), cuts=CUTS)
+def test_openai_strip_usage_without_a_usage_chunk_changes_nothing(stream, cuts):
+    data = b"".join(stream.events)
+    out, tap = run("openai", split(data, cuts), strip=True)
+    assert data == out
+    assert tap.usage.found is False
+
+
+@SETTINGS
+@given(stream=anthropic_streams(), cut=st.integers(min_value=0, max_value=10**6))
+def test_a_cut_stream_reports_usage_so_far_and_is_not_completed(stream, cut):
+    """A stream cut anywhere before message_stop is never 'completed'; usage is what arrived."""
+    data = b"".join(stream.events)
+    stop = data.find(b"event: message_stop")
+    if stop < 0:
+        stop = len(data)
+    prefix = data[: cut % (stop + 1)]
+    out, tap = run("anthropic", split(prefix, [cut // 3, cut // 2]))
+    assert prefix == out
+    assert tap.completed is False
+    assert tap.output_estimate >= tap.usage.output_tokens
+
+
+# ------------------------------------------------------------------ cumulative usage (Anthropic)
+
+
+def test_anthropic_message_delta_usage_is_cumulative_last_wins():
+    """Three message_delta events of 10, 25, 40 output tokens mean 40, not 75."""
+    stream = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":7,"output_tokens":1}}}\n\n'
+        + b"".join(
+            b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":%d}}\n\n' % n
+            for n in (10, 25, 40)
+        )
+        + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    _, tap = run("anthropic", [stream])
+    assert Usage(input_tokens=7, output_tokens=40, found=True) == tap.usage
+    assert 40 == tap.output_estimate
+
+
+def test_anthropic_message_delta_may_restate_input_tokens():
+    """Newer APIs repeat input/cache counts in message_delta: they replace, never add."""
+    stream = (
+        b'event: message_start\ndata: {"message":{"usage":{"input_tokens":100,"cache_read_input_tokens":50,"output_tokens":1}}}\n\n'
+        b'event: message_delta\ndata: {"usage":{"input_tokens":100,"cache_read_input_tokens":50,"output_tokens":9}}\n\n'
+    )
+    _, tap = run("anthropic", [stream])
+    assert Usage(input_tokens=100, output_tokens=9, cache_read_tokens=50, found=True) == tap.usage
+
+
+def test_upstream_error_event_is_noticed():
+    _, tap = run("anthropic", [b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n'])
+    assert tap.errored is True
+    assert tap.completed is False
+    _, tap = run("openai", [b'data: {"error":{"message":"x","type":"server_error"}}\n\n'])
+    assert tap.errored is True
+
+
+# ------------------------------------------------------------------ usage.py
+
+
+@given(
+    inp=TOKENS, out=TOKENS, cw=TOKENS, cr=TOKENS,
+)
+@SETTINGS
+def test_from_body_anthropic(inp, out, cw, cr):
+    body = orjson.dumps({"type": "message", "usage": {
+        "input_tokens": inp, "output_tokens": out, "cache_creation_input_tokens": cw, "cache_read_input_tokens": cr,
+    }})
+    assert Usage(inp, out, cw, cr, True) == from_body("anthropic", body)
+
+
+@given(prompt=TOKENS, completion=TOKENS, cached=TOKENS)
+@SETTINGS
+def test_from_body_openai_splits_cached_tokens_out_of_prompt(prompt, completion, cached):
+    body = orjson.dumps({"usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                                   "prompt_tokens_details": {"cached_tokens": cached}}})
+    u = from_body("openai", body)
+    assert min(cached, prompt) == u.cache_read_tokens
+    assert prompt == u.input_tokens + u.cache_read_tokens
+    assert completion == u.output_tokens
+    assert prompt + completion == u.total_tokens
+
+
+def test_embeddings_usage_has_no_completion_tokens():
+    assert Usage(input_tokens=12, found=True) == from_body("openai", b'{"usage":{"prompt_tokens":12,"total_tokens":12}}')
+
+
+def test_from_body_without_usage_or_with_garbage():
+    for body in (b"", b"{}", b"not json", b'{"usage": "lots"}', b"[1]", b'"usage"'):
+        assert Usage() == from_body("anthropic", body)
+
+
+def test_usage_ignores_bools_negatives_and_non_ints():
+    u = Usage()
+    apply_anthropic(u, {"input_tokens": True, "output_tokens": -5, "cache_read_input_tokens": "3"})
+    assert Usage(found=True) == u
+    u = Usage()
+    apply_openai(u, {"prompt_tokens": 1.5, "completion_tokens": None})
+    assert Usage(found=True) == u
