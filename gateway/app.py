@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -17,12 +19,15 @@ from gateway.middleware import make_middleware
 from gateway.observability.health import healthz
 from gateway.observability.metrics import Metrics, metrics_ctx, metrics_handler
 from gateway.observability.readiness import readiness_ctx, readyz
-from gateway.policy.admit import Admitter, NullLimiter
+from gateway.policy.admit import Admitter
+from gateway.policy.budget_rebuild import rebuild_budgets
 from gateway.policy.cache import PostgresResolver
+from gateway.policy.limits import LocalLimiter, RedisLimiter
 from gateway.policy.principals import PrincipalResolver, StandaloneResolver
 from gateway.proxy import handlers
 from gateway.proxy.routing import Router, build_deployments
 from gateway.stores.postgres import postgres_ctx
+from gateway.stores.redis import RedisStore
 from gateway.tasks import TaskTracker
 
 DATA_PLANE = (
@@ -79,7 +84,23 @@ async def _principals(app: web.Application) -> AsyncIterator[None]:
 
 async def _limits(app: web.Application) -> AsyncIterator[None]:
     """The limiter behind admission: Redis script, or per-process counters."""
-    limiter = NullLimiter()
+    cfg = app[keys.CONFIG]
+    share = (cfg.server.workers or os.cpu_count() or 1) * cfg.redis.instances
+    limiter: RedisLimiter | LocalLimiter
+    if cfg.redis_url:
+
+        def on_state(down: bool) -> None:
+            if keys.METRICS in app:
+                app[keys.METRICS].set_degraded("redis", down)
+
+        store = RedisStore(cfg.redis, cfg.redis_url, on_state=on_state)
+        app[keys.REDIS] = store
+        limiter = RedisLimiter(
+            cfg, store, app[keys.PRICES], rebuild=functools.partial(rebuild_budgets, app), share=share
+        )
+    else:
+        limiter = LocalLimiter(app[keys.PRICES], share=cfg.server.workers or os.cpu_count() or 1)
+    app[keys.LIMITER] = limiter
     app[keys.ADMITTER] = Admitter(limiter)
     yield
     await limiter.close()
@@ -92,6 +113,13 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
     await sink.close()
 
 
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """A draining worker answers ``Connection: close`` so that no client reuses a connection it is closing."""
+    if request.app[keys.DRAINING][0]:
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
 def create_app(cfg: Config) -> web.Application:
     prices = PriceTable.load(cfg)
     # Priced model names are configured names: safe as metric labels.
@@ -102,7 +130,8 @@ def create_app(cfg: Config) -> web.Application:
         handler_args={"max_field_size": 16384},
     )
     app[keys.CONFIG] = cfg
-    app[keys.DRAINING] = [False]
+    app[keys.DRAINING] = [False]  # set by the worker when it drains
+    app.on_response_prepare.append(_close_when_draining)
     app[keys.EXTRA] = {}
     app[keys.PRICES] = prices
     app[keys.METRICS] = metrics

@@ -95,6 +95,9 @@ class RedisConfig:
     failure_mode: Literal["local", "open", "closed"] = "local"
     timeout_ms: int = 100
     retry_seconds: float = 1.0
+    lease_seconds: float = 15.0  # a concurrency lease not renewed (dead worker) lapses after this
+    key_prefix: str = "gw"  # Redis key namespace (several gateways may share one Redis)
+    instances: int = 1  # gateway hosts sharing the limits: the local fallback's share is 1/(workers x instances)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +349,9 @@ def _check(cfg: Config, errors: list[str]) -> None:
         errors.append("server.backlog: must be positive")
     if s.worker_ping_seconds <= 0:
         errors.append("server.worker_ping_seconds: must be positive")
+    for name in ("timeout_ms", "retry_seconds", "lease_seconds", "instances"):
+        if getattr(cfg.redis, name) <= 0:
+            errors.append(f"redis.{name}: must be positive")
     for name, up in cfg.upstreams.items():
         p = f"upstreams.{name}"
         if up is None:

@@ -14,10 +14,12 @@ if TYPE_CHECKING:
     from gateway.observability.metrics import Metrics
     from gateway.observability.readiness import Readiness
     from gateway.policy.admit import Admitter
+    from gateway.policy.limits import LocalLimiter, RedisLimiter
     from gateway.policy.principals import PrincipalResolver
     from gateway.proxy.context import RequestContext
     from gateway.proxy.routing import Router
     from gateway.stores.postgres import Database
+    from gateway.stores.redis import RedisStore
     from gateway.tasks import TaskTracker
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
@@ -34,6 +36,8 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 PG: web.AppKey[Database] = web.AppKey("postgres")  # database mode only
 AUTH: web.AppKey[AuthSettings] = web.AppKey("auth_settings")  # control-plane secrets
+REDIS: web.AppKey[RedisStore] = web.AppKey("redis")  # only when a Redis URL is configured
+LIMITER: web.AppKey[RedisLimiter | LocalLimiter] = web.AppKey("limiter")  # .stats for metrics
 
 # Request-scoped, set by the middleware.
 REQ_CTX: web.RequestKey[RequestContext] = web.RequestKey("gw_ctx")
