@@ -185,6 +185,18 @@ async def test_expired_key_is_401(make_gateway, mock_upstream, dialect):
     check_error(r, body, ErrorKind.AUTHENTICATION, dialect)
 
 
+async def test_expired_key_cannot_list_models(make_gateway, mock_upstream):
+    expired = "gwk_expired_" + "e" * 32
+    gw = await make_gateway(
+        gateway_toml(mock_upstream.base_url)
+        + f'\n[[keys]]\nname = "old"\nkey_sha256 = "{sha(expired)}"\nexpires_at = "2020-01-01T00:00:00Z"\n'
+    )
+    r = await gw.get("/v1/models", headers={"authorization": f"Bearer {expired}"})
+    check_error(r, await r.read(), ErrorKind.AUTHENTICATION, OPENAI)
+    r = await gw.get("/v1/models", headers={"x-api-key": expired, **AV})
+    check_error(r, await r.read(), ErrorKind.AUTHENTICATION, ANTHROPIC)
+
+
 @DIALECTS
 async def test_model_not_allowed_is_403(gateway, dialect):
     r, body = await call(gateway, dialect, key=OTHER_KEY)

@@ -119,7 +119,7 @@ async def test_throttled_or_failed_upstream_fails_over(make_gateway, mock_upstre
 
 
 @DIALECTS
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 413, 422])
+@pytest.mark.parametrize("code", [400, 403, 404, 413, 422])
 async def test_caller_errors_do_not_fail_over(make_gateway, mock_upstream, dialect, code):
     """A 4xx caller error is relayed as is: the next deployment would refuse the same request."""
     gw = await make_gateway(failover_toml(f"{mock_upstream.base_url}/_mock/status/{code}", mock_upstream.base_url))
@@ -127,6 +127,26 @@ async def test_caller_errors_do_not_fail_over(make_gateway, mock_upstream, diale
     assert code == r.status
     assert b"mock error" in body
     assert 1 == (await mock_upstream.stats())["requests"]
+
+
+@DIALECTS
+async def test_upstream_401_fails_over_to_a_deployment_with_a_working_key(make_gateway, mock_upstream, dialect):
+    """An upstream 401 means the gateway's provider key failed: try the next deployment."""
+    gw = await make_gateway(failover_toml(f"{mock_upstream.base_url}/_mock/status/401", mock_upstream.base_url))
+    r, body = await call(gw, dialect)
+    assert 200 == r.status, body
+    assert 1 == (await mock_upstream.stats())["status_401"]
+
+
+@DIALECTS
+async def test_upstream_401_is_never_relayed_as_the_callers_401(make_gateway, mock_upstream, dialect):
+    """With no other deployment, a provider-key 401 is the gateway's 502: the caller's key is fine."""
+    gw = await make_gateway(failover_toml(f"{mock_upstream.base_url}/_mock/status/401", None))
+    r, body = await call(gw, dialect)
+    assert 502 == r.status
+    assert b"mock error 401" not in body
+    assert b"upstream_error" in body if dialect == "openai" else b"api_error" in body
+    assert "x-should-retry" not in r.headers
 
 
 @DIALECTS
@@ -248,7 +268,7 @@ async def test_mid_stream_failure_counts_against_the_breaker(make_gateway, mock_
 
 @pytest.mark.parametrize(
     ("status", "verdict"),
-    [(200, Verdict.OK), (204, Verdict.OK), (301, Verdict.OK), (400, Verdict.CALLER), (401, Verdict.CALLER),
+    [(200, Verdict.OK), (204, Verdict.OK), (301, Verdict.OK), (400, Verdict.CALLER), (401, Verdict.FAILED),
      (403, Verdict.CALLER), (404, Verdict.CALLER), (408, Verdict.FAILED), (409, Verdict.FAILED),
      (413, Verdict.CALLER), (422, Verdict.CALLER), (429, Verdict.THROTTLED), (500, Verdict.FAILED),
      (502, Verdict.FAILED), (503, Verdict.FAILED), (504, Verdict.FAILED), (529, Verdict.FAILED)],

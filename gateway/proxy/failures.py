@@ -1,7 +1,8 @@
 """The one failure classifier: what fails over, what trips a breaker.
 
-Caller faults (4xx other than 408/409/429) never trip a breaker and never
-fail over: the next deployment would refuse the same request.
+Caller faults (4xx other than 401/408/409/429) never trip a breaker and never
+fail over: the next deployment would refuse the same request.  An upstream
+401 is the gateway's provider key failing, a fault of that deployment.
 """
 
 from __future__ import annotations
@@ -29,6 +30,6 @@ def classify_status(status: int) -> Verdict:
         return Verdict.OK
     if status == 429:
         return Verdict.THROTTLED
-    if status >= 500 or status in (408, 409):
+    if status >= 500 or status in (401, 408, 409):
         return Verdict.FAILED
     return Verdict.CALLER

@@ -20,6 +20,7 @@ from gateway.providers.base import CLIENT_ONLY, HOP_BY_HOP
 from gateway.proxy.context import RequestContext
 from gateway.proxy.failures import Verdict, classify_status
 from gateway.proxy.routing import Deployment
+from gateway.resilience.breaker import State
 
 _SKIP_REQUEST = HOP_BY_HOP | CLIENT_ONLY
 
@@ -93,6 +94,13 @@ async def open_upstream(
             dep.breaker.record_failure()
         else:
             dep.breaker.release_probe()
+        if resp.status == 401:
+            # The provider refused the gateway's own key, not the caller's: never
+            # relay that 401 (the SDK would blame its key, and the provider's
+            # message may quote part of ours).
+            resp.release()
+            last_exc = GatewayError(ErrorKind.UPSTREAM_ERROR, f"Upstream '{dep.name}' refused the gateway's credentials.")
+            continue
         if verdict.fails_over and not is_last and _any_allowed(candidates[i + 1 :]):
             resp.release()
             continue
@@ -108,8 +116,6 @@ async def open_upstream(
 
 def _any_allowed(rest: list[Deployment]) -> bool:
     # Peek without consuming a half-open probe.
-    from gateway.resilience.breaker import State
-
     for dep in rest:
         b = dep.breaker
         if b.state is State.CLOSED or b.retry_after() <= 0 or b.state is State.HALF_OPEN:

@@ -232,6 +232,11 @@ async def models(request: web.Request) -> web.StreamResponse:
     anthropic = "anthropic-version" in request.headers
     ctx.dialect = ANTHROPIC if anthropic else OPENAI
     principal = await authenticate(request, ctx)
+    # An expired key or a disabled user may not even list models.
+    if principal.expires_at is not None and time.time() >= principal.expires_at:
+        raise GatewayError(ErrorKind.AUTHENTICATION, "This API key has expired.")
+    if principal.user_disabled:
+        raise GatewayError(ErrorKind.PERMISSION, "The user of this API key is disabled.")
     names = [
         m for m in request.app[keys.ROUTER].listed_models()
         if model_allowed(m, principal.key_limits) and model_allowed(m, principal.user_limits)
