@@ -39,6 +39,7 @@ from typing import Any
 import structlog
 
 from gateway.config import Config, ConfigError, parse
+from gateway.observability import multiproc
 
 log = structlog.get_logger("supervisor")
 
@@ -193,6 +194,8 @@ class Supervisor:
         self.cli_port = port
         self.notifier = SystemdNotifier(env)
         self.child_env = {k: v for k, v in env.items() if k not in _SYSTEMD_ENV}
+        # Before any worker imports prometheus_client: its metric files' directory.
+        self.metrics_dir = multiproc.prepare(self.child_env)
         self.preexec = _die_with_parent()
         cfg = self._effective(cfg)
         self.sock = bind_socket(cfg.server.host, cfg.server.port, cfg.server.backlog)
@@ -368,6 +371,7 @@ class Supervisor:
 
     def _forget(self, w: WorkerProcess) -> None:
         self.workers.remove(w)
+        multiproc.worker_exited(w.pid, self.metrics_dir)
         with contextlib.suppress(KeyError):
             self.selector.unregister(w.beat_fd)
         os.close(w.beat_fd)
@@ -506,5 +510,6 @@ class Supervisor:
             self.check_workers()
             self.notifier.watchdog(time.monotonic())
         self.stop_mock()
+        multiproc.cleanup(self.metrics_dir)
         log.info("stopped", code=self.exit_code)
         return self.exit_code

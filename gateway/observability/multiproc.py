@@ -25,7 +25,7 @@ import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LOCK = ".lock"
@@ -33,19 +33,23 @@ _FOLDED_TYPES = ("counter", "histogram", "summary")
 _CREATED_MARK = ".created-by-gateway"
 
 
-def prepare() -> str:
-    """Make the directory (from the environment, or a fresh temp dir), clear old runs' files."""
-    path = os.environ.get(ENV, "")
+def prepare(environ: MutableMapping[str, str]) -> str:
+    """Make the directory and put it in ``environ`` (the workers' environment).
+
+    The directory comes from ``environ`` when set (its old ``*.db`` files, from
+    a previous run, are removed) or is a fresh temporary one.
+    """
+    path = environ.get(ENV, "")
     if path:
         os.makedirs(path, mode=0o700, exist_ok=True)
         for f in glob.glob(os.path.join(path, "*.db")):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(f)
     else:
-        base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+        base = environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
         path = tempfile.mkdtemp(prefix="llm-gateway-metrics-", dir=base)
         open(os.path.join(path, _CREATED_MARK), "w").close()
-        os.environ[ENV] = path
+        environ[ENV] = path
     return path
 
 
@@ -59,10 +63,9 @@ def locked(path: str, exclusive: bool) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def worker_exited(pid: int, path: str | None = None) -> None:
+def worker_exited(pid: int, path: str) -> None:
     """Drop a dead worker's gauges; fold its counters and histograms into the archive."""
-    path = path or os.environ.get(ENV, "")
-    if not path or not os.path.isdir(path):
+    if not os.path.isdir(path):
         return
     from prometheus_client.mmap_dict import MmapedDict
 
@@ -95,8 +98,7 @@ def worker_exited(pid: int, path: str | None = None) -> None:
             os.remove(dead)
 
 
-def cleanup(path: str | None = None) -> None:
+def cleanup(path: str) -> None:
     """At supervisor exit: remove the directory if ``prepare`` created it."""
-    path = path or os.environ.get(ENV, "")
-    if path and os.path.exists(os.path.join(path, _CREATED_MARK)):
+    if os.path.exists(os.path.join(path, _CREATED_MARK)):
         shutil.rmtree(path, ignore_errors=True)
