@@ -151,6 +151,20 @@ async def test_non_streamed_body_cut_by_upstream_is_502(gateway, dialect):
         assert "upstream_error" == body["error"]["code"]
 
 
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+async def test_non_streamed_body_stalled_by_upstream_is_504(make_gateway, cancelling_mock, dialect):
+    """A JSON body that stops half-way is bounded by idle_timeout: 504, and the upstream is released."""
+    gw = await make_gateway(gateway_toml(cancelling_mock.base_url).replace("idle_timeout = 2", "idle_timeout = 0.3"))
+    path, payload = PATHS[dialect]
+    r = await gw.post(path, headers={**AUTH[dialect], "x-mock-stall-after": "0"}, json={**payload, "stream": False})
+    body = await r.json()
+    assert 504 == r.status
+    if dialect == "anthropic":
+        assert "timeout_error" == body["error"]["type"]
+    else:
+        assert "upstream_timeout" == body["error"]["code"]
+
+
 # ------------------------------------------------------------------ client disconnect
 
 

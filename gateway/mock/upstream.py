@@ -11,7 +11,8 @@ whole server by its config:
 - ``x-mock-status``: answer with this error status in the provider's shape
 - ``x-mock-drop-after``: drop the connection after N content events (streams),
   or half-way through the body (non-streamed answers)
-- ``x-mock-stall-after``: stop sending (but keep the connection) after N events
+- ``x-mock-stall-after``: stop sending (but keep the connection) after N events,
+  or half-way through the body (non-streamed answers)
 - ``x-mock-cache-read`` / ``x-mock-cache-write``: cache tokens to report
 
 ``/_mock/status/{code}/...`` always answers ``code`` in the provider's shape
@@ -68,13 +69,17 @@ def _error(dialect: str, status: int) -> web.Response:
 
 
 async def _body(request: web.Request, payload: bytes, headers: dict[str, str]) -> web.StreamResponse:
-    """A JSON answer; with ``x-mock-drop-after`` the connection dies half-way through it."""
-    if "x-mock-drop-after" not in request.headers:
+    """A JSON answer; with ``x-mock-drop-after`` the connection dies half-way through it,
+    with ``x-mock-stall-after`` it stops sending half-way (and keeps the connection)."""
+    stall = "x-mock-stall-after" in request.headers
+    if not stall and "x-mock-drop-after" not in request.headers:
         return web.Response(body=payload, content_type="application/json", headers=headers)
     resp = web.StreamResponse(headers={"content-type": "application/json", **headers})
     resp.content_length = len(payload)
     await resp.prepare(request)
     await resp.write(payload[: len(payload) // 2])
+    if stall:
+        await asyncio.sleep(3600)
     request.app[STATS]["bodies_dropped"] += 1
     if request.transport is not None:
         request.transport.abort()

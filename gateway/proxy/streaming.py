@@ -47,10 +47,12 @@ async def relay_body(
 ) -> tuple[web.Response, Usage]:
     t0 = time.perf_counter()
     try:
-        # Normally the body came with the headers; the idle bound stops a
-        # stalled upstream from holding the request until total_timeout.
-        async with asyncio.timeout(dep.cfg.idle_timeout):
-            body = await resp.read()
+        if resp.content.is_eof():
+            body = await resp.read()  # it came with the headers (the usual case): no timer needed
+        else:
+            # The idle bound stops a stalled upstream from holding the request until total_timeout.
+            async with asyncio.timeout(dep.cfg.idle_timeout):
+                body = await resp.read()
     except TimeoutError:
         resp.close()
         dep.breaker.record_failure()
