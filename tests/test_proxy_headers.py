@@ -50,6 +50,7 @@ async def test_anthropic_upstream_sees_provider_key_and_provider_headers_only(ga
             "accept-encoding": "gzip, br",
         },
         json={**MSG, "stream": stream},
+        expect100=True,
     )
     body = await r.read()
     assert 200 == r.status, body
@@ -63,6 +64,7 @@ async def test_anthropic_upstream_sees_provider_key_and_provider_headers_only(ga
     assert "python" == h["x-stainless-lang"]
     assert "Anthropic/Python 1.0" == h["user-agent"]
     assert "cookie" not in h
+    assert "expect" not in h  # the gateway answered the 100-continue itself
     for name in HOP_BY_HOP:
         assert name not in h, name
     assert "x-hop-custom" not in h.get("connection", "")
@@ -174,3 +176,10 @@ async def test_server_timing_excludes_upstream_time(gateway):
     dur = float(r.headers["server-timing"].split("dur=")[1])
     # The upstream waited 500 ms; the gateway's own share is reported apart from it.
     assert dur < 500.0
+
+
+async def test_healthz_carries_request_id(gateway):
+    """Every response, not only the data plane's, carries x-request-id."""
+    r = await gateway.get("/healthz")
+    assert 200 == r.status
+    assert r.headers["x-request-id"].startswith("req_")

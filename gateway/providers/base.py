@@ -23,7 +23,10 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request headers that carry the caller's gateway credentials or are ours to set.
-CLIENT_ONLY = frozenset({"x-api-key", "authorization", "cookie", "accept-encoding", "forwarded", "x-forwarded-for"})
+# (``expect``: the gateway already read the body; 100-continue is between it and the client.)
+CLIENT_ONLY = frozenset(
+    {"x-api-key", "authorization", "cookie", "accept-encoding", "forwarded", "x-forwarded-for", "expect"}
+)
 
 # Response headers we never relay (ours to set, or meaningless to the client).
 UPSTREAM_ONLY = frozenset({"set-cookie", "content-encoding", "server", "date", "alt-svc", "server-timing"})
