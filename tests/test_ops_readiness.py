@@ -8,16 +8,26 @@ from typing import Any
 import pytest
 
 from gateway import keys
-from tests.conftest import TEST_KEY, MockUpstream, gateway_toml
+from tests.conftest import TEST_KEY, MockUpstream, gateway_toml, sha
 from tests.fixtures.servers import PostgresServer, RedisServer
+
+LIMITED_KEY = "gwk_test_" + "r" * 32
+HEADERS = {"x-api-key": LIMITED_KEY, "anthropic-version": "2023-06-01"}
+BODY = {"model": "demo-claude", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def deps_toml(upstream: str) -> str:
-    return gateway_toml(upstream, extra="""
+    """Postgres and Redis from the environment, plus a key with an rpm limit (so requests use Redis)."""
+    return gateway_toml(upstream, extra=f"""
         [database]
         url_env = "OPS_TEST_DATABASE_URL"
         [redis]
         url_env = "OPS_TEST_REDIS_URL"
+
+        [[keys]]
+        name = "limited"
+        key_sha256 = "{sha(LIMITED_KEY)}"
+        limits = {{ rpm = 1000 }}
     """)
 
 
@@ -57,7 +67,7 @@ async def test_ready_when_postgres_and_redis_answer(deps_gateway: Any) -> None:
 async def test_unready_while_redis_is_down_and_ready_again_after(
     deps_gateway: Any, redis_server: RedisServer
 ) -> None:
-    """Stopping Redis turns /readyz 503 (redis: down, degraded gauge 1); restarting it turns it 200."""
+    """Stopping Redis turns /readyz 503 (redis: down; a request then marks the worker degraded); restarting it turns it 200."""
     await _wait_status(deps_gateway, 200)
     redis_server.stop()
     try:
@@ -65,8 +75,12 @@ async def test_unready_while_redis_is_down_and_ready_again_after(
         assert "unready" == body["status"]
         assert "down" == body["checks"]["redis"]["status"]
         assert "ok" == body["checks"]["postgres"]["status"]
+        # A request meets the outage: it is served on local limits and the worker counts itself degraded.
+        r = await deps_gateway.post("/v1/messages", json=BODY, headers=HEADERS)
+        assert 200 == r.status
         text = await (await deps_gateway.get("/metrics")).text()
         assert 'gateway_dependency_degraded{dependency="redis"} 1.0' in text
+        assert 'gateway_dependency_degradations_total{dependency="redis"} 1.0' in text
     finally:
         redis_server.start()
     await _wait_status(deps_gateway, 200)

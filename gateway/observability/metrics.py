@@ -16,6 +16,7 @@ model label is the request's model only when it is a configured model name
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ OTHER_MODEL = "other"
 DEPENDENCIES = frozenset({"postgres", "redis"})
 _CIRCUIT_STATES = {State.CLOSED: "closed", State.OPEN: "open", State.HALF_OPEN: "half_open"}
 _ADMITTED = frozenset({None, "upstream_error", "upstream_timeout"})
+_LIMITER_DECISIONS = frozenset({"admitted", "rate_limited", "budget_exceeded", "degraded"})
 _MAX_BOUND = 20_000  # label combinations cached; all are bounded by config anyway
 
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -141,6 +143,15 @@ class Metrics:
             "gateway_dependency_degradations", "Times a worker lost a dependency and switched to degraded mode.",
             ["dependency"], registry=reg,
         )
+        self.limiter = Counter(
+            "gateway_limiter_decisions", "The limiter's own decisions (degraded: taken without Redis).",
+            ["decision"], registry=reg,
+        )
+        self.limiter_events = Counter(
+            "gateway_limiter_events", "Limiter housekeeping: budget rebuilds from the ledger, settlements, parked settlements.",
+            ["event"], registry=reg,
+        )
+        self._limiter_seen: dict[str, int] = {}
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests (and streams) in flight.", multiprocess_mode="livesum", registry=reg,
         )
@@ -216,6 +227,28 @@ class Metrics:
         if degraded:
             self.degradations.labels(dependency).inc()
 
+    def refresh(self, app: web.Application) -> None:
+        """Bring this worker's state gauges and limiter counters up to date (cheap; every second)."""
+        self.refresh_circuits(app)
+        self.refresh_limiter(app)
+
+    def refresh_limiter(self, app: web.Application) -> None:
+        stats = getattr(app.get(keys.LIMITER), "stats", None)
+        if stats is None or not dataclasses.is_dataclass(stats):
+            return
+        for f in dataclasses.fields(stats):
+            value = getattr(stats, f.name)
+            if not isinstance(value, int):
+                continue
+            delta = value - self._limiter_seen.get(f.name, 0)
+            if delta <= 0:
+                continue
+            self._limiter_seen[f.name] = value
+            if f.name in _LIMITER_DECISIONS:
+                self.limiter.labels(f.name).inc(delta)
+            else:
+                self.limiter_events.labels(f.name).inc(delta)
+
     def refresh_circuits(self, app: web.Application) -> None:
         for name, dep in app[keys.ROUTER].deployments.items():
             state = dep.breaker.state
@@ -242,7 +275,7 @@ class Metrics:
 async def metrics_handler(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[keys.METRICS]
-    metrics.refresh_circuits(app)
+    metrics.refresh(app)
     body = await asyncio.get_running_loop().run_in_executor(None, metrics.render)
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
@@ -253,7 +286,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def refresh_loop() -> None:
         while True:
-            metrics.refresh_circuits(app)
+            metrics.refresh(app)
             await asyncio.sleep(1.0)
 
     task = asyncio.get_running_loop().create_task(refresh_loop())

@@ -87,23 +87,28 @@ class Readiness:
             conn, self._pg_conn = self._pg_conn, None
             conn.terminate()
 
-    async def _redis_probe(self) -> dict[str, Any]:
+    async def _redis_probe(self, app: web.Application) -> dict[str, Any]:
         url = self.cfg.redis_url
         if not url:
             return {"status": "disabled"}
         t0 = time.perf_counter()
         try:
-            if self._redis is None:
-                import redis.asyncio as aioredis
-
-                self._redis = aioredis.Redis.from_url(
-                    url, socket_timeout=self._redis_timeout, socket_connect_timeout=self._redis_timeout,
-                    max_connections=2, retry_on_timeout=False,
-                )
-            await asyncio.wait_for(self._redis.ping(), self._redis_timeout)
+            store = app.get(keys.REDIS)
+            client = store.client if store is not None else self._own_redis(url)
+            await asyncio.wait_for(client.ping(), self._redis_timeout)
         except Exception as exc:  # noqa: BLE001 - any failure means "down"
             return {"status": "down", "error": type(exc).__name__}
         return {"status": "ok", "ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    def _own_redis(self, url: str) -> Any:
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(
+                url, socket_timeout=self._redis_timeout, socket_connect_timeout=self._redis_timeout,
+                max_connections=2, retry_on_timeout=False,
+            )
+        return self._redis
 
     @staticmethod
     def _circuits(app: web.Application) -> dict[str, Any]:
@@ -130,13 +135,12 @@ class Readiness:
         async with self._lock:
             if self._cached is not None and time.monotonic() - self._cached[0] < _CACHE_S:
                 return self._cached[1]
-            pg, rd = await asyncio.gather(self._postgres(app), self._redis_probe())
+            pg, rd = await asyncio.gather(self._postgres(app), self._redis_probe(app))
             checks = {"postgres": pg, "redis": rd, "circuits": self._circuits(app)}
             metrics = app.get(keys.METRICS)
-            if metrics is not None:
-                for dep in ("postgres", "redis"):
-                    if checks[dep]["status"] != "disabled":
-                        metrics.set_degraded(dep, checks[dep]["status"] == "down")
+            # The Redis store reports its own outages to the metrics; Postgres has no such state.
+            if metrics is not None and pg["status"] != "disabled":
+                metrics.set_degraded("postgres", pg["status"] == "down")
             self._cached = (time.monotonic(), checks)
             return checks
 
