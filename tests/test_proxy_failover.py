@@ -263,6 +263,17 @@ async def test_mid_stream_failure_counts_against_the_breaker(make_gateway, mock_
     assert r.status in (503, 529)
 
 
+@DIALECTS
+async def test_upstream_error_event_counts_against_the_breaker(make_gateway, mock_upstream, dialect):
+    """A provider error event mid-stream is an upstream failure too."""
+    gw = await make_gateway(failover_toml(mock_upstream.base_url, None, threshold=1, cooldown=30))
+    r, body = await call(gw, dialect, headers={"x-mock-error-after": "1"}, stream=True)
+    assert 200 == r.status
+    assert b"mock overloaded mid-stream" in body
+    r, _ = await call(gw, dialect)
+    assert r.status in (503, 529)
+
+
 # ------------------------------------------------------------------ units: classifier and breaker
 
 

@@ -112,6 +112,19 @@ async def test_upstream_drop_mid_stream_ends_with_error_event_never_success(gate
 
 
 @pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+async def test_upstream_error_event_mid_stream_is_relayed_once_never_success(gateway, dialect):
+    """The provider's own in-stream error reaches the client as is, once, with no terminal success event."""
+    status, raw = await stream(gateway, dialect, headers={"x-mock-error-after": "2"})
+    assert 200 == status
+    assert b"message_stop" not in raw
+    assert b"[DONE]" not in raw
+    assert 1 == raw.count(b"mock overloaded mid-stream")
+    assert b"incomplete" not in raw  # no second, gateway-made error event
+    if dialect == "anthropic":
+        assert 1 == raw.count(b"event: error")
+
+
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
 async def test_upstream_stall_mid_stream_hits_idle_timeout(make_gateway, cancelling_mock, dialect):
     """An upstream that stops sending: after idle_timeout a timeout error event, and the upstream is released."""
     gw = await make_gateway(gateway_toml(cancelling_mock.base_url).replace("idle_timeout = 2", "idle_timeout = 0.3"))

@@ -13,6 +13,8 @@ whole server by its config:
   or half-way through the body (non-streamed answers)
 - ``x-mock-stall-after``: stop sending (but keep the connection) after N events,
   or half-way through the body (non-streamed answers)
+- ``x-mock-error-after``: send the provider's in-stream error event after N
+  content events, then end the stream (no terminal success event)
 - ``x-mock-cache-read`` / ``x-mock-cache-write``: cache tokens to report
 
 ``/_mock/status/{code}/...`` always answers ``code`` in the provider's shape
@@ -268,6 +270,12 @@ async def openai_models(request: web.Request) -> web.Response:
 
 # ----------------------------------------------------------------- streaming
 
+# The in-stream error each provider sends when it fails mid-answer (index: is Anthropic).
+_STREAM_ERROR = (
+    b'data: {"error":{"message":"mock overloaded mid-stream","type":"server_error","param":null,"code":null}}\n\n',
+    b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"mock overloaded mid-stream"}}\n\n',
+)
+
 
 async def _stream(
     request: web.Request, events: list[bytes], *, first_delta: int, headers: dict[str, str]
@@ -278,9 +286,11 @@ async def _stream(
     gap = _num(request, "x-mock-chunk-gap-ms", cfg.chunk_gap_ms)
     drop_after = int(_num(request, "x-mock-drop-after", -1))
     stall_after = int(_num(request, "x-mock-stall-after", -1))
+    error_after = int(_num(request, "x-mock-error-after", -1))
     # -1 disables a switch; event i is content event i - first_delta.
     drop_at = first_delta + drop_after if drop_after >= 0 else -1
     stall_at = first_delta + stall_after if stall_after >= 0 else -1
+    error_at = first_delta + error_after if error_after >= 0 else -1
     resp = web.StreamResponse(
         headers={"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", **headers}
     )
@@ -288,7 +298,7 @@ async def _stream(
     stats["streams_started"] += 1
     try:
         await _sleep_ms(ttft)
-        if gap <= 0 and drop_after < 0 and stall_after < 0:
+        if gap <= 0 and drop_after < 0 and stall_after < 0 and error_after < 0:
             await resp.write(b"".join(events))
         else:
             for i, ev in enumerate(events):
@@ -299,6 +309,10 @@ async def _stream(
                     return resp
                 if i == stall_at:
                     await asyncio.sleep(3600)
+                if i == error_at:
+                    stats["streams_errored"] += 1
+                    await resp.write(_STREAM_ERROR[request.path.startswith("/v1/messages")])
+                    break
                 await resp.write(ev)
                 if i >= first_delta:
                     await _sleep_ms(gap)

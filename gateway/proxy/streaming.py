@@ -140,6 +140,11 @@ async def relay_stream(
         ctx.error_kind = failure[0].label
         dep.breaker.record_failure()
         await out.write(stream_error_event(failure[0], failure[1], dialect))
+    elif tap.errored:
+        # The upstream sent its own error event (relayed as is): a failed answer all the same.
+        ctx.partial = True
+        ctx.error_kind = ErrorKind.UPSTREAM_ERROR.label
+        dep.breaker.record_failure()
     else:
         dep.breaker.record_success()
     await out.write_eof()
