@@ -539,8 +539,11 @@ class RedisLimiter:
             raise _RebuildFailed from None
         args: list[Any] = [os.urandom(8).hex()]
         for c, scope in zip(checks, scopes, strict=True):
-            known = self._spent.get(c.key, 0) + self._outage_spend.get(c.key, 0)
-            args += (max(known, (ledger or {}).get(scope, 0)), c.ttl_s)
+            if ledger is not None:
+                spent = ledger.get(scope, 0)
+            else:  # no ledger: the most this worker has seen spent (an upper bound, never a fresh budget)
+                spent = self._spent.get(c.key, 0) + self._outage_spend.get(c.key, 0)
+            args += (spent, c.ttl_s)
         created = await self._eval(scripts.SEED, [c.key for c in checks], args)
         self.stats.rebuilds += int(created)
         if created:
@@ -564,6 +567,9 @@ class RedisLimiter:
             return
         self._held.pop(held.member, None)
         plan = held.plan
+        for i in plan.budget_i:
+            key = plan.checks[i].key
+            self._spent[key] = self._spent.get(key, 0) + cost_micros
         keys = [plan.checks[i].key for i in plan.settle]
         args: list[Any] = [held.member, held.sec, tokens - held.tokens, held.cost, cost_micros]
         gens = iter(held.gens)
