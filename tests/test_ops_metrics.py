@@ -103,6 +103,8 @@ async def test_metrics_sum_over_two_workers_and_survive_a_worker_crash(
         for _ in range(n // 8):
             await asyncio.gather(*(one() for _ in range(8)))
 
+    # Workers flush their counts every second: wait for both, then every scrape agrees.
+    await asyncio.sleep(1.2)
     assert 2 == len(_pids(prom_dir)), "both workers served requests"
     for _ in range(6):  # new connections: scrapes land on either worker
         text = await _scrape(gw.base_url + "/metrics")

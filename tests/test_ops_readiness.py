@@ -81,6 +81,7 @@ async def test_unready_while_redis_is_down_and_ready_again_after(
         text = await (await deps_gateway.get("/metrics")).text()
         assert 'gateway_dependency_degraded{dependency="redis"} 1.0' in text
         assert 'gateway_dependency_degradations_total{dependency="redis"} 1.0' in text
+        assert 'gateway_limiter_decisions_total{decision="degraded"} 1.0' in text
     finally:
         redis_server.start()
     await _wait_status(deps_gateway, 200)

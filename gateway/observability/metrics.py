@@ -8,7 +8,10 @@ metrics live in a registry of this app alone.
 
 Hot path: the middleware calls ``started()`` and ``finished()`` once per
 request.  ``finished`` looks up one tuple key in a dict of pre-bound label
-children; label values are never user input beyond configured names: the
+children and adds to plain ints there; a task flushes them into the metric
+files every second (and before each scrape of this worker), so a request
+costs no lock and no mmap write, and another worker's counts are at most a
+second old.  Label values are never user input beyond configured names: the
 model label is the request's model only when it is a configured model name
 (an exact route or a priced model), otherwise ``other``.
 """
@@ -18,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import prometheus_client.values
@@ -53,18 +56,73 @@ def multiprocess_dir() -> str | None:
     return None
 
 
-@dataclass(slots=True)
-class _Bound:
-    """The label children of one (endpoint, route, model, upstream, status, error)."""
+class _Hist:
+    """Observations of one histogram child, buffered in plain ints until the next flush."""
 
-    requests: Any
-    overhead: Any
-    upstream: Any
-    ttft: Any
-    tokens_in: Any
-    tokens_out: Any
-    cost: Any
-    decision: Any
+    __slots__ = ("bounds", "child", "counts", "total")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = child._upper_bounds  # ascending, +Inf last
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def flush(self) -> None:
+        # What Histogram.observe does per value, once per bucket: the child's
+        # value objects are the mmap-backed ones in multiprocess mode.
+        self.child._sum.inc(self.total)
+        self.total = 0.0
+        counts = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                self.child._buckets[i].inc(n)
+                counts[i] = 0
+
+
+class _Bound:
+    """One (endpoint, route, model, upstream, status, error): its label children and pending counts."""
+
+    __slots__ = ("cost", "cost_micros", "decision", "n", "overhead", "requests", "tokens_in", "tokens_in_n",
+                 "tokens_out", "tokens_out_n", "ttft", "upstream")
+
+    def __init__(self, requests: Any, overhead: Any, upstream: Any, ttft: Any, tokens_in: Any, tokens_out: Any,
+                 cost: Any, decision: Any) -> None:
+        self.requests = requests
+        self.overhead = _Hist(overhead)
+        self.upstream = _Hist(upstream) if upstream is not None else None
+        self.ttft = _Hist(ttft) if ttft is not None else None
+        self.tokens_in = tokens_in
+        self.tokens_out = tokens_out
+        self.cost = cost
+        self.decision = decision
+        self.n = 0
+        self.tokens_in_n = 0
+        self.tokens_out_n = 0
+        self.cost_micros = 0
+
+    def flush(self) -> None:
+        self.requests.inc(self.n)
+        if self.decision is not None:
+            self.decision.inc(self.n)
+        self.n = 0
+        self.overhead.flush()
+        if self.upstream is not None:
+            self.upstream.flush()
+        if self.ttft is not None:
+            self.ttft.flush()
+        if self.tokens_in_n:
+            self.tokens_in.inc(self.tokens_in_n)
+            self.tokens_in_n = 0
+        if self.tokens_out_n:
+            self.tokens_out.inc(self.tokens_out_n)
+            self.tokens_out_n = 0
+        if self.cost_micros:
+            self.cost.inc(self.cost_micros / 1_000_000)
+            self.cost_micros = 0
 
 
 def _error_label(error: str | None, status: int, upstream: str) -> str:
@@ -158,8 +216,9 @@ class Metrics:
         self.workers = Gauge(
             "gateway_workers", "Live worker processes.", multiprocess_mode="livesum", registry=reg,
         )
-        self._in_flight_inc = self.in_flight.inc
-        self._in_flight_dec = self.in_flight.dec
+        self.active = 0  # requests in flight in this worker
+        self._active_flushed = 0
+        self._dirty: list[_Bound] = []
         self._degraded_state: dict[str, bool] = {}
         for dep in DEPENDENCIES:
             self.degraded.labels(dep).set(0)
@@ -168,10 +227,11 @@ class Metrics:
     # -- hot path ------------------------------------------------------------------
 
     def started(self) -> None:
-        self._in_flight_inc()
+        self.active += 1
 
     def finished(self, request: web.Request, ctx: RequestContext, status: int) -> None:
-        self._in_flight_dec()
+        """Count one finished request in this worker's buffers (plain ints; flushed every second)."""
+        self.active -= 1
         model = ctx.model
         if model and model not in self.known_models:
             model = OTHER_MODEL
@@ -181,21 +241,27 @@ class Metrics:
             b = self._bind(request, ctx.route, model, ctx.upstream, status, ctx.error_kind)
             if len(self._bound) < _MAX_BOUND:
                 self._bound[key] = b
-        b.requests.inc()
+        if not b.n:
+            self._dirty.append(b)
+        b.n += 1
         b.overhead.observe(ctx.gateway_ms() / 1000.0)
         if b.upstream is not None and ctx.upstream_s:
             b.upstream.observe(ctx.upstream_s)
-            if ctx.ttft_s is not None:
+            if ctx.ttft_s is not None and b.ttft is not None:
                 b.ttft.observe(ctx.ttft_s)
         if b.tokens_in is not None:
-            if ctx.input_tokens:
-                b.tokens_in.inc(ctx.input_tokens)
-            if ctx.output_tokens:
-                b.tokens_out.inc(ctx.output_tokens)
-            if ctx.cost_micros:
-                b.cost.inc(ctx.cost_micros / 1_000_000)
-        if b.decision is not None:
-            b.decision.inc()
+            b.tokens_in_n += ctx.input_tokens
+            b.tokens_out_n += ctx.output_tokens
+            b.cost_micros += ctx.cost_micros
+
+    def flush(self) -> None:
+        """Move the buffered counts into the shared metric files."""
+        dirty, self._dirty = self._dirty, []
+        for b in dirty:
+            b.flush()
+        if self.active != self._active_flushed:
+            self._active_flushed = self.active
+            self.in_flight.set(self.active)
 
     def _bind(
         self, request: web.Request, route: str, model: str, upstream: str, status: int, error: str | None
@@ -228,7 +294,8 @@ class Metrics:
             self.degradations.labels(dependency).inc()
 
     def refresh(self, app: web.Application) -> None:
-        """Bring this worker's state gauges and limiter counters up to date (cheap; every second)."""
+        """Flush this worker's buffered counts; update its state gauges and limiter counters."""
+        self.flush()
         self.refresh_circuits(app)
         self.refresh_limiter(app)
 
@@ -296,3 +363,4 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
     except asyncio.CancelledError:
         pass
+    metrics.refresh(app)  # the last requests of a draining worker count too
