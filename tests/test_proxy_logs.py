@@ -6,6 +6,8 @@ on every error path; none of them, nor the provider keys, may reach the log.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import orjson
 import pytest
@@ -16,6 +18,12 @@ AV = {"anthropic-version": "2023-06-01"}
 MSG = {"model": "demo-claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
 CHAT = {"model": "demo-gpt", "messages": [{"role": "user", "content": "hi"}]}
 UNKNOWN = "gwk_unknown_" + "u" * 32
+MALFORMED = (
+    f"GET /ak/{TEST_KEY}/v1/mo dels HTTP/1.1\r\nHost: x\r\n\r\n",
+    f"GET /ak/{TEST_KEY}/v1/models HTTP/9.9\r\nHost: x\r\n\r\n",
+    f"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-api-key: {TEST_KEY}\x01\r\n\r\n",
+    f"GET /ak/{TEST_KEY}/v1/models HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 20000}\r\n\r\n",
+)
 SECRETS = (TEST_KEY, UNKNOWN, "sk-ant-upstream-secret", "sk-openai-upstream-secret", "a" * 32, "u" * 32)
 
 
@@ -51,9 +59,18 @@ async def test_no_key_in_any_log_line(serve, mock_upstream):
         async with s.post(base + "/v1/messages", headers={"x-api-key": TEST_KEY, **AV}, data=b"{bad") as r:
             statuses.append(r.status)
     assert [200, 200, 200, 200, 401, 404, 405, 200, 200, 401, 200, 500, 200, 404, 200, 400] == statuses
+    # Malformed HTTP never reaches the middleware; aiohttp logs its parser errors itself.
+    for raw in MALFORMED:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(raw.encode("latin-1"))
+        assert (await reader.read(100)).startswith(b"HTTP/1.")
+        writer.close()
     assert 0 == gw.stop()
     text = gw.log_text()
     lines = [line for line in text.splitlines() if line.strip()]
+    assert any('"BadStatusLine"' in line for line in lines)
+    for line in lines:
+        orjson.loads(line)  # every line is JSON, aiohttp's and asyncio's included
     request_lines = [orjson.loads(line) for line in lines if '"event":"request"' in line]
     assert len(calls) + 1 == len(request_lines)
     for secret in SECRETS:

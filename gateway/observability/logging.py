@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from typing import Any
 
 import orjson
@@ -41,8 +42,27 @@ def configure(level: str = "info", worker: int | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     # aiohttp and asyncio log through stdlib logging: route warnings and up to stderr.
-    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr,
-                        format='{"level":"%(levelname)s","logger":"%(name)s","event":%(message)r}')
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StdlibJSON())
+    logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), handlers=[handler])
+
+
+class _StdlibJSON(logging.Formatter):
+    """stdlib records (aiohttp, asyncio) as JSON lines, exceptions without their message.
+
+    aiohttp's "Error handling request" exceptions quote the raw request line
+    and headers (an ``/ak/{key}`` path, an ``x-api-key``): only the exception
+    type and where it was raised (file:line, no values) are kept.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {"level": record.levelname.lower(), "logger": record.name, "event": record.getMessage()}
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exc_type"] = record.exc_info[0].__name__
+            tb = traceback.extract_tb(record.exc_info[2])
+            doc["exc_at"] = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in tb[-5:]]
+        doc["ts"] = round(record.created, 3)
+        return orjson.dumps(doc).decode()
 
 
 def redact_path(path: str) -> str:
