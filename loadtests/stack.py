@@ -276,13 +276,22 @@ def run_k6(stack: Stack, script: Path, out: Path, k6_args: list[str]) -> int:
     with open(out / "summary.txt", "wb") as summary:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=HERE)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            # The API key is in k6's arguments, never in its output; keep it that way in the files.
-            line = line.replace(stack.api_key.encode(), b"***")
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-            summary.write(line)
-        code = proc.wait()
+        try:
+            for line in proc.stdout:
+                # The API key is in k6's arguments, never in its output; keep it that way in the files.
+                line = line.replace(stack.api_key.encode(), b"***")
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+                summary.write(line)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: k6 stops and writes what it has
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     log(f"k6 exited {code}" + (" (thresholds failed)" if code == 99 else ""))
     return code
 
@@ -336,6 +345,10 @@ def main(argv: list[str]) -> int:
         first_failure = first_failure or 130
     except Exception as exc:
         log(f"error: {exc}")
+        gw_log = run_dir / "gateway.log"
+        if gw_log.exists():
+            tail = gw_log.read_text(errors="replace").splitlines()[-20:]
+            log("last lines of gateway.log:\n" + "\n".join(tail))
         first_failure = first_failure or 1
     finally:
         stack.stop()
