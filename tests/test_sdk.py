@@ -13,8 +13,15 @@ import anthropic
 import httpx2 as httpx
 import openai
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import OTHER_KEY, TEST_KEY, gateway_toml
+from gateway import keys
+from gateway.app import create_app
+from gateway.config import parse
+from gateway.errors import ErrorKind, GatewayError
+from gateway.policy.admit import Admitter
+from tests.conftest import CONFIG_DIR, OTHER_KEY, TEST_KEY, gateway_toml
 from tests.fixtures.servers import free_port
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -170,3 +177,60 @@ async def test_openai_sdk_raises_on_a_cut_stream(gateway, http):
     with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
+
+
+# ------------------------------------------------------------------ retry semantics of policy answers
+
+
+class RefusingLimiter:
+    """A Limiter (the policy protocol) that refuses every request with one error."""
+
+    def __init__(self, err: GatewayError) -> None:
+        self.err = err
+
+    async def reserve(self, principal: Any, facts: Any) -> Any:
+        raise self.err
+
+    async def settle(self, *args: Any) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def refusing_gateway(mock_upstream) -> AsyncIterator[Any]:
+    clients: list[TestClient[Any, Any]] = []
+
+    async def start(err: GatewayError) -> TestClient[Any, Any]:
+        app = create_app(parse(gateway_toml(mock_upstream.base_url), source=str(CONFIG_DIR / "test.toml")))
+
+        async def limiter(app: web.Application) -> AsyncIterator[None]:
+            app[keys.ADMITTER] = Admitter(RefusingLimiter(err))
+            yield
+
+        app.cleanup_ctx.append(limiter)
+        client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield start
+    for c in clients:
+        await c.close()
+
+
+@pytest.mark.parametrize("sdk", ["anthropic", "openai"])
+async def test_sdks_retry_a_rate_limit_after_retry_after_ms_but_never_a_budget_refusal(refusing_gateway, http, sdk):
+    """429 rate_limit_exceeded is retried (after retry-after-ms); 429 budget_exceeded (x-should-retry: false) is not."""
+    rate = await refusing_gateway(GatewayError(ErrorKind.RATE_LIMITED, "slow down", retry_after_s=0.05))
+    budget = await refusing_gateway(GatewayError(ErrorKind.BUDGET_EXCEEDED, "no money left"))
+    for gw, expected_sends in ((rate, 2), (budget, 1)):
+        http[1].sent = 0
+        if sdk == "anthropic":
+            with pytest.raises(anthropic.RateLimitError):
+                await claude(gw, http, retries=1).messages.create(model="demo-claude", max_tokens=10, messages=MESSAGES)
+        else:
+            with pytest.raises(openai.RateLimitError):
+                await gpt(gw, http, retries=1).chat.completions.create(model="demo-gpt", messages=MESSAGES)
+        assert expected_sends == http[1].sent
