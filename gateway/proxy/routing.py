@@ -114,7 +114,8 @@ class Router:
                     ordered.append(pool.pop()[0])
         for name in route.fallbacks:
             dep = self.deployments[name]
-            if dep.provider.name == dialect and dep not in ordered:
+            # Identity, not ==: dataclass equality would compare every field.
+            if dep.provider.name == dialect and all(dep is not o for o in ordered):
                 ordered.append(dep)
         if not ordered:
             raise GatewayError(
