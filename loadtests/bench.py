@@ -283,6 +283,7 @@ class Stack:
     proxy: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
     gw_log: Path | None = None
+    overrides: dict[str, str] = field(default_factory=dict)  # GATEWAY_* for A/B runs
 
     # -- nginx
     def _render_nginx(self, role: str, port: int, upstream_port: int = 0) -> Path:
@@ -371,6 +372,7 @@ limits = {{ models = ["bench-*"] }}
         cfg = self._gateway_config()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env["BENCH_UPSTREAM_KEY"] = "sk-bench-upstream-" + secrets.token_hex(8)
+        env.update(self.overrides)
         exe = VENV_BIN / "llm-gateway"
         cmd = ["taskset", "-c", GATEWAY_CPU, str(exe) if exe.exists() else "llm-gateway",
                "serve", "--config", str(cfg), "--workers", "1"]
@@ -536,11 +538,29 @@ def run_k6(tmp: Path, url: str, kind: Kind, key: str, rate: int, seconds: float)
 # ------------------------------------------------------------------ measurement
 
 
-def saturate(stack: Stack, target: str, kind: Kind, seconds: float, warmup: float, conns: int) -> dict[str, Any]:
+def saturate(
+    stack: Stack, target: str, kind: Kind, seconds: float, warmup: float, conns: int, repeat: int = 1
+) -> dict[str, Any]:
+    """Best of ``repeat`` runs: the least CPU per request (the most req/s for the direct row).
+
+    On a shared machine other processes only ever add to a run's cost, so the
+    best run is the closest to the truth; every run is kept under "runs".
+    """
     url = stack.url(target, kind)
     script = wrk_script(stack.tmp, kind, stack.key)
     if warmup > 0:
         run_wrk(url, script, warmup, conns)
+    runs = [_saturate_once(stack, target, url, script, seconds, conns) for _ in range(max(1, repeat))]
+    if "cpu_us_per_req" in runs[0]:
+        best = min(runs, key=lambda r: r["cpu_us_per_req"] or float("inf"))
+    else:
+        best = max(runs, key=lambda r: r["rps"])
+    if len(runs) > 1:
+        best = {**best, "runs": [{k: r.get(k) for k in ("rps", "cpu_us_per_req", "cpu_util")} for r in runs]}
+    return best
+
+
+def _saturate_once(stack: Stack, target: str, url: str, script: Path, seconds: float, conns: int) -> dict[str, Any]:
     stack.truncate_log()
     pids = (stack.gateway_workers() if target == "gateway" else stack.proxy_workers() if target == "nginx" else [])
     t0, c0 = time.monotonic(), cpu_ticks(pids)
@@ -597,7 +617,8 @@ def summarize_profile(raw: Path, top: int = 25) -> None:
             continue
         n = int(n_s)
         total += n
-        frames = [re.sub(r" \((.*/)?(site-packages/)?", " (", f) for f in stack_s.split(";")]
+        # "func (/path/to/module.py:123)" -> "func (package/module.py)": per function, not per line.
+        frames = [re.sub(r" \((?:.*/)?([^/]+/[^/]+\.py):\d+\)$", r" (\1)", f) for f in stack_s.split(";")]
         self_c[frames[-1]] += n
         for f in set(frames):
             incl_c[f] += n
@@ -607,12 +628,9 @@ def summarize_profile(raw: Path, top: int = 25) -> None:
     print(f"\nprofile {raw.name}: {total} samples; top self time")
     for f, n in self_c.most_common(top):
         print(f"  {100 * n / total:5.1f}%  {f}")
-    print("top inclusive (gateway/aiohttp frames)")
-    shown = 0
-    for f, n in incl_c.most_common():
-        if ("gateway/" in f or "aiohttp" in f or "structlog" in f) and shown < top:
-            print(f"  {100 * n / total:5.1f}%  {f}")
-            shown += 1
+    print("top inclusive")
+    for f, n in incl_c.most_common(top + 10):
+        print(f"  {100 * n / total:5.1f}%  {f}")
 
 
 # ------------------------------------------------------------------ report
@@ -674,10 +692,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     ap.add_argument("--targets", default="direct,nginx,gateway")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per saturation/latency row")
+    ap.add_argument("--repeat", type=int, default=None, help="saturation runs per row, best kept (default 3, quick 1)")
     ap.add_argument("--conns", type=int, default=50, help="wrk connections at saturation")
     ap.add_argument("--rates", default="100,500", help="fixed rates for the latency rows (req/s)")
     ap.add_argument("--no-latency", action="store_true", help="skip the fixed-rate rows")
     ap.add_argument("--profile", default=None, metavar="KIND", help="also py-spy the worker on one kind")
+    ap.add_argument("--set", action="append", default=[], metavar="GATEWAY_X__Y=V",
+                    help="an environment override for the gateway (A/B runs, e.g. GATEWAY_LOG__ACCESS_LOG=false)")
     ap.add_argument("--out", default=None, help="JSON result file (default: loadtests/results/bench-<utc>.json)")
     args = ap.parse_args(argv)
 
@@ -689,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = [] if args.no_latency else [int(r) for r in args.rates.split(",") if r]
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     warmup = 1.0 if args.quick else 2.0
+    repeat = args.repeat or (1 if args.quick else 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -700,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_rev,
         "mode": "quick" if args.quick else "full",
         "seconds_per_row": seconds,
+        "repeat": repeat,
         "conns": args.conns,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_start": os.getloadavg()},
@@ -708,6 +731,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llmgw-bench-"))
     tmp.chmod(0o755)  # nginx workers drop to an unprivileged user and read the bodies here
     stack = Stack(tmp)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not name.startswith("GATEWAY_"):
+            raise SystemExit(f"bench: --set takes GATEWAY_* variables, not {name!r}")
+        stack.overrides[name] = value
+    results["overrides"] = stack.overrides
     try:
         stack.start()
         for kind in kinds:
@@ -717,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             rows: dict[str, Any] = {}
             for target in targets:
                 print(f"bench: {kind.name} {target}: saturation {seconds:.0f}s", file=sys.stderr, flush=True)
-                rows[target] = {"saturation": saturate(stack, target, kind, seconds, warmup, args.conns),
+                rows[target] = {"saturation": saturate(stack, target, kind, seconds, warmup, args.conns, repeat),
                                 "latency": {}}
             for rate in rates:
                 for target in targets:

@@ -1,0 +1,42 @@
+"""Smoke of the hot-path benchmark (loadtests/bench.py): out of the default suite.
+
+Run with: .venv/bin/python -m pytest tests/test_bench_smoke.py -m load -q
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.load
+@pytest.mark.timeout(300)
+def test_bench_quick_reports_every_figure_for_gateway_nginx_and_direct(tmp_path: Path) -> None:
+    """A quick run measures req/s, CPU-us/request and added latency, with no failed request, and writes JSON."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "loadtests" / "bench.py"), "--quick", "--seconds", "1", "--repeat", "1",
+         "--kinds", "anthropic-json,openai-sse", "--rates", "100", "--out", str(out)],
+        capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert 0 == proc.returncode, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert ["anthropic-json", "openai-sse"] == sorted(results["kinds"])
+    for rows in results["kinds"].values():
+        for target in ("direct", "nginx", "gateway"):
+            sat = rows[target]["saturation"]
+            assert 0 == sat["errors"]
+            assert sat["rps"] > 0
+            lat = rows[target]["latency"]["100"]
+            assert 0.0 == lat["failed_rate"]
+        for target in ("nginx", "gateway"):
+            assert rows[target]["saturation"]["cpu_us_per_req"] > 0
+            assert "added_p50_ms" in rows[target]["latency"]["100"]
+        assert rows["ratio_gateway_vs_nginx"]["cpu_us_per_req"] > 1
+    assert "gw/nginx" in proc.stdout
