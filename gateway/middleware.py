@@ -36,6 +36,7 @@ def make_middleware(
                 resp = render(err, ctx.dialect)
             except web.HTTPException as exc:
                 exc.headers["x-request-id"] = ctx.request_id
+                exc.headers["server-timing"] = ctx.server_timing()
                 status = exc.status
                 raise
             except ConnectionError:

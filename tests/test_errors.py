@@ -283,15 +283,16 @@ async def test_open_circuit_is_529_on_anthropic_503_on_openai(make_gateway, dial
     assert 29 <= int(r.headers["retry-after"]) <= 30
 
 
-@DIALECTS
-async def test_unknown_path_still_carries_request_id(gateway, dialect):
+async def test_unknown_path_still_carries_request_id(gateway):
     """Even aiohttp's own 404/405 answers carry x-request-id."""
     r = await gateway.get("/v1/nope")
     assert 404 == r.status
     assert r.headers["x-request-id"].startswith("req_")
+    assert r.headers["server-timing"].startswith("gateway;dur=")
     r = await gateway.get("/v1/messages")
     assert 405 == r.status
     assert r.headers["x-request-id"].startswith("req_")
+    assert r.headers["server-timing"].startswith("gateway;dur=")
 
 
 # ------------------------------------------------------------------ policy answers over HTTP
