@@ -51,9 +51,10 @@ def build_deployments(cfg: Config, previous: dict[str, Deployment] | None = None
             provider=provider,
             auth_value=provider.auth_value(key) if key else "",
             breaker=breaker,
-            timeout=aiohttp.ClientTimeout(
-                total=up.total_timeout, sock_connect=up.connect_timeout, connect=up.connect_timeout
-            ),
+            # sock_connect only: aiohttp's "connect" also counts the wait for a
+            # free pooled connection, a saturation of ours that must not read as
+            # the upstream failing (first_byte_timeout bounds that wait).
+            timeout=aiohttp.ClientTimeout(total=up.total_timeout, sock_connect=up.connect_timeout),
             base=up.base_url,
             _urls={},
         )
