@@ -29,7 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.config import MockUpstreamConfig, parse
 from gateway.mock.upstream import create_mock_app
-from tests.fixtures.servers import PostgresServer, RedisServer, free_port, wait_port
+from tests.fixtures.servers import PostgresServer, RedisClusterServers, RedisServer, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "config"
@@ -76,6 +76,22 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     subprocess.run(["redis-cli", "-p", str(redis_server.port), "flushall"], check=True, capture_output=True)
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A 3-node Redis Cluster (started once per session, on demand)."""
+    cluster = RedisClusterServers()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """The session's Redis Cluster, emptied; connect with redis.topology = "cluster"."""
+    redis_cluster.flushall()
+    return redis_cluster.url
 
 
 # ---------------------------------------------------------------- mock upstream

@@ -28,6 +28,7 @@ from hashlib import sha256
 from typing import Any, Literal
 
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from gateway.accounting.pricing import PriceTable
@@ -439,7 +440,12 @@ class RedisLimiter:
                 raise r
 
     async def _pipeline(self, script: scripts.Script, items: Sequence[_Pending]) -> list[Any]:
-        pipe = self.store.client.pipeline(transaction=False)
+        client = self.store.client
+        if isinstance(client, RedisCluster):
+            # Cluster pipelines refuse scripts: one call per item, all in flight at once.
+            calls = (client.evalsha(script.sha, len(it.keys), *it.keys, *it.args) for it in items)  # type: ignore[no-untyped-call]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        pipe = client.pipeline(transaction=False)
         for it in items:
             pipe.evalsha(script.sha, len(it.keys), *it.keys, *it.args)  # type: ignore[no-untyped-call]
         return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
@@ -597,6 +603,10 @@ class RedisLimiter:
                 except REDIS_ERRORS as exc:
                     if self.store.healthy:
                         self.store.failed(exc)
+                    self._parked.extend(batch.items)
+                    self.stats.parked += len(batch.items)
+                except Exception:  # a bug must not leave settlements waiting forever
+                    log.exception("settlement flush failed")
                     self._parked.extend(batch.items)
                     self.stats.parked += len(batch.items)
                 finally:

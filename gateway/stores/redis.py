@@ -26,7 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import RedisConfig
 
@@ -34,7 +34,7 @@ log = structlog.get_logger("redis")
 
 RedisClient = aioredis.Redis | RedisCluster
 # What a failed call raises: redis errors, socket errors, our own timeouts.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 def _no_retry() -> Retry:
@@ -74,7 +74,7 @@ def create_client(cfg: RedisConfig, url: str) -> RedisClient:
     }
     if cfg.topology == "cluster":
         return RedisCluster.from_url(
-            url, max_connections=1024, cluster_error_retry_attempts=0, **common
+            url, max_connections=1024, **common
         )
     if cfg.topology == "sentinel":
         hosts, master_kwargs = _sentinel_hosts(url)
