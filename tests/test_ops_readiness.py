@@ -90,7 +90,7 @@ async def test_unready_while_redis_is_down_and_ready_again_after(
 async def test_unready_while_postgres_is_down_and_ready_again_after(
     deps_gateway: Any, pg_server: PostgresServer
 ) -> None:
-    """Stopping Postgres turns /readyz 503 with postgres: down; restarting it turns it 200."""
+    """Stopping Postgres turns /readyz 503 with postgres: down (degraded gauge 1); restarting it turns it 200."""
     await _wait_status(deps_gateway, 200)
     pg_server.stop()
     try:
@@ -98,6 +98,12 @@ async def test_unready_while_postgres_is_down_and_ready_again_after(
         assert "down" == body["checks"]["postgres"]["status"]
         assert "ok" == body["checks"]["redis"]["status"]
         assert "OPS_TEST" not in str(body) and "postgresql://" not in str(body)
+        # An unknown key cannot be checked now: 503, counted; the worker reports Postgres degraded.
+        r = await deps_gateway.post("/v1/messages", json=BODY, headers={**HEADERS, "x-api-key": "gwk_" + "u" * 40})
+        assert 529 == r.status
+        text = await (await deps_gateway.get("/metrics")).text()
+        assert 'gateway_dependency_degraded{dependency="postgres"} 1.0' in text
+        assert 'gateway_key_cache_events_total{event="unavailable"} 1.0' in text
     finally:
         pg_server.start()
     await _wait_status(deps_gateway, 200, timeout=20)

@@ -210,6 +210,12 @@ class Metrics:
             ["event"], registry=reg,
         )
         self._limiter_seen: dict[str, int] = {}
+        self.key_cache = Counter(
+            "gateway_key_cache_events", "Key lookups: cache hits, negative hits, Postgres lookups, stale entries "
+            "served and unknown keys refused while Postgres is unreachable (unavailable), invalidations.",
+            ["event"], registry=reg,
+        )
+        self._resolver_seen: dict[str, int] = {}
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests (and streams) in flight.", multiprocess_mode="livesum", registry=reg,
         )
@@ -300,21 +306,16 @@ class Metrics:
         self.refresh_limiter(app)
 
     def refresh_limiter(self, app: web.Application) -> None:
-        stats = getattr(app.get(keys.LIMITER), "stats", None)
-        if stats is None or not dataclasses.is_dataclass(stats):
-            return
-        for f in dataclasses.fields(stats):
-            value = getattr(stats, f.name)
-            if not isinstance(value, int):
-                continue
-            delta = value - self._limiter_seen.get(f.name, 0)
-            if delta <= 0:
-                continue
-            self._limiter_seen[f.name] = value
-            if f.name in _LIMITER_DECISIONS:
-                self.limiter.labels(f.name).inc(delta)
+        """The limiter's and the key cache's own counters (ints on a ``stats`` dataclass), as deltas."""
+        limiter = getattr(app.get(keys.LIMITER), "stats", None)
+        for name, delta in _deltas(limiter, self._limiter_seen):
+            if name in _LIMITER_DECISIONS:
+                self.limiter.labels(name).inc(delta)
             else:
-                self.limiter_events.labels(f.name).inc(delta)
+                self.limiter_events.labels(name).inc(delta)
+        resolver = getattr(app.get(keys.RESOLVER), "stats", None)
+        for name, delta in _deltas(resolver, self._resolver_seen):
+            self.key_cache.labels(name).inc(delta)
 
     def refresh_circuits(self, app: web.Application) -> None:
         for name, dep in app[keys.ROUTER].deployments.items():
@@ -337,6 +338,19 @@ class Metrics:
         MultiProcessCollector(registry, self.dir)  # type: ignore[no-untyped-call]
         with multiproc.locked(self.dir, exclusive=False):
             return generate_latest(registry)
+
+
+def _deltas(stats: object, seen: dict[str, int]) -> list[tuple[str, int]]:
+    """(field, increase) of a stats dataclass's int fields since the last call; names are code-defined."""
+    if stats is None or not dataclasses.is_dataclass(stats):
+        return []
+    out = []
+    for f in dataclasses.fields(stats):
+        value = getattr(stats, f.name)
+        if isinstance(value, int) and value > seen.get(f.name, 0):
+            out.append((f.name, value - seen.get(f.name, 0)))
+            seen[f.name] = value
+    return out
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
