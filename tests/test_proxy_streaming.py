@@ -244,3 +244,18 @@ async def test_gateway_keeps_serving_after_disconnects(prod_gateway):
     status, raw = await stream(prod_gateway, "anthropic")
     assert 200 == status
     assert b"event: message_stop" in raw
+
+
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+async def test_events_are_relayed_as_they_arrive_not_buffered(gateway, mock_upstream, dialect):
+    """The client reads the first events while the upstream is still generating the rest."""
+    path, payload = PATHS[dialect]
+    r = await gateway.post(
+        path, headers={**AUTH[dialect], "x-mock-chunks": "10", "x-mock-chunk-gap-ms": "50"}, json=payload
+    )
+    assert 200 == r.status
+    first = await r.content.readany()
+    assert first.startswith(b"event: message_start" if dialect == "anthropic" else b"data: {")
+    assert 0 == (await mock_upstream.stats()).get("streams_completed", 0)
+    rest = await r.read()
+    assert (b"message_stop" if dialect == "anthropic" else b"[DONE]") in rest
