@@ -274,3 +274,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
 
 def run_async(coro: Any) -> Any:
     return asyncio.get_event_loop().run_until_complete(coro)
+
+
+# Control-plane fixtures (migrated database, gateway in database mode): tests/fixtures/control_plane.py
+from tests.fixtures.control_plane import cp, db_url, pg_env  # noqa: E402, F401

@@ -7,16 +7,13 @@ import warnings
 
 import jwt
 
-from tests.fixtures.control_plane import (  # noqa: F401
+from tests.fixtures.control_plane import (
     ADMIN,
     JWT_SECRET,
     PASSWORD,
     bearer,
-    cp,
     create_user,
-    db_url,
     login,
-    pg_env,
 )
 
 

@@ -9,14 +9,11 @@ import time
 import asyncpg
 
 from gateway import keys
-from tests.fixtures.control_plane import (  # noqa: F401
+from tests.fixtures.control_plane import (
     ADMIN,
     call_model,
-    cp,
     create_key,
     create_user,
-    db_url,
-    pg_env,
     pg_toml,
 )
 

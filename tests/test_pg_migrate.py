@@ -16,7 +16,6 @@ from gateway.app import create_app
 from gateway.config import parse
 from gateway.stores.migrate import MIGRATIONS_DIR, SchemaOutdated, discover, migrate
 from tests.conftest import ROOT, gateway_toml
-from tests.fixtures.control_plane import db_url, pg_env  # noqa: F401
 
 
 async def _versions(dsn: str) -> list[str]:
@@ -75,7 +74,7 @@ async def test_gateway_refuses_to_start_on_an_older_schema(pg_dsn, tmp_path: Pat
         await server.close()
 
 
-async def test_gateway_starts_on_a_current_schema(pg_env, make_gateway, mock_upstream):  # noqa: F811
+async def test_gateway_starts_on_a_current_schema(pg_env, make_gateway, mock_upstream):
     """After migrate, the gateway starts in database mode and serves its health check."""
     client = await make_gateway(gateway_toml(mock_upstream.base_url))
     r = await client.get("/healthz")
