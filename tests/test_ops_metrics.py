@@ -126,3 +126,13 @@ async def test_metrics_sum_over_two_workers_and_survive_a_worker_crash(
     assert 2.0 == total(text, "gateway_workers")
     assert float(n) == total(text, "gateway_requests_total", endpoint="/v1/messages", status="200")
     assert float(n) == total(text, "gateway_overhead_seconds_count", endpoint="/v1/messages")
+
+
+async def test_unmatched_paths_share_one_label_set(gateway: Any) -> None:
+    """Requests to unknown paths count under one endpoint="unmatched" label set, never by their path."""
+    for i in range(20):
+        r = await gateway.get(f"/no/such/path/{i}")
+        assert 404 == r.status
+    text = await (await gateway.get("/metrics")).text()
+    assert 20.0 == total(text, "gateway_requests_total", endpoint="unmatched", status="404", error="http")
+    assert "/no/such/path" not in text

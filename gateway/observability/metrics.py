@@ -27,6 +27,7 @@ from typing import Any
 
 import prometheus_client.values
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractResource
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -241,10 +242,12 @@ class Metrics:
         model = ctx.model
         if model and model not in self.known_models:
             model = OTHER_MODEL
-        key = (request.match_info.route, ctx.route, model, ctx.upstream, status, ctx.error_kind)
+        # The resource, not the route: an unmatched request gets a new SystemRoute each time.
+        resource = request.match_info.route.resource
+        key = (resource, ctx.route, model, ctx.upstream, status, ctx.error_kind)
         b = self._bound.get(key)
         if b is None:
-            b = self._bind(request, ctx.route, model, ctx.upstream, status, ctx.error_kind)
+            b = self._bind(resource, ctx.route, model, ctx.upstream, status, ctx.error_kind)
             if len(self._bound) < _MAX_BOUND:
                 self._bound[key] = b
         if not b.n:
@@ -270,9 +273,8 @@ class Metrics:
             self.in_flight.set(self.active)
 
     def _bind(
-        self, request: web.Request, route: str, model: str, upstream: str, status: int, error: str | None
+        self, resource: AbstractResource | None, route: str, model: str, upstream: str, status: int, error: str | None
     ) -> _Bound:
-        resource = request.match_info.route.resource
         endpoint = resource.canonical.removeprefix("/ak/{access_key}") if resource is not None else "unmatched"
         decision = _decision(route, error)
         return _Bound(
