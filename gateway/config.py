@@ -425,7 +425,10 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _apply_env(data: dict[str, Any], environ: typing.Mapping[str, str], errors: list[str]) -> None:
+def _apply_env(
+    data: dict[str, Any], environ: typing.Mapping[str, str], errors: list[str], origin: dict[str, str]
+) -> None:
+    """Apply ``GATEWAY_A__B=v``; ``origin`` maps each path set (``a.b``) to its variable."""
     for name, raw in environ.items():
         if not name.startswith("GATEWAY_") or "__" not in name:
             continue
@@ -439,6 +442,7 @@ def _apply_env(data: dict[str, Any], environ: typing.Mapping[str, str], errors: 
             node = child
         else:
             node[parts[-1]] = _parse_env_value(raw)
+            origin[".".join(parts)] = name
 
 
 def parse(
@@ -450,12 +454,17 @@ def parse(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source or '<config>'}: TOML syntax: {exc}"]) from None
-    _apply_env(data, os.environ if environ is None else environ, errors)
+    origin: dict[str, str] = {}
+    _apply_env(data, os.environ if environ is None else environ, errors, origin)
     cfg = _build_dataclass(Config, data, "", errors)
     if cfg is not None:
         cfg = dataclasses.replace(cfg, source=source)
         _check(cfg, errors)
     if errors:
+        if origin:  # name the variable behind a bad overridden value: it is not in the file
+            errors = [
+                f"{e} (from {origin[e.split(':', 1)[0]]})" if e.split(":", 1)[0] in origin else e for e in errors
+            ]
         raise ConfigError(errors)
     return typing.cast(Config, cfg)
 

@@ -229,9 +229,9 @@ def test_env_override_can_add_a_whole_upstream():
 
 def test_env_overrides_are_validated_like_the_file():
     errs = errors_of("", {"GATEWAY_SERVER__PORT": "99999", "GATEWAY_SERVER__WORKRES": "2", "GATEWAY_LOG__LEVEL": "7"})
-    assert "server.port: must be 0..65535" in errs
-    assert "server.workres: unknown key" in errs
-    assert any(e.startswith("log.level: must be one of") for e in errs)
+    assert "server.port: must be 0..65535 (from GATEWAY_SERVER__PORT)" in errs
+    assert "server.workres: unknown key (from GATEWAY_SERVER__WORKRES)" in errs
+    assert any(e.startswith("log.level: must be one of") and e.endswith("(from GATEWAY_LOG__LEVEL)") for e in errs)
 
 
 def test_env_override_into_a_scalar_is_an_error():
@@ -257,7 +257,7 @@ def test_check_config_lists_every_error_and_exits_1(tmp_path):
     assert "4 error(s) in configuration:" == lines[0]
     assert {
         "server.bogus: unknown key",
-        "log.level: must be one of 'debug', 'info', 'warning', 'error', got 'shout'",
+        "log.level: must be one of 'debug', 'info', 'warning', 'error', got 'shout' (from GATEWAY_LOG__LEVEL)",
         "server.port: must be 0..65535",
         "routes[0].deployments[0].upstream: unknown upstream 'nope'",
     } == {line.strip() for line in lines[1:]}
