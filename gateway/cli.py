@@ -26,18 +26,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.observability import logging as gwlog
     from gateway.supervisor import Supervisor
 
+    if args.workers is not None and args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
     cfg = _load(args)
-    if args.port is not None:
-        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, port=args.port))
     gwlog.configure(cfg.log.level)
-    path = args.config or cfg.source
-    return Supervisor(cfg, path, workers=args.workers).run()
+    try:
+        supervisor = Supervisor(cfg, cfg.source, workers=args.workers, port=args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {cfg.server.host}:{args.port or cfg.server.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return supervisor.run()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from gateway import worker
+    """A worker runs the configuration text its supervisor validated (``--config-fd``), else the file."""
+    import os
 
-    cfg = _load(args)
+    from gateway import worker
+    from gateway.config import parse
+
+    if args.config_fd is None:
+        cfg = _load(args)
+    else:
+        text = os.pread(args.config_fd, os.fstat(args.config_fd).st_size, 0).decode()
+        os.close(args.config_fd)
+        try:
+            cfg = parse(text, source=args.config)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     worker.run(cfg, args.fd, args.notify_fd, args.index)
     return 0
 
@@ -83,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--fd", type=int, required=True)
     w.add_argument("--notify-fd", type=int, default=None)
     w.add_argument("--index", type=int, default=0)
+    w.add_argument("--config-fd", type=int, default=None)
     w.set_defaults(func=cmd_worker)
 
     c = sub.add_parser("check-config", parents=[common], help="validate a configuration file, reporting every error")
