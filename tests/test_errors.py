@@ -13,6 +13,8 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import keys
 from gateway.app import create_app
@@ -96,6 +98,16 @@ def test_render_sets_retry_headers_per_kind(kind, dialect):
 def test_retry_headers_are_whole_seconds_at_most_60(seconds, whole, ms):
     """retry-after is whole seconds in 1..60; retry-after-ms agrees with it and is capped the same."""
     assert {"retry-after": whole, "retry-after-ms": ms} == retry_headers(seconds)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=True))
+def test_retry_headers_property(seconds):
+    """For any hint: whole seconds in 1..60, milliseconds in 1..60000, and the seconds never undercut the ms."""
+    h = retry_headers(seconds)
+    whole, ms = int(h["retry-after"]), int(h["retry-after-ms"])
+    assert 1 <= whole <= 60
+    assert 1 <= ms <= 60_000
+    assert whole * 1000 >= ms
 
 
 def test_rate_limit_without_hint_still_says_when_to_retry():
