@@ -93,15 +93,17 @@ async def test_metrics_sum_over_two_workers_and_survive_a_worker_crash(
     """Every worker's /metrics reports the same total of all workers; a crashed worker's counts are kept."""
     prom_dir = tmp_path / "prom"
     gw = serve(gateway_toml(mock_upstream.base_url, workers=2), workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(prom_dir)})
-    n = 40
+    n = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
         async def one() -> None:
             async with s.post(gw.base_url + "/v1/messages", json=BODY, headers=ANTHROPIC_HEADERS) as r:
                 assert 200 == r.status
                 await r.read()
 
-        for _ in range(n // 8):
+        # New connections until both workers have served some (the kernel picks the acceptor).
+        while n < 40 or (len(_pids(prom_dir)) < 2 and n < 800):
             await asyncio.gather(*(one() for _ in range(8)))
+            n += 8
 
     # Workers flush their counts every second: wait for both, then every scrape agrees.
     await asyncio.sleep(1.2)
