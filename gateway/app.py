@@ -98,6 +98,7 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
         limiter = RedisLimiter(
             cfg, store, app[keys.PRICES], rebuild=functools.partial(rebuild_budgets, app), share=share
         )
+        await limiter.start()
     else:
         limiter = LocalLimiter(app[keys.PRICES], share=cfg.server.workers or os.cpu_count() or 1)
     app[keys.LIMITER] = limiter

@@ -71,6 +71,7 @@ def create_client(cfg: RedisConfig, url: str) -> RedisClient:
         "socket_connect_timeout": timeout,
         "retry": _no_retry(),
         "health_check_interval": 0,
+        "driver_info": None,  # no CLIENT SETINFO round trips on every new connection
     }
     if cfg.topology == "cluster":
         return RedisCluster.from_url(
