@@ -153,11 +153,10 @@ class Generation:
 
 @dataclass(slots=True, eq=False)
 class Rollout:
-    """A generation starting; the workers it replaces drain once all of it is ready."""
+    """A generation starting; the workers of older generations drain once all of it is ready."""
 
     generation: Generation
     workers: list[WorkerProcess]
-    replaces: list[WorkerProcess]
     deadline: float
     initial: bool
 
@@ -285,6 +284,20 @@ class Supervisor:
         self.mock = subprocess.Popen(cmd, env=self.child_env, preexec_fn=self.preexec)
         log.info("mock upstream started", pid=self.mock.pid, port=self.current.cfg.mock_upstream.port)
 
+    def wait_mock_listening(self, timeout: float = 10.0) -> None:
+        """The demo routes point at the mock: announce readiness only once it answers."""
+        if self.mock is None:
+            return
+        mock = self.current.cfg.mock_upstream
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.mock.poll() is None:
+            try:
+                socket.create_connection((mock.host, mock.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        log.warning("mock upstream not listening", port=mock.port, code=self.mock.poll())
+
     def stop_mock(self) -> None:
         if self.mock is None:
             return
@@ -297,9 +310,8 @@ class Supervisor:
         self.mock = None
 
     def start_generation(self, gen: Generation, *, initial: bool) -> None:
-        replaces = [w for w in self.workers if not w.stopping]
         new = [self.spawn(i, gen) for i in range(gen.size)]
-        self.rollout = Rollout(gen, new, replaces, time.monotonic() + START_TIMEOUT, initial)
+        self.rollout = Rollout(gen, new, time.monotonic() + START_TIMEOUT, initial)
 
     # -- events ------------------------------------------------------------------
 
@@ -389,21 +401,24 @@ class Supervisor:
         self.rollout = None
         old = self.current
         self.current = r.generation
-        for w in r.replaces:
+        # Every older worker, including one that replaced a dead sibling during the rollout.
+        replaced = [w for w in self.workers if w.generation != self.current.number and not w.stopping]
+        for w in replaced:
             self.stop_worker(w, grace=old.cfg.server.drain_seconds)
         if old.config_fd >= 0 and old is not r.generation:
             os.close(old.config_fd)
         self.respawns = Respawns()
         cfg = self.current.cfg
         if r.initial:
-            self.start_mock()
+            self.wait_mock_listening()
             log.info("gateway serving", host=self.address[0], port=self.sock.getsockname()[1], workers=len(r.workers),
                      pid=os.getpid())
         else:
             if cfg.mock_upstream != old.cfg.mock_upstream:
                 self.stop_mock()
                 self.start_mock()
-            log.info("reloaded", generation=self.current.number, workers=len(r.workers), draining=len(r.replaces))
+                self.wait_mock_listening()
+            log.info("reloaded", generation=self.current.number, workers=len(r.workers), draining=len(replaced))
         self.notifier.notify("READY=1", f"STATUS=serving on port {self.sock.getsockname()[1]} with {len(r.workers)} workers")
         if self.reload_again:
             self.reload_again = False
@@ -485,6 +500,7 @@ class Supervisor:
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._queue)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self.start_mock()
         self.start_generation(self.current, initial=True)
         while not self.should_exit:
             self.wait(TICK)

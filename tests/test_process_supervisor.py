@@ -194,7 +194,8 @@ async def test_sigterm_finishes_an_open_stream_refuses_new_connections_and_exits
 
 async def test_sighup_applies_a_new_route_under_traffic_with_no_failed_request(serve, mock_upstream):
     """SIGHUP with a changed file: a new worker generation takes over on the same socket, the old one
-    drains, every request under continuous traffic succeeds, and the new route answers afterwards."""
+    drains, every request under continuous traffic (keep-alive and new connections, streamed or not)
+    succeeds, and the new route answers afterwards."""
     p = serve(gateway_toml(mock_upstream.base_url), workers=2)
     config = p.log_path.with_suffix(".toml")
     old_workers = workers_of(p)
@@ -223,8 +224,12 @@ async def test_sighup_applies_a_new_route_under_traffic_with_no_failed_request(s
                 failures.append(f"status {r.status}")
             done += 1
 
-    async with aiohttp.ClientSession() as s:  # keep-alive, as SDKs do
-        clients = [asyncio.create_task(client(s, n)) for n in range(6)]
+    # Keep-alive clients (as SDKs are) and clients opening a connection per request (through the accept
+    # queue that the old workers leave and the new ones join).
+    async with aiohttp.ClientSession() as s, aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as fresh:
+        clients = [asyncio.create_task(client(s if n < 4 else fresh, n)) for n in range(8)]
         await asyncio.sleep(0.5)
         before = done
         config.write_text(gateway_toml(mock_upstream.base_url, port=p.port, workers=2, extra=EXTRA_ROUTE))
