@@ -183,3 +183,13 @@ async def test_healthz_carries_request_id(gateway):
     r = await gateway.get("/healthz")
     assert 200 == r.status
     assert r.headers["x-request-id"].startswith("req_")
+
+
+async def test_upstream_compressing_anyway_reaches_the_client_decodable(gateway):
+    """An upstream that gzips despite accept-encoding: identity: the client gets the encoding header with the bytes."""
+    r = await gateway.post(
+        "/v1/chat/completions", headers={"authorization": f"Bearer {TEST_KEY}", "x-mock-gzip": "1"}, json=CHAT
+    )
+    assert 200 == r.status
+    assert "gzip" == r.headers["content-encoding"]
+    assert "chat.completion" == (await r.json())["object"]  # aiohttp's client decodes it

@@ -13,6 +13,7 @@ whole server by its config:
   or half-way through the body (non-streamed answers)
 - ``x-mock-stall-after``: stop sending (but keep the connection) after N events,
   or half-way through the body (non-streamed answers)
+- ``x-mock-gzip``: gzip a non-streamed body whatever the request asked for
 - ``x-mock-error-after``: send the provider's in-stream error event after N
   content events, then end the stream (no terminal success event)
 - ``x-mock-cache-read`` / ``x-mock-cache-write``: cache tokens to report
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gzip
 import time
 from typing import Any
 
@@ -74,6 +76,9 @@ async def _body(request: web.Request, payload: bytes, headers: dict[str, str]) -
     """A JSON answer; with ``x-mock-drop-after`` the connection dies half-way through it,
     with ``x-mock-stall-after`` it stops sending half-way (and keeps the connection)."""
     stall = "x-mock-stall-after" in request.headers
+    if "x-mock-gzip" in request.headers:  # a provider that compresses whatever was asked
+        payload = gzip.compress(payload)
+        headers = {**headers, "content-encoding": "gzip"}
     if not stall and "x-mock-drop-after" not in request.headers:
         return web.Response(body=payload, content_type="application/json", headers=headers)
     resp = web.StreamResponse(headers={"content-type": "application/json", **headers})

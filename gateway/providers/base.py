@@ -29,7 +29,9 @@ CLIENT_ONLY = frozenset(
 )
 
 # Response headers we never relay (ours to set, or meaningless to the client).
-UPSTREAM_ONLY = frozenset({"set-cookie", "content-encoding", "server", "date", "alt-svc", "server-timing"})
+# content-encoding is relayed: the gateway asks for identity, but an upstream
+# that compresses anyway must not reach the client as undeclared gzip bytes.
+UPSTREAM_ONLY = frozenset({"set-cookie", "server", "date", "alt-svc", "server-timing"})
 
 
 @dataclass(frozen=True, slots=True)
