@@ -178,15 +178,19 @@ def openai_sse_body() -> bytes:
 class Kind:
     name: str
     dialect: str
-    stream: bool
+    shape: str  # json | sse (the stream in one piece) | paced (~25 reads over ~100 ms)
     path: str  # the client API path
 
     @property
+    def stream(self) -> bool:
+        return self.shape != "json"
+
+    @property
     def mock_path(self) -> str:
-        return ("/sse" if self.stream else "/json") + self.path
+        return f"/{self.shape}{self.path}"
 
     def body(self) -> bytes:
-        model = "bench-sse" if self.stream else "bench-json"
+        model = f"bench-{self.shape}"
         prompt = "Write one short sentence about foxes and dogs, for a benchmark of a gateway."
         doc: dict[str, Any] = {"model": model, "max_tokens": 256,
                                "messages": [{"role": "user", "content": prompt}]}
@@ -207,10 +211,16 @@ class Kind:
 KINDS = {
     k.name: k
     for k in (
-        Kind("anthropic-json", "anthropic", False, "/v1/messages"),
-        Kind("anthropic-sse", "anthropic", True, "/v1/messages"),
-        Kind("openai-json", "openai", False, "/v1/chat/completions"),
-        Kind("openai-sse", "openai", True, "/v1/chat/completions"),
+        Kind("anthropic-json", "anthropic", "json", "/v1/messages"),
+        Kind("anthropic-sse", "anthropic", "sse", "/v1/messages"),
+        Kind("openai-json", "openai", "json", "/v1/chat/completions"),
+        Kind("openai-sse", "openai", "sse", "/v1/chat/completions"),
+        # Paced: the same streams cut into 128-byte reads by nginx's limit_rate
+        # (~24 reads for Anthropic, ~47 for OpenAI), as a real provider's arrive.
+        # Not CPU-bound (each lasts ~100-150 ms): their req/s is the pacing's,
+        # their CPU-us/request the figure that counts.
+        Kind("anthropic-paced", "anthropic", "paced", "/v1/messages"),
+        Kind("openai-paced", "openai", "paced", "/v1/chat/completions"),
     )
 }
 
@@ -331,7 +341,7 @@ class Stack:
     def _gateway_config(self) -> Path:
         digest = hashlib.sha256(self.key.encode()).hexdigest()
         ups = []
-        for shape in ("json", "sse"):
+        for shape in ("json", "sse", "paced"):
             for provider in ("anthropic", "openai"):
                 ups.append(
                     f'[upstreams.{shape}-{provider}]\nprovider = "{provider}"\n'
@@ -358,6 +368,10 @@ deployments = [{{ upstream = "json-anthropic" }}, {{ upstream = "json-openai" }}
 [[routes]]
 match = "bench-sse"
 deployments = [{{ upstream = "sse-anthropic" }}, {{ upstream = "sse-openai" }}]
+
+[[routes]]
+match = "bench-paced"
+deployments = [{{ upstream = "paced-anthropic" }}, {{ upstream = "paced-openai" }}]
 
 [[keys]]
 name = "bench"
@@ -753,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {kind.name} {target}: saturation {seconds:.0f}s", file=sys.stderr, flush=True)
                 rows[target] = {"saturation": saturate(stack, target, kind, seconds, warmup, args.conns, repeat),
                                 "latency": {}}
-            for rate in rates:
+            for rate in rates if kind.shape != "paced" else []:
                 for target in targets:
                     print(f"bench: {kind.name} {target}: {rate} req/s for {seconds:.0f}s", file=sys.stderr,
                           flush=True)

@@ -4,15 +4,25 @@
 //   make loadtest SCRIPT=gateway-load.js            # ~9 min
 //   DURATION_SCALE=0.1 make loadtest SCRIPT=gateway-load.js   # ~1 min
 import exec from 'k6/execution';
-import { mixedIteration, SLO, stages } from './lib/common.js';
+import { controlPlane, mixedIteration, planSeconds, SLO, stages } from './lib/common.js';
+
+const PLAN = [[120, 50], [300, 50], [120, 0]];
 
 export const options = {
   scenarios: {
     load: {
       executor: 'ramping-vus',
       startVUs: 0,
-      stages: stages([[120, 50], [300, 50], [120, 0]]),
+      stages: stages(PLAN),
       gracefulRampDown: '10s',
+    },
+    // Logins and admin listings alongside the data plane (when the runner passes credentials).
+    control: {
+      executor: 'constant-arrival-rate',
+      rate: 12, timeUnit: '1m',
+      duration: `${planSeconds(PLAN)}s`,
+      preAllocatedVUs: 2,
+      exec: 'control',
     },
   },
   thresholds: {
@@ -24,4 +34,8 @@ export const options = {
 
 export default function () {
   mixedIteration(exec.vu.iterationInScenario);
+}
+
+export function control() {
+  controlPlane();
 }

@@ -1,8 +1,9 @@
-// Smoke: 1 VU for 30 s through every data-plane entry point; zero errors allowed.
+// Smoke: 1 VU for 30 s through every entry point (data plane, and login and an
+// admin listing when the runner passes credentials); zero errors allowed.
 // Run before anything bigger: if this fails, the others are meaningless.
 //   make loadtest SCRIPT=gateway-smoke.js
 import exec from 'k6/execution';
-import { chat, dur, health, messages, models, policyProbe, ready, SLO } from './lib/common.js';
+import { chat, controlPlane, dur, health, messages, models, policyProbe, ready, SLO } from './lib/common.js';
 import { sleep } from 'k6';
 
 export const options = {
@@ -25,5 +26,6 @@ export default function () {
   chat();
   chat({ stream: true });
   policyProbe();
+  controlPlane();
   sleep(0.5);
 }

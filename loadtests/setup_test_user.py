@@ -3,7 +3,8 @@
 
     python3 loadtests/setup_test_user.py --base-url http://127.0.0.1:8000 --admin-token "$GATEWAY_ADMIN_TOKEN"
 
-prints ``API_KEY=gwk_...`` (and ``KEY_SOURCE=admin-api``) for the k6 scripts:
+prints ``API_KEY=gwk_...``, ``KEY_SOURCE=admin-api`` and the user's
+``LOADTEST_EMAIL``/``LOADTEST_PASSWORD`` (for the /auth/login scenario) for the k6 scripts:
 
     eval "$(python3 loadtests/setup_test_user.py ...)"; k6 run -e API_KEY=$API_KEY ...
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import urllib.error
 import urllib.request
@@ -66,9 +68,17 @@ def _find_user(base: str, token: str, email: str) -> str | None:
     return None
 
 
-def create_key(base: str, token: str, *, email: str = EMAIL, models: list[str] | None = None) -> str:
-    """The plaintext of a new key of the load-test user; AdminApiMissing without the admin API."""
-    status, doc = _call(base, token, "POST", "/admin/users", {"email": email, "name": "k6 load test"})
+def create_key(
+    base: str, token: str, *, email: str = EMAIL, password: str | None = None, models: list[str] | None = None
+) -> str:
+    """The plaintext of a new key of the load-test user (whose password is set when given).
+
+    Raises AdminApiMissing when the gateway has no admin API.
+    """
+    user: dict[str, Any] = {"email": email, "name": "k6 load test"}
+    if password:
+        user["password"] = password
+    status, doc = _call(base, token, "POST", "/admin/users", user)
     if status in (404, 405):
         raise AdminApiMissing(f"POST /admin/users answered {status}")
     if status == 201:
@@ -78,6 +88,10 @@ def create_key(base: str, token: str, *, email: str = EMAIL, models: list[str] |
         if found is None:
             raise RuntimeError(f"user {email} exists but was not found in GET /admin/users")
         user_id = found
+        if password:
+            status, doc = _call(base, token, "PATCH", f"/admin/users/{user_id}", {"password": password})
+            if status != 200:
+                raise RuntimeError(f"PATCH /admin/users/{user_id} (password) answered {status}: {doc}")
     else:
         raise RuntimeError(f"POST /admin/users answered {status}: {doc}")
     status, doc = _call(base, token, "POST", "/admin/keys", {
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin-token", default=os.environ.get("GATEWAY_ADMIN_TOKEN", ""),
                    help="bootstrap admin token or an admin's access token (default: $GATEWAY_ADMIN_TOKEN)")
     p.add_argument("--email", default=EMAIL)
+    p.add_argument("--password", default="",
+                   help="set this password on the user (default: a random one) for the /auth/login scenario")
     p.add_argument("--fallback-key", default=os.environ.get("LOADTEST_FALLBACK_KEY", ""),
                    help="a key from the config file, used when the gateway has no admin API")
     args = p.parse_args(argv)
@@ -101,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.admin_token:
             raise AdminApiMissing("no admin token given")
-        key, source = create_key(base, args.admin_token, email=args.email), "admin-api"
+        password = args.password or secrets.token_urlsafe(18)
+        key = create_key(base, args.admin_token, email=args.email, password=password)
+        source = "admin-api"
     except AdminApiMissing as exc:
         if not args.fallback_key:
             print(f"error: {exc}, and no --fallback-key", file=sys.stderr)
@@ -113,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"API_KEY={key}")
     print(f"KEY_SOURCE={source}")
+    if source == "admin-api":
+        print(f"LOADTEST_EMAIL={args.email}")
+        print(f"LOADTEST_PASSWORD={password}")
     return 0
 
 

@@ -49,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from setup_test_user import EMAIL as LOADTEST_EMAIL  # noqa: E402
 from setup_test_user import AdminApiMissing, create_key  # noqa: E402
 
 from tests.fixtures.servers import PostgresServer, RedisServer, free_port, wait_port  # noqa: E402
@@ -150,6 +151,8 @@ class Stack:
         self._gateway_log: Any = None
         self.base_url = ""
         self.api_key = ""
+        self.admin_token = ""
+        self.password = ""
         self.key_source = ""
         self.info: dict[str, Any] = {}
 
@@ -187,11 +190,14 @@ class Stack:
         self._wait_serving()
         wait_port(mock_port)
 
+        self.admin_token = admin_token
         try:
-            self.api_key, self.key_source = create_key(self.base_url, admin_token), "admin-api"
+            self.password = secrets.token_urlsafe(18)
+            self.api_key = create_key(self.base_url, admin_token, email=LOADTEST_EMAIL, password=self.password)
+            self.key_source = "admin-api"
         except AdminApiMissing as exc:
             log(f"no admin API ({exc}): using the config-file key")
-            self.api_key, self.key_source = fallback_key, "config"
+            self.api_key, self.key_source, self.password = fallback_key, "config", ""
         self._check_key()
         self.info = {
             "base_url": self.base_url, "postgres_port": self.pg.port, "redis_port": self.redis.port,
@@ -270,6 +276,9 @@ def run_k6(stack: Stack, script: Path, out: Path, k6_args: list[str]) -> int:
     ]
     if os.environ.get("K6_JSON", "1") != "0":
         cmd += ["--out", f"json={out / 'k6.json.gz'}"]
+    if stack.key_source == "admin-api":  # the control-plane scenarios (/auth/login, /admin/*)
+        cmd += ["-e", f"ADMIN_TOKEN={stack.admin_token}", "-e", f"LOADTEST_EMAIL={LOADTEST_EMAIL}",
+                "-e", f"LOADTEST_PASSWORD={stack.password}"]
     cmd += [*k6_args, str(script)]
     log(f"k6 run {script.relative_to(HERE)} (DURATION_SCALE={scale}) -> {_show(out)}")
     env = {**os.environ, "K6_NO_USAGE_REPORT": "true"}
@@ -279,7 +288,9 @@ def run_k6(stack: Stack, script: Path, out: Path, k6_args: list[str]) -> int:
         try:
             for line in proc.stdout:
                 # The API key is in k6's arguments, never in its output; keep it that way in the files.
-                line = line.replace(stack.api_key.encode(), b"***")
+                for secret in (stack.api_key, stack.admin_token, stack.password):
+                    if secret:
+                        line = line.replace(secret.encode(), b"***")
                 sys.stdout.buffer.write(line)
                 sys.stdout.flush()
                 summary.write(line)

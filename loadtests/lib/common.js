@@ -10,7 +10,9 @@
 //   DENIED_MODEL    a routed model the key may NOT use: the policy probe (default demo-policy-probe)
 //   DURATION_SCALE  multiplies every stage's duration (0.1 = a 10x shorter run)
 //   THINK_MS        pause between a VU's iterations (default 200)
-//   MOCK_HEADERS    "1" to forward x-mock-* latency headers (MOCK_LATENCY_MS, MOCK_TTFT_MS)
+//   MOCK_LATENCY_MS, MOCK_TTFT_MS  when set, sent as x-mock-* headers (per-request mock timing)
+//   ADMIN_TOKEN     admin bearer token: enables the GET /admin/users probe (endpoint:admin)
+//   LOADTEST_EMAIL, LOADTEST_PASSWORD  a user's login: enables the POST /auth/login probe (endpoint:auth)
 
 import http from 'k6/http';
 import { check, sleep } from 'k6';
@@ -143,6 +145,31 @@ export function policyProbe() {
   const t = serverTiming(res);
   if (t.policy === undefined) policyCheckLatency.add(t.gateway !== undefined ? t.gateway : res.timings.duration);
   return res;
+}
+
+export const ADMIN_TOKEN = __ENV.ADMIN_TOKEN || '';
+export const LOGIN_EMAIL = __ENV.LOADTEST_EMAIL || '';
+export const LOGIN_PASSWORD = __ENV.LOADTEST_PASSWORD || '';
+
+/** The control plane at a trickle: one login and one admin listing (each when configured). */
+export function controlPlane() {
+  if (LOGIN_EMAIL && LOGIN_PASSWORD) {
+    const res = http.post(`${BASE_URL}/auth/login`, JSON.stringify({ email: LOGIN_EMAIL, password: LOGIN_PASSWORD }), {
+      headers: { 'content-type': 'application/json' }, tags: { endpoint: 'auth', name: '/auth/login' },
+    });
+    check(res, { 'auth: login 200 with a token': (r) => r.status === 200 && r.body.includes('access_token') });
+  }
+  if (ADMIN_TOKEN) {
+    const res = http.get(`${BASE_URL}/admin/users?limit=20`, {
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` }, tags: { endpoint: 'admin', name: '/admin/users' },
+    });
+    check(res, { 'admin: list users 200': (r) => r.status === 200 });
+  }
+}
+
+/** Total seconds of a [[seconds, target], ...] plan after scaling. */
+export function planSeconds(list) {
+  return list.reduce((sum, [seconds]) => sum + Math.max(1, Math.round(seconds * SCALE)), 0);
 }
 
 export function health() {
