@@ -30,6 +30,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     cfg = _load(args)
+    try:  # what workers will load besides the file: fail here, once, rather than in every worker
+        from gateway.accounting.pricing import PriceTable
+
+        PriceTable.load(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     gwlog.configure(cfg.log.level)
     try:
         supervisor = Supervisor(cfg, cfg.source, workers=args.workers, port=args.port)

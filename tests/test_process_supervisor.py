@@ -318,8 +318,9 @@ async def test_a_killed_supervisor_leaves_no_orphan_workers(serve, mock_upstream
 # ---------------------------------------------------------------- systemd
 
 
-async def test_sd_notify_ready_reloading_and_stopping(serve, mock_upstream, tmp_path: Path):
-    """Under systemd (a real NOTIFY_SOCKET): READY=1 once serving, RELOADING=1 then READY=1 on HUP, STOPPING=1 on TERM."""
+async def test_sd_notify_ready_reloading_watchdog_and_stopping(serve, mock_upstream, tmp_path: Path):
+    """Under systemd (a real NOTIFY_SOCKET): READY=1 once serving, RELOADING=1 then READY=1 on HUP,
+    WATCHDOG=1 pings when WATCHDOG_USEC asks for them, STOPPING=1 on TERM."""
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
@@ -336,14 +337,15 @@ async def test_sd_notify_ready_reloading_and_stopping(serve, mock_upstream, tmp_
         return messages
 
     try:
-        p = serve(gateway_toml(mock_upstream.base_url), workers=1, env={"NOTIFY_SOCKET": str(path)})
+        p = serve(gateway_toml(mock_upstream.base_url), workers=1, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
         await eventually(lambda: any("READY" in m for m in received()), "READY=1")
-        assert "1" == messages[0]["READY"]
+        assert "1" == next(m for m in messages if "READY" in m)["READY"]
         p.signal(signal.SIGHUP)
         await eventually(lambda: sum("READY" in m for m in received()) == 2, "READY=1 after the reload")
         states = [k for m in messages for k in m if k in ("READY", "RELOADING", "STOPPING")]
         assert ["READY", "RELOADING", "READY"] == states
         assert int(next(m for m in messages if "RELOADING" in m)["MONOTONIC_USEC"]) > 0
+        await eventually(lambda: any("WATCHDOG" in m for m in received()), "WATCHDOG=1")
         assert 0 == p.stop()
         received()
         assert "1" == messages[-1]["STOPPING"]
