@@ -369,3 +369,14 @@ async def test_client_leaving_a_half_open_probe_stream_does_not_wedge_the_breake
         assert 200 == r.status, body
     finally:
         await server.close()
+
+
+def test_a_late_success_does_not_close_an_open_breaker():
+    """A request admitted before the trip that succeeds afterwards leaves the circuit open."""
+    clock = Clock()
+    b = Breaker(BreakerConfig(failure_threshold=2, cooldown_seconds=5), clock)
+    b.record_failure()
+    b.record_failure()
+    b.record_success()
+    assert State.OPEN == b.state
+    assert not b.allow()

@@ -51,6 +51,10 @@ class Breaker:
         return max(0.0, self._cfg.cooldown_seconds - (self._clock() - self.opened_at))
 
     def record_success(self) -> None:
+        if self.state is State.OPEN:
+            # A call admitted before the trip (a long stream) ending well says
+            # little about now: the probe after the cooldown decides.
+            return
         self.failures = 0
         self.state = State.CLOSED
 
