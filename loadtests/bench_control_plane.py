@@ -62,7 +62,7 @@ def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -142,7 +142,7 @@ def config_text(port: int, mock_port: int, standalone_key_sha: str) -> str:
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 # ------------------------------------------------------------------ load
@@ -257,7 +257,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--login-concurrency", type=int, default=4)
+    ap.add_argument("--login-concurrency", type=int, default=2, help="argon2id is CPU-bound: about the cores")
     ap.add_argument("--admin-concurrency", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     args = ap.parse_args()
