@@ -3,7 +3,8 @@
 A failover happens only here, before any byte reached the client: on
 connection errors, timeouts, 429 and 5xx (the failure classifier decides).
 The last deployment's HTTP answer is relayed as it is (an upstream error in
-the client's dialect passes through unchanged).
+the client's dialect passes through unchanged), except a 401: that is the
+gateway's provider key failing, answered as the gateway's own 502.
 """
 
 from __future__ import annotations
