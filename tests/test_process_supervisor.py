@@ -124,17 +124,19 @@ async def test_serve_runs_the_requested_workers_and_answers_both_dialects(serve,
 def test_default_worker_count_is_one_per_usable_core(tmp_path: Path):
     """Without ``--workers`` or ``server.workers`` the supervisor plans one worker per core it may run on."""
     from gateway.config import parse
+    from gateway.observability import multiproc
     from gateway.supervisor import Supervisor, default_workers
 
     toml = gateway_toml("http://127.0.0.1:9").replace("workers = 1", "workers = 0")
     path = tmp_path / "g.toml"
     path.write_text(toml)
-    sup = Supervisor(parse(toml, source=str(path)), str(path))
+    env = {**os.environ, multiproc.ENV: str(tmp_path / "metrics")}
+    sup = Supervisor(parse(toml, source=str(path)), str(path), environ=env)
     try:
         assert len(os.sched_getaffinity(0)) == default_workers() == sup.current.size
     finally:
         sup.sock.close()
-    pinned = Supervisor(parse(toml, source=str(path)), str(path), workers=3)
+    pinned = Supervisor(parse(toml, source=str(path)), str(path), workers=3, environ=env)
     pinned.sock.close()
     assert 3 == pinned.current.size
 
@@ -305,9 +307,10 @@ async def test_a_hung_worker_is_detected_by_missed_heartbeats_and_replaced(serve
     assert 200 == await one_request(p.base_url)
 
 
-async def test_a_killed_supervisor_leaves_no_orphan_workers(serve, mock_upstream):
+async def test_a_killed_supervisor_leaves_no_orphan_workers(serve, mock_upstream, tmp_path: Path):
     """SIGKILL to the supervisor: its workers notice (parent-death signal, broken pipe) and exit."""
-    p = serve(gateway_toml(mock_upstream.base_url), workers=2)
+    metrics_dir = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}  # nobody is left to remove it
+    p = serve(gateway_toml(mock_upstream.base_url), workers=2, env=metrics_dir)
     kids = workers_of(p)
     assert 2 == len(kids)
     p.proc.kill()
