@@ -217,6 +217,11 @@ class Metrics:
             ["event"], registry=reg,
         )
         self._resolver_seen: dict[str, int] = {}
+        self.usage_events = Counter(
+            "gateway_usage_events", "The usage ledger writer's own counters (records written, batches, spills ...).",
+            ["event"], registry=reg,
+        )
+        self._usage_seen: dict[str, int] = {}
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests (and streams) in flight.", multiprocess_mode="livesum", registry=reg,
         )
@@ -308,7 +313,7 @@ class Metrics:
         self.refresh_limiter(app)
 
     def refresh_limiter(self, app: web.Application) -> None:
-        """The limiter's and the key cache's own counters (ints on a ``stats`` dataclass), as deltas."""
+        """The limiter's, key cache's and usage writer's counters (ints on a ``stats`` dataclass), as deltas."""
         limiter = getattr(app.get(keys.LIMITER), "stats", None)
         for name, delta in _deltas(limiter, self._limiter_seen):
             if name in _LIMITER_DECISIONS:
@@ -318,6 +323,9 @@ class Metrics:
         resolver = getattr(app.get(keys.RESOLVER), "stats", None)
         for name, delta in _deltas(resolver, self._resolver_seen):
             self.key_cache.labels(name).inc(delta)
+        sink = getattr(app.get(keys.USAGE), "stats", None)
+        for name, delta in _deltas(sink, self._usage_seen):
+            self.usage_events.labels(name).inc(delta)
 
     def refresh_circuits(self, app: web.Application) -> None:
         for name, dep in app[keys.ROUTER].deployments.items():
