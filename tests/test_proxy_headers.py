@@ -5,12 +5,19 @@ The upstream's view comes from the mock's ``GET /_mock/requests``.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import TEST_KEY
+from gateway import keys
+from gateway.app import create_app
+from gateway.config import parse
+from gateway.policy.admit import Admitter, Reservation
+from tests.conftest import CONFIG_DIR, TEST_KEY, gateway_toml
 
 AV = {"anthropic-version": "2023-06-01"}
 MSG = {"model": "demo-claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
@@ -193,3 +200,39 @@ async def test_upstream_compressing_anyway_reaches_the_client_decodable(gateway)
     assert 200 == r.status
     assert "gzip" == r.headers["content-encoding"]
     assert "chat.completion" == (await r.json())["object"]  # aiohttp's client decodes it
+
+
+class AdvertisingLimiter:
+    """A Limiter (the policy protocol) that admits everything and advertises its state."""
+
+    HEADERS = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "99",
+               "x-ratelimit-reset-requests": "1s"}
+
+    async def reserve(self, principal: Any, facts: Any) -> Reservation:
+        return Reservation(headers=dict(self.HEADERS))
+
+    async def settle(self, *args: Any) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mock_status", [None, "400"])
+async def test_rate_limit_state_is_advertised_on_every_relayed_answer(mock_upstream, stream, mock_status):
+    """The limiter's x-ratelimit-* headers reach the client on JSON, SSE and relayed upstream errors."""
+    app = create_app(parse(gateway_toml(mock_upstream.base_url), source=str(CONFIG_DIR / "test.toml")))
+
+    async def limiter(app: web.Application) -> AsyncIterator[None]:
+        app[keys.ADMITTER] = Admitter(AdvertisingLimiter())
+        yield
+
+    app.cleanup_ctx.append(limiter)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        headers = {"x-api-key": TEST_KEY, **AV, **({"x-mock-status": mock_status} if mock_status else {})}
+        r = await client.post("/v1/messages", headers=headers, json={**MSG, "stream": stream})
+        await r.read()
+        assert (int(mock_status) if mock_status else 200) == r.status
+        for name, value in AdvertisingLimiter.HEADERS.items():
+            assert value == r.headers[name]
