@@ -51,11 +51,13 @@ async def test_no_key_in_any_log_line(serve, mock_upstream):
         ("POST", f"/ak/{TEST_KEY}/v1/embeddings", {}, {"model": "demo-e", "input": "x"}),
     ]
     statuses = []
+    request_ids = []
     async with aiohttp.ClientSession() as s:
         for method, path, headers, body in calls:
             async with s.request(method, base + path, headers=headers, json=body) as r:
                 await r.read()
                 statuses.append(r.status)
+                request_ids.append(r.headers["x-request-id"])
         async with s.post(base + "/v1/messages", headers={"x-api-key": TEST_KEY, **AV}, data=b"{bad") as r:
             statuses.append(r.status)
     assert [200, 200, 200, 200, 401, 404, 405, 200, 200, 401, 200, 500, 200, 404, 200, 400] == statuses
@@ -79,3 +81,5 @@ async def test_no_key_in_any_log_line(serve, mock_upstream):
     assert 7 == len(ak_paths)
     assert all(p.startswith("/ak/***/") for p in ak_paths)
     assert all(r["request_id"].startswith("req_") for r in request_lines)
+    # The id the client got is the one in the log line (and the usage record).
+    assert set(request_ids) <= {r["request_id"] for r in request_lines}
