@@ -217,3 +217,14 @@ async def test_changes_are_written_to_the_audit_log_without_secrets(cp):
     text = await r.text()
     assert key["key"] not in text
     assert "correct horse" not in text
+
+
+async def test_the_control_plane_is_described_by_an_openapi_document(cp):
+    """GET /openapi.json (no auth) lists every control-plane path."""
+    r = await cp.get("/openapi.json")
+    assert 200 == r.status
+    spec = await r.json()
+    assert "3.1.0" == spec["openapi"]
+    for path in ("/auth/login", "/auth/refresh", "/auth/logout", "/admin/users", "/admin/users/{id}",
+                 "/admin/keys", "/admin/keys/{id}", "/me", "/me/keys", "/me/keys/{id}"):
+        assert path in spec["paths"]

@@ -119,6 +119,7 @@ async def test_negative_cache_is_bounded_and_postgres_sees_a_bounded_number_of_l
         key_lookup_rate = 100
         """))
     resolver = client.server.app[keys.RESOLVER]
+    await asyncio.wait_for(resolver.listener.connected.wait(), 10)  # its (re)connect drops in-flight results
     repeat = "gwk_" + secrets.token_urlsafe(32)
     for _ in range(20):
         assert 401 == await call_model(client, repeat)
@@ -156,3 +157,27 @@ async def test_config_file_keys_keep_working_in_database_mode(cp):
     from tests.conftest import TEST_KEY
 
     assert 200 == await call_model(cp, TEST_KEY)
+
+
+async def test_gateway_starts_with_postgres_down_and_recovers_by_itself(make_gateway, mock_upstream, pg_env,
+                                                                        pg_server):
+    """Postgres down at start: the gateway starts (503 for keys and admin), then works once Postgres is up."""
+    conn = await asyncpg.connect(pg_env)
+    try:
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    pg_server.stop()
+    try:
+        client = await make_gateway(pg_toml(mock_upstream.base_url))
+        assert 529 == await call_model(client, "gwk_" + secrets.token_urlsafe(32))
+        assert 503 == (await client.get("/admin/users", headers=ADMIN)).status
+    finally:
+        pg_server.start()
+    deadline = time.monotonic() + 15
+    while (await client.get("/admin/users", headers=ADMIN)).status != 200:
+        assert time.monotonic() < deadline, "no recovery after Postgres came back"
+        await asyncio.sleep(0.2)
+    user = await create_user(client, "late@example.com")
+    key = await create_key(client, user["id"])
+    assert 200 == await call_model(client, key["key"])

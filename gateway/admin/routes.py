@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin import audit_log, keys, me, users
+from gateway.admin import audit_log, keys, me, openapi, users
 from gateway.auth import handlers as auth
 
 
 def setup(app: web.Application) -> None:
     auth.setup(app)
     r = app.router
+    r.add_get("/openapi.json", openapi.openapi)
     r.add_get("/admin/users", users.list_users)
     r.add_post("/admin/users", users.create_user)
     r.add_get("/admin/users/{id}", users.get_user)
