@@ -10,9 +10,10 @@ prints ``API_KEY=gwk_...``, ``KEY_SOURCE=admin-api`` and the user's
 
 The user is ``loadtest@example.invalid`` (reused when it exists); each run
 makes a new key limited to the load-test models, so revoke old ones with
-``DELETE /admin/keys/{id}``.  A gateway without the admin API (standalone
-mode, no database) answers 404: then ``--fallback-key`` (a key from the
-config file) is printed instead, with ``KEY_SOURCE=config``.
+``DELETE /admin/keys/{id}``.  A gateway without the admin API or without a
+database behind it (standalone mode) answers 404 or 503: then
+``--fallback-key`` (a key from the config file) is printed instead, with
+``KEY_SOURCE=config``.
 
 Standard library only, so that it runs on an operator's machine as it is.
 """
@@ -79,7 +80,7 @@ def create_key(
     if password:
         user["password"] = password
     status, doc = _call(base, token, "POST", "/admin/users", user)
-    if status in (404, 405):
+    if status in (404, 405, 503):  # no admin API, or no database behind it (standalone)
         raise AdminApiMissing(f"POST /admin/users answered {status}")
     if status == 201:
         user_id = str(doc["id"])

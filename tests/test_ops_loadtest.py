@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.conftest import TEST_KEY, MockUpstream, gateway_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,3 +83,61 @@ def test_runner_refuses_an_unknown_script(tmp_path: Path) -> None:
     r, _ = run_runner(tmp_path, "1", "no-such-script.js")
     assert 2 == r.returncode
     assert "no such script" in r.stderr
+
+
+SETUP = ROOT / "loadtests" / "setup_test_user.py"
+
+
+async def _setup_user(base_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(SETUP), "--base-url", base_url, *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )
+
+
+def _parse(stdout: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+
+
+async def test_setup_test_user_creates_a_working_key_through_the_admin_api(
+    make_gateway: Any, mock_upstream: MockUpstream, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a database, the script creates the user (with a password) and a key that the data plane accepts."""
+    from gateway.stores.migrate import migrate_dsn
+
+    await migrate_dsn(pg_dsn)
+    monkeypatch.setenv("OPS_SETUP_DATABASE_URL", pg_dsn)
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "ops-test-admin-token-" + "x" * 32)
+    monkeypatch.setenv("GATEWAY_JWT_SECRET", "ops-test-jwt-secret-" + "y" * 32)
+    gw = await make_gateway(gateway_toml(mock_upstream.base_url, extra="""
+        [database]
+        url_env = "OPS_SETUP_DATABASE_URL"
+    """))
+    base = str(gw.make_url("")).rstrip("/")
+    r = await _setup_user(base, "--admin-token", os.environ["GATEWAY_ADMIN_TOKEN"])
+    assert 0 == r.returncode, r.stderr
+    out = _parse(r.stdout)
+    assert "admin-api" == out["KEY_SOURCE"]
+    assert out["API_KEY"].startswith("gwk_")
+    resp = await gw.post("/v1/messages", json={"model": "demo-claude", "max_tokens": 8,
+                                               "messages": [{"role": "user", "content": "hi"}]},
+                         headers={"x-api-key": out["API_KEY"], "anthropic-version": "2023-06-01"})
+    assert 200 == resp.status
+    login = await gw.post("/auth/login", json={"email": out["LOADTEST_EMAIL"], "password": out["LOADTEST_PASSWORD"]})
+    assert 200 == login.status
+    # A second run reuses the user and makes another key.
+    again = await _setup_user(base, "--admin-token", os.environ["GATEWAY_ADMIN_TOKEN"])
+    assert 0 == again.returncode, again.stderr
+    assert out["API_KEY"] != _parse(again.stdout)["API_KEY"]
+
+
+async def test_setup_test_user_falls_back_to_the_config_key_when_standalone(
+    make_gateway: Any, mock_upstream: MockUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standalone gateway has no database behind its admin API: the config-file key given as fallback is printed."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "ops-test-admin-token-" + "x" * 32)
+    gateway = await make_gateway(gateway_toml(mock_upstream.base_url))
+    base = str(gateway.make_url("")).rstrip("/")
+    r = await _setup_user(base, "--admin-token", "ops-test-admin-token-" + "x" * 32, "--fallback-key", TEST_KEY)
+    assert 0 == r.returncode, r.stderr
+    assert {"API_KEY": TEST_KEY, "KEY_SOURCE": "config"} == _parse(r.stdout)
