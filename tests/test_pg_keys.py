@@ -181,3 +181,27 @@ async def test_gateway_starts_with_postgres_down_and_recovers_by_itself(make_gat
     user = await create_user(client, "late@example.com")
     key = await create_key(client, user["id"])
     assert 200 == await call_model(client, key["key"])
+
+
+async def test_a_cached_key_past_its_ttl_is_still_served_while_postgres_is_down(make_gateway, mock_upstream,
+                                                                                pg_env, pg_server):
+    """Stale-if-error: an expired cache entry keeps working while Postgres cannot revalidate it."""
+    client = await make_gateway(pg_toml(mock_upstream.base_url, extra="""
+        [database]
+        key_cache_seconds = 0.2
+        """))
+    user = await create_user(client, "ttl@example.com")
+    key = await create_key(client, user["id"])
+    assert 200 == await call_model(client, key["key"])
+    conn = await asyncpg.connect(pg_env)
+    try:
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    pg_server.stop()
+    try:
+        await asyncio.sleep(0.4)
+        for _ in range(3):
+            assert 200 == await call_model(client, key["key"])
+    finally:
+        pg_server.start()

@@ -54,6 +54,7 @@ class ResolverStats:
 class _Entry:
     principal: Principal
     fresh_until: float  # monotonic
+    retry_at: float = 0.0  # while Postgres is down: serve stale without asking again until then
 
 
 class _TokenBucket:
@@ -89,7 +90,7 @@ class PostgresResolver:
         self._negative: OrderedDict[str, float] = OrderedDict()
         self._by_key: dict[str, str] = {}
         self._by_user: dict[str, set[str]] = {}
-        self._inflight: dict[str, asyncio.Future[Principal | None]] = {}
+        self._inflight: dict[str, asyncio.Task[Principal | None]] = {}
         self._generation = 0  # bumped by every invalidation: a lookup that raced one is not cached
         self._bucket = _TokenBucket(d.key_lookup_rate)
         self._used: set[str] = set()
@@ -120,6 +121,10 @@ class PostgresResolver:
             self._used.add(entry.principal.key_id)
             self.stats.hits += 1
             return entry.principal
+        if entry is not None and entry.retry_at > now:
+            self._used.add(entry.principal.key_id)
+            self.stats.stale_served += 1
+            return entry.principal
         until = self._negative.get(h)
         if until is not None:
             if until > now:
@@ -132,44 +137,45 @@ class PostgresResolver:
         return principal
 
     async def _lookup(self, h: str, stale: _Entry | None) -> Principal | None:
+        """One query per key at a time, run as its own task so that a caller who goes away
+        (client disconnect) neither cancels it for the others nor leaves it half done."""
         pending = self._inflight.get(h)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        if not self._bucket.take():
-            self.stats.throttled += 1
-            if stale is not None:
-                return stale.principal
-            raise GatewayError(ErrorKind.UNAVAILABLE, "Too many unknown API keys are being checked; retry shortly.",
-                               retry_after_s=1.0)
-        fut: asyncio.Future[Principal | None] = asyncio.get_running_loop().create_future()
-        self._inflight[h] = fut
-        generation = self._generation
-        try:
-            principal = await self._query(h, stale)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters (if any) re-raise it
-            raise
-        else:
-            fut.set_result(principal)
-            if generation == self._generation:
-                self._store(h, principal)
-            return principal
-        finally:
-            del self._inflight[h]
+        if pending is None:
+            if not self._bucket.take():
+                self.stats.throttled += 1
+                if stale is not None:
+                    return stale.principal
+                raise GatewayError(ErrorKind.UNAVAILABLE,
+                                   "Too many unknown API keys are being checked; retry shortly.", retry_after_s=1.0)
+            pending = asyncio.get_running_loop().create_task(self._fetch(h, stale))
+            self._inflight[h] = pending
+            pending.add_done_callback(lambda t: self._fetched(h, t))
+        return await asyncio.shield(pending)
 
-    async def _query(self, h: str, stale: _Entry | None) -> Principal | None:
+    def _fetched(self, h: str, task: asyncio.Task[Principal | None]) -> None:
+        if self._inflight.get(h) is task:
+            del self._inflight[h]
+        if not task.cancelled():
+            task.exception()  # retrieved: the callers re-raise it
+
+    async def _fetch(self, h: str, stale: _Entry | None) -> Principal | None:
+        generation = self._generation
         self.stats.lookups += 1
         try:
             async with self.db.connection(timeout=self.timeout) as conn:
-                return await access_keys.lookup_principal(conn, h, self.timeout)
+                principal = await access_keys.lookup_principal(conn, h, self.timeout)
         except (DatabaseUnavailable, TimeoutError):
+            # Stale-if-error: the entry keeps its old deadline, so this cannot go on forever.
             if stale is not None and time.monotonic() - stale.fresh_until < self.stale_s:
                 self.stats.stale_served += 1
+                stale.retry_at = time.monotonic() + 1.0
                 return stale.principal
             self.stats.unavailable += 1
             raise GatewayError(ErrorKind.UNAVAILABLE, "The key store is unavailable; retry shortly.",
                                retry_after_s=1.0) from None
+        if generation == self._generation:  # no invalidation raced this read
+            self._store(h, principal)
+        return principal
 
     def _store(self, h: str, principal: Principal | None) -> None:
         now = time.monotonic()
