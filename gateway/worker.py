@@ -84,12 +84,14 @@ async def serve(cfg: Config, sock: socket.socket, heartbeat: Heartbeat, index: i
         alive = heartbeat.send(ALIVE)
     if not alive:
         log.warning("supervisor gone; draining", index=index)
-    log.info("worker draining", index=index, grace_s=grace)
+    open_connections = len(runner.server.connections) if runner.server is not None else 0
+    log.info("worker draining", index=index, grace_s=grace, connections=open_connections)
+    started = loop.time()
     await drain(app, runner, site, retire)
     # Done: a late SIGTERM (the supervisor's after systemd's, say) must not turn exit 0 into death by signal.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     heartbeat.send(STOPPED)
-    log.info("worker stopped", index=index)
+    log.info("worker stopped", index=index, drain_s=round(loop.time() - started, 3))
 
 
 async def drain(app: web.Application, runner: web.AppRunner, site: web.BaseSite, retire: float) -> None:
