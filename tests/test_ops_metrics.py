@@ -138,3 +138,27 @@ async def test_unmatched_paths_share_one_label_set(gateway: Any) -> None:
     text = await (await gateway.get("/metrics")).text()
     assert 20.0 == total(text, "gateway_requests_total", endpoint="unmatched", status="404", error="http")
     assert "/no/such/path" not in text
+
+
+async def test_metrics_keep_their_totals_across_a_rolling_reload(
+    serve: Callable[..., Any], mock_upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """SIGHUP replaces every worker; the old workers' counts are folded in, and only live workers count as workers."""
+    prom_dir = tmp_path / "prom"
+    gw = serve(gateway_toml(mock_upstream.base_url, workers=2), workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(prom_dir)})
+    n = 24
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        for _ in range(n):
+            async with s.post(gw.base_url + "/v1/messages", json=BODY, headers=ANTHROPIC_HEADERS) as r:
+                assert 200 == r.status
+    old = _pids(prom_dir)
+    gw.signal(signal.SIGHUP)
+    for _ in range(300):
+        await asyncio.sleep(0.05)
+        if '"reloaded"' in gw.log_text() and not (old & _pids(prom_dir)):
+            break
+    assert '"reloaded"' in gw.log_text()
+    assert set() == old & _pids(prom_dir), "the old workers' files were folded away"
+    text = await _scrape(gw.base_url + "/metrics")
+    assert float(n) == total(text, "gateway_requests_total", endpoint="/v1/messages", status="200")
+    assert 2.0 == total(text, "gateway_workers")
