@@ -112,6 +112,20 @@ async def test_upstream_drop_mid_stream_ends_with_error_event_never_success(gate
 
 
 @pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+async def test_upstream_cut_mid_line_never_glues_half_a_line_to_the_error_event(gateway, dialect):
+    """A cut inside an event: the half line is withheld, so every event the client parses is whole JSON."""
+    status, raw = await stream(gateway, dialect, headers={"x-mock-drop-after": "2", "x-mock-drop-mid-event": "1"})
+    assert 200 == status
+    assert raw.endswith(b"\n\n")
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:") and line != b"data: [DONE]":
+            orjson.loads(line[5:])  # no truncated JSON reached the client
+    last = orjson.loads(data_lines(raw)[-1])
+    assert "error" in last
+    assert b"message_stop" not in raw and b"[DONE]" not in raw
+
+
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
 async def test_upstream_error_event_mid_stream_is_relayed_once_never_success(gateway, dialect):
     """The provider's own in-stream error reaches the client as is, once, with no terminal success event."""
     status, raw = await stream(gateway, dialect, headers={"x-mock-error-after": "2"})

@@ -170,6 +170,19 @@ async def test_openai_sdk_does_not_retry_401(gateway, http):
     assert 1 == http[1].sent
 
 
+@pytest.mark.parametrize("mid_event", [False, True])
+async def test_anthropic_sdk_gets_the_error_event_even_when_cut_mid_event(gateway, http, mid_event):
+    """However the upstream is cut, the SDK raises its API error (not a JSON decode error)."""
+    headers = {"x-mock-drop-after": "2", **({"x-mock-drop-mid-event": "1"} if mid_event else {})}
+    with pytest.raises(anthropic.APIStatusError) as info:
+        async with claude(gateway, http).messages.stream(
+            model="demo-claude", max_tokens=10, messages=MESSAGES, extra_headers=headers
+        ) as s:
+            async for _ in s.text_stream:
+                pass
+    assert "incomplete" in str(info.value)
+
+
 async def test_openai_sdk_raises_on_a_cut_stream(gateway, http):
     stream = await gpt(gateway, http).chat.completions.create(
         model="demo-gpt", messages=MESSAGES, stream=True, extra_headers={"x-mock-drop-after": "2"}

@@ -11,6 +11,7 @@ whole server by its config:
 - ``x-mock-status``: answer with this error status in the provider's shape
 - ``x-mock-drop-after``: drop the connection after N content events (streams),
   or half-way through the body (non-streamed answers)
+  (with ``x-mock-drop-mid-event``, half-way through the next event)
 - ``x-mock-stall-after``: stop sending (but keep the connection) after N events,
   or half-way through the body (non-streamed answers)
 - ``x-mock-gzip``: gzip a non-streamed body whatever the request asked for
@@ -309,6 +310,8 @@ async def _stream(
             for i, ev in enumerate(events):
                 if i == drop_at:
                     stats["streams_dropped"] += 1
+                    if "x-mock-drop-mid-event" in request.headers:
+                        await resp.write(ev[: len(ev) // 2])  # cut inside the event's data line
                     if request.transport is not None:
                         request.transport.abort()
                     return resp

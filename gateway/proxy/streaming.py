@@ -23,6 +23,7 @@ from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
 
 _SKIP_RESPONSE = HOP_BY_HOP | UPSTREAM_ONLY
+_EVENT_END = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")  # a line end, then a blank line
 
 
 def client_headers(dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestContext) -> CIMultiDict[str]:
@@ -111,6 +112,10 @@ async def relay_stream(
     # between idle and idle + slack after the last chunk, never earlier.
     slack = min(1.0, idle / 10)
     rearmed = loop.time()
+    # An incomplete last line is held back: if the upstream is cut mid-line,
+    # the client must not get half a line glued to our error event.
+    pending = b""
+    last = b""  # the last bytes written: is the client at an event boundary?
     try:
         async with asyncio.timeout(idle + slack) as deadline:
             while True:
@@ -123,7 +128,16 @@ async def relay_stream(
                     ctx.ttft_s = time.perf_counter() - ctx.start
                 data = tap.feed(chunk)
                 if data:
-                    await out.write(data)
+                    if pending:
+                        data = pending + data
+                        pending = b""
+                    if data[-1] != 10:  # not "\n": rare, upstreams send whole events
+                        nl = data.rfind(b"\n") + 1
+                        pending = data[nl:]
+                        data = data[:nl]
+                    if data:
+                        await out.write(data)
+                        last = data
                 now = loop.time()
                 if now - rearmed >= slack:
                     deadline.reschedule(now + idle + slack)
@@ -139,21 +153,25 @@ async def relay_stream(
     finally:
         resp.release() if failure is None and tap.completed else resp.close()
     rest = tap.flush()
-    if rest:
-        await out.write(rest)
     if failure is None and not tap.completed and not tap.errored:
         failure = (ErrorKind.UPSTREAM_ERROR, "The upstream ended the stream early; the answer is incomplete.")
     if failure is not None:
         ctx.partial = True
         ctx.error_kind = failure[0].label
         dep.breaker.record_failure()
-        await out.write(stream_error_event(failure[0], failure[1], dialect))
-    elif tap.errored:
-        # The upstream sent its own error event (relayed as is): a failed answer all the same.
-        ctx.partial = True
-        ctx.error_kind = ErrorKind.UPSTREAM_ERROR.label
-        dep.breaker.record_failure()
+        # The unfinished line (and a held event) is dropped; an unfinished
+        # event is ended first, so that the error event parses on its own.
+        lead = b"\n" if last and not last.endswith(_EVENT_END) else b""
+        await out.write(lead + stream_error_event(failure[0], failure[1], dialect))
     else:
-        dep.breaker.record_success()
+        if pending or rest:
+            await out.write(pending + rest)
+        if tap.errored:
+            # The upstream sent its own error event (relayed as is): a failed answer all the same.
+            ctx.partial = True
+            ctx.error_kind = ErrorKind.UPSTREAM_ERROR.label
+            dep.breaker.record_failure()
+        else:
+            dep.breaker.record_success()
     await out.write_eof()
     return out
