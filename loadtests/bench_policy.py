@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402  (the benchmark engineer's harness: same stack, same measurements)
+import bench  # the benchmark engineer's harness: same stack, same measurements
 
 POLICY_LIMITS = (
     'models = ["bench-*"], rpm = 100000000, tpm = 1000000000000, max_concurrency = 100000, '

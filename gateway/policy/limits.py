@@ -235,7 +235,7 @@ def _trio(
     out: dict[str, str], what: str, idx: tuple[int, ...], limits: Sequence[int], used: Sequence[int],
     reset: Sequence[int],
 ) -> None:
-    best = min(idx, key=lambda i: limits[i] - used[i])
+    best = idx[0] if len(idx) == 1 else min(idx, key=lambda i: limits[i] - used[i])
     out[f"x-ratelimit-limit-{what}"] = str(limits[best])
     out[f"x-ratelimit-remaining-{what}"] = str(max(0, limits[best] - used[best]))
     out[f"x-ratelimit-reset-{what}"] = duration(reset[best])
@@ -418,15 +418,23 @@ class RedisLimiter:
         """Connect and load the scripts before traffic (the first request pays no NOSCRIPT round trip)."""
         try:
             async with asyncio.timeout(timeout):
-                await self.store.client.ping()
                 for script in scripts.ALL:
-                    await self.store.client.script_load(script.source)
+                    if self.store.fast is not None:
+                        await self.store.fast.call("SCRIPT", "LOAD", script.source)
+                    else:
+                        await self.store.client.script_load(script.source)
         except REDIS_ERRORS as exc:
             self.store.failed(exc)
 
     # -- redis calls ------------------------------------------------------------
 
     async def _eval(self, script: scripts.Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        fast = self.store.fast
+        if fast is not None:  # its watchdog enforces the timeout
+            try:
+                return await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await fast.call("EVAL", script.source, len(keys), *keys, *args)
         client = self.store.client
         async with asyncio.timeout(self.timeout):
             try:
@@ -436,8 +444,13 @@ class RedisLimiter:
 
     async def _eval_many(self, script: scripts.Script, items: Sequence[_Pending]) -> None:
         """One round trip for many calls of ``script`` (per node on a Cluster)."""
-        if len(items) == 1:
-            await self._eval(script, items[0].keys, items[0].args)
+        if len(items) == 1 or self.store.fast is not None:  # the fast connection pipelines by itself
+            results = await asyncio.gather(
+                *(self._eval(script, it.keys, it.args) for it in items), return_exceptions=True
+            )
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
             return
         async with asyncio.timeout(self.timeout * 2):
             results = await self._pipeline(script, items)
@@ -593,6 +606,15 @@ class RedisLimiter:
             kind = plan.checks[i].kind
             args += (kind, next(gens, b"") if kind == "b" else b"")
         self.stats.settles += 1
+        if self.store.fast is not None and self.store.healthy:
+            # The pipelined connection batches whatever is written in one loop iteration.
+            try:
+                await self._eval(scripts.SETTLE, keys, args)
+            except REDIS_ERRORS as exc:
+                self.store.failed(exc)
+                self._parked.append(_Pending(keys, args))
+                self.stats.parked += 1
+            return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flush.items.append(_Pending(keys, args))
         self._flush.waiters.append(waiter)

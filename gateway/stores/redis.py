@@ -29,6 +29,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import RedisConfig
+from gateway.stores.resp import PipelinedRedis
 
 log = structlog.get_logger("redis")
 
@@ -107,6 +108,12 @@ class RedisStore:
         self.cfg = cfg
         self.client: RedisClient = client if client is not None else create_client(cfg, url)
         self.timeout = cfg.timeout_ms / 1000.0
+        # The hot path's pipelined connection (single Redis over TCP); redis-py for the rest.
+        self.fast: PipelinedRedis | None = (
+            PipelinedRedis(url, self.timeout)
+            if client is None and cfg.topology == "single" and PipelinedRedis.supports(url)
+            else None
+        )
         self.healthy = True
         self.errors = 0  # failed calls, all time
         self.outages = 0  # healthy -> down transitions
@@ -136,7 +143,10 @@ class RedisStore:
 
     async def ping(self) -> None:
         async with asyncio.timeout(self.timeout):
-            await self.client.ping()
+            if self.fast is not None:
+                await self.fast.call("PING")
+            else:
+                await self.client.ping()
 
     async def _probe_until_up(self) -> None:
         while not self._closed:
@@ -163,5 +173,7 @@ class RedisStore:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        if self.fast is not None:
+            await self.fast.close()
         with contextlib.suppress(*REDIS_ERRORS):
             await self.client.aclose()

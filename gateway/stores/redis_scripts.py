@@ -23,7 +23,7 @@ Counter kinds, one key per (kind, scope):
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 VERSION = "v1"
 
@@ -32,10 +32,11 @@ VERSION = "v1"
 class Script:
     name: str
     source: str
+    sha: str = field(init=False)
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+    def __post_init__(self) -> None:
+        # Redis names scripts by SHA-1 (EVALSHA).
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())  # noqa: S324
 
 
 # KEYS[i]: one counter per check.  ARGV: member, tokens, cost, lease_ms, then
