@@ -92,6 +92,7 @@ async def test_reusing_a_spent_refresh_token_revokes_the_whole_family(cp):
     assert "refresh_token_reused" == (await replay.json())["error"]["code"]
     successor = await cp.post("/auth/refresh", json={"refresh_token": t2["refresh_token"]})
     assert 401 == successor.status
+    assert 401 == (await cp.get("/me", headers=bearer(t2["access_token"]))).status
     # Another login (another family) is unaffected.
     t3 = await login(cp, "eve@example.com")
     assert 200 == (await cp.post("/auth/refresh", json={"refresh_token": t3["refresh_token"]})).status
@@ -106,6 +107,8 @@ async def test_logout_revokes_the_refresh_token(cp):
     assert 204 == r.status
     r = await cp.post("/auth/refresh", json={"refresh_token": t["refresh_token"]})
     assert 401 == r.status
+    # The session's access token ends with it.
+    assert 401 == (await cp.get("/me", headers=bearer(t["access_token"]))).status
 
 
 def _forge(claims: dict, secret: str = JWT_SECRET, alg: str = "HS256") -> str:
@@ -118,17 +121,22 @@ def _forge(claims: dict, secret: str = JWT_SECRET, alg: str = "HS256") -> str:
 
 async def test_access_tokens_with_bad_signature_audience_issuer_expiry_or_algorithm_are_refused(cp):
     """Only HS256 tokens signed with our secret, for our issuer and audience, unexpired, pass."""
-    user = await create_user(cp, "gil@example.com", role="admin")
-    sub = user["id"]
-    good = _forge({"sub": sub})
+    await create_user(cp, "gil@example.com", role="admin")
+    real = await login(cp, "gil@example.com")
+    claims = jwt.decode(real["access_token"], options={"verify_signature": False})
+    sub = claims["sub"]
+    good = _forge({"sub": sub, "sid": claims["sid"]})
     assert 200 == (await cp.get("/admin/users", headers=bearer(good))).status
     bad = [
+        _forge({"sub": sub}),  # no session id
+        _forge({"sub": sub, "sid": "00000000-0000-0000-0000-000000000000"}),  # no such session
+        _forge({"sub": "not-a-uuid", "sid": claims["sid"]}),
         _forge({"sub": sub}, secret="another-secret-" + "x" * 32),
-        _forge({"sub": sub, "aud": "someone-else"}),
-        _forge({"sub": sub, "iss": "someone-else"}),
-        _forge({"sub": sub, "exp": int(time.time()) - 60}),
-        _forge({"sub": sub}, alg="HS512"),
-        jwt.encode({"sub": sub, "iss": "llm-gateway", "aud": "llm-gateway-admin", "exp": int(time.time()) + 60,
+        _forge({"sub": sub, "sid": claims["sid"], "aud": "someone-else"}),
+        _forge({"sub": sub, "sid": claims["sid"], "iss": "someone-else"}),
+        _forge({"sub": sub, "sid": claims["sid"], "exp": int(time.time()) - 60}),
+        _forge({"sub": sub, "sid": claims["sid"]}, alg="HS512"),
+        jwt.encode({"sub": sub, "sid": claims["sid"], "iss": "llm-gateway", "aud": "llm-gateway-admin", "exp": int(time.time()) + 60,
                     "iat": int(time.time())}, key="", algorithm="none"),
         "not-a-token",
     ]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway import keys
+from gateway.auth import sessions
 from gateway.auth.responses import api_error, unavailable
 from gateway.auth.tokens import InvalidToken, verify_access_token
 from gateway.stores import users
@@ -79,10 +80,13 @@ async def identify(request: web.Request) -> Identity:
         try:
             async with db.connection() as conn:
                 user = await users.get(conn, claims.user_id)
+                live = await sessions.session_live(conn, claims.session_id)
         except DatabaseUnavailable:
             raise unavailable() from None
         if user is None or user.disabled:
             raise _unauthorized("Invalid credentials: the user no longer exists or is disabled.")
+        if not live:
+            raise _unauthorized("Invalid credentials: this session has ended (logged out or revoked).")
         ident = Identity(user_id=user.id, role=user.role, via="jwt", email=user.email)
     request[_IDENTITY] = ident
     ctx = request.get(keys.REQ_CTX)

@@ -58,8 +58,8 @@ def _only(doc: dict[str, Any], allowed: set[str]) -> None:
         raise bad_request(f"Unknown field(s): {', '.join(extra)}.", field=extra[0], code="unknown_field")
 
 
-async def _tokens(settings: AuthSettings, user: users.User, refresh: str) -> dict[str, Any]:
-    access, ttl = issue_access_token(settings, user.id, user.role)
+async def _tokens(settings: AuthSettings, user: users.User, refresh: str, session_id: str) -> dict[str, Any]:
+    access, ttl = issue_access_token(settings, user.id, user.role, session_id)
     return {
         "access_token": access, "token_type": "Bearer", "expires_in": ttl,
         "refresh_token": refresh, "refresh_expires_in": settings.cfg.refresh_token_seconds,
@@ -96,13 +96,13 @@ async def login(request: web.Request) -> web.Response:
                 raise api_error(401, "invalid_credentials", _INVALID)
             async with conn.transaction():
                 await throttle.clear(conn, email)
-                refresh = await sessions.start_family(conn, user.id, settings.cfg.refresh_token_seconds)
+                refresh, session_id = await sessions.start_family(conn, user.id, settings.cfg.refresh_token_seconds)
                 await audit.record(conn, _actor(request, user.id), "auth.login", "user", user.id)
             if user.password_hash and passwords.needs_rehash(user.password_hash):
                 await users.update(conn, user.id, {"password_hash": await passwords.hash(password)})
     except DatabaseUnavailable:
         raise unavailable() from None
-    return json_response(await _tokens(settings, user, refresh))
+    return json_response(await _tokens(settings, user, refresh, session_id))
 
 
 async def refresh(request: web.Request) -> web.Response:
@@ -131,7 +131,7 @@ async def refresh(request: web.Request) -> web.Response:
         raise unavailable() from None
     if user is None:
         raise api_error(401, "invalid_refresh_token", "Invalid refresh token: the user no longer exists.")
-    return json_response(await _tokens(settings, user, rotated.token))
+    return json_response(await _tokens(settings, user, rotated.token, rotated.family_id))
 
 
 async def logout(request: web.Request) -> web.Response:

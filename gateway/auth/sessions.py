@@ -20,6 +20,7 @@ from gateway.auth.tokens import hash_token, new_refresh_token
 class Rotated:
     user_id: str
     token: str
+    family_id: str
 
 
 class RefreshRejected(Exception):
@@ -32,13 +33,22 @@ class RefreshRejected(Exception):
         self.user_id = user_id
 
 
-async def start_family(conn: asyncpg.Connection, user_id: str, ttl_s: int) -> str:
+async def start_family(conn: asyncpg.Connection, user_id: str, ttl_s: int) -> tuple[str, str]:
+    """A new session: (refresh token, family id)."""
     token = new_refresh_token()
+    family = uuid.uuid4()
     await conn.execute(
         "INSERT INTO refresh_tokens (family_id, user_id, token_hash, expires_at) VALUES ($1, $2, $3, $4)",
-        uuid.uuid4(), user_id, hash_token(token), datetime.now(UTC) + timedelta(seconds=ttl_s),
+        family, user_id, hash_token(token), datetime.now(UTC) + timedelta(seconds=ttl_s),
     )
-    return token
+    return token, str(family)
+
+
+async def session_live(conn: asyncpg.Connection, family_id: str) -> bool:
+    """False once the session was logged out, revoked for reuse, or its user disabled."""
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM refresh_tokens WHERE family_id = $1 AND revoked_at IS NULL)", family_id,
+    ))
 
 
 async def rotate(conn: asyncpg.Connection, token: str, ttl_s: int) -> Rotated:
@@ -68,7 +78,7 @@ async def rotate(conn: asyncpg.Connection, token: str, ttl_s: int) -> Rotated:
         "INSERT INTO refresh_tokens (family_id, user_id, token_hash, expires_at) VALUES ($1, $2, $3, $4)",
         r["family_id"], r["user_id"], hash_token(successor), datetime.now(UTC) + timedelta(seconds=ttl_s),
     )
-    return Rotated(user_id=user_id, token=successor)
+    return Rotated(user_id=user_id, token=successor, family_id=str(r["family_id"]))
 
 
 async def revoke_family(conn: asyncpg.Connection, family_id: uuid.UUID, reason: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 
 import jwt
@@ -30,16 +31,18 @@ class AccessClaims:
     user_id: str
     role: str
     expires_at: int
+    session_id: str
 
 
-def issue_access_token(settings: AuthSettings, user_id: str, role: str) -> tuple[str, int]:
-    """A signed JWT and its lifetime in seconds."""
+def issue_access_token(settings: AuthSettings, user_id: str, role: str, session_id: str) -> tuple[str, int]:
+    """A signed JWT and its lifetime in seconds; ``sid`` ties it to its login session (logout ends both)."""
     now = int(time.time())
     ttl = settings.cfg.access_token_seconds
     payload = {
         "iss": settings.cfg.jwt_issuer,
         "aud": settings.cfg.jwt_audience,
         "sub": user_id,
+        "sid": session_id,
         "role": role,
         "iat": now,
         "nbf": now,
@@ -60,16 +63,21 @@ def verify_access_token(settings: AuthSettings, token: str) -> AccessClaims:
             audience=settings.cfg.jwt_audience,
             issuer=settings.cfg.jwt_issuer,
             leeway=LEEWAY_S,
-            options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+            options={"require": ["exp", "iat", "sub", "sid", "iss", "aud"]},
         )
     except jwt.ExpiredSignatureError:
         raise InvalidToken("the access token has expired") from None
     except jwt.InvalidTokenError:
         raise InvalidToken("the access token is invalid") from None
-    sub, role = claims.get("sub"), claims.get("role")
-    if not isinstance(sub, str) or not isinstance(role, str):
+    sub, role, sid = claims.get("sub"), claims.get("role"), claims.get("sid")
+    if not isinstance(sub, str) or not isinstance(role, str) or not isinstance(sid, str):
         raise InvalidToken("the access token is invalid")
-    return AccessClaims(user_id=sub, role=role, expires_at=int(claims["exp"]))
+    try:
+        uuid.UUID(sub)
+        uuid.UUID(sid)
+    except ValueError:
+        raise InvalidToken("the access token is invalid") from None
+    return AccessClaims(user_id=sub, role=role, expires_at=int(claims["exp"]), session_id=sid)
 
 
 def new_refresh_token() -> str:
