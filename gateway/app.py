@@ -11,8 +11,10 @@ from aiohttp import web
 from aiohttp.resolver import AsyncResolver
 
 from gateway import keys
+from gateway.accounting import reports as usage_reports
+from gateway.accounting.ledger import LedgerWriter
 from gateway.accounting.pricing import PriceTable
-from gateway.accounting.sink import LogSink
+from gateway.accounting.sink import LogSink, UsageSink
 from gateway.admin import routes as admin_routes
 from gateway.config import Config
 from gateway.middleware import make_middleware
@@ -108,7 +110,15 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _accounting(app: web.Application) -> AsyncIterator[None]:
-    sink = LogSink()
+    """Usage sink: the ledger writer (journal, then Postgres) in database mode, else the log."""
+    cfg = app[keys.CONFIG]
+    sink: UsageSink
+    if cfg.standalone:
+        sink = LogSink()
+    else:
+        writer = LedgerWriter(app[keys.PG], cfg.accounting)
+        await writer.start()
+        sink = writer
     app[keys.USAGE] = sink
     yield
     await sink.close()
@@ -143,6 +153,7 @@ def create_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
+    usage_reports.setup(app)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     for method, path, handler in DATA_PLANE:
