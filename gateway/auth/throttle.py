@@ -10,6 +10,7 @@ failure up to 15 minutes; an IP gets the same after
 from __future__ import annotations
 
 import hashlib
+import random
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -17,6 +18,7 @@ import asyncpg
 from gateway.config import AuthConfig
 
 MAX_LOCK_S = 900
+PURGE_CHANCE = 0.01  # of failures that also purge finished rows
 
 
 def subjects(email: str, ip: str) -> tuple[str, str]:
@@ -55,6 +57,17 @@ async def record_failure(conn: asyncpg.Connection, cfg: AuthConfig, email: str, 
             """,
             subject, float(cfg.login_lockout_seconds), float(MAX_LOCK_S), limit,
         )
+    if random.random() < PURGE_CHANCE:
+        await purge(conn, cfg)
+
+
+async def purge(conn: asyncpg.Connection, cfg: AuthConfig) -> None:
+    """Forget subjects whose window and lock are over (keeps the table small under guessing floods)."""
+    await conn.execute(
+        "DELETE FROM login_throttle WHERE window_start < now() - $1::interval "
+        "AND (locked_until IS NULL OR locked_until < now())",
+        timedelta(seconds=cfg.login_window_seconds),
+    )
 
 
 async def clear(conn: asyncpg.Connection, email: str) -> None:
