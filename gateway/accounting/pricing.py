@@ -66,6 +66,10 @@ class PriceTable:
             self._cache[model] = price
         return price
 
+    def refuses(self, model: str) -> bool:
+        """``pricing.unknown_model = "refuse"`` and no price for this model: it must not be served."""
+        return self.default is None and self.lookup(model) is None
+
     @classmethod
     def from_toml(cls, text: str, default: Price | None, source: str = "prices.toml") -> PriceTable:
         errors: list[str] = []

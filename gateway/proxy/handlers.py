@@ -107,6 +107,9 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     doc, facts = parse_facts(body, request, ctx)
     route, candidates = app[keys.ROUTER].candidates(facts.model, dialect)
     ctx.route = route.match
+    if charge and app[keys.PRICES].refuses(facts.model):
+        # pricing.unknown_model = "refuse": an unpriced model is as unavailable as an unrouted one.
+        raise GatewayError(ErrorKind.NOT_FOUND, f"The model {facts.model!r} has no price configured on this gateway.")
     admitter = app[keys.ADMITTER]
     reservation = await admitter.admit(principal, facts)
 
