@@ -177,3 +177,8 @@ class RedisStore:
             await self.fast.close()
         with contextlib.suppress(*REDIS_ERRORS):
             await self.client.aclose()
+        # A Sentinel-discovered master: its Sentinel connections are the manager's to close.
+        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            with contextlib.suppress(*REDIS_ERRORS):
+                await sentinel.aclose()
