@@ -24,12 +24,14 @@ class Passwords:
         self.hasher = PasswordHasher(
             time_cost=cfg.argon2_time_cost, memory_cost=cfg.argon2_memory_kib, parallelism=cfg.argon2_parallelism,
         )
-        self._dummy = self.hasher.hash(secrets.token_urlsafe(16))
+        self._dummy = ""  # made on first use: create_app stays cheap (standalone never needs it)
 
     async def hash(self, password: str) -> str:
         return await asyncio.get_running_loop().run_in_executor(None, self.hasher.hash, password)
 
     def _verify(self, stored: str | None, password: str) -> bool:
+        if stored is None and not self._dummy:
+            self._dummy = self.hasher.hash(secrets.token_urlsafe(16))
         try:
             return self.hasher.verify(stored or self._dummy, password) and stored is not None
         except (VerifyMismatchError, VerificationError, InvalidHashError):
