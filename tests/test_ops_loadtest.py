@@ -50,8 +50,8 @@ def assert_stack_stopped(run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_runner_smoke_run_passes_and_cleans_up(tmp_path: Path) -> None:
-    """run.sh gateway-smoke.js (15 s): zero errors, thresholds met, results written, nothing left running."""
-    r, run_dir = run_runner(tmp_path, "0.5", "gateway-smoke.js")
+    """run.sh gateway-smoke.js (~11 s): zero errors, thresholds met, results written, nothing left running."""
+    r, run_dir = run_runner(tmp_path, "0.35", "gateway-smoke.js")
     assert 0 == r.returncode, r.stdout[-4000:] + r.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = summary["metrics"]
