@@ -51,6 +51,10 @@ class PriceTable:
         self.default = default
         self._cache: dict[str, Price | None] = {}
 
+    def exact_models(self) -> list[str]:
+        """Model names priced by exact name (for /v1/models listings)."""
+        return list(self._exact)
+
     def lookup(self, model: str) -> Price | None:
         try:
             return self._cache[model]

@@ -241,7 +241,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     if principal.user_disabled:
         raise GatewayError(ErrorKind.PERMISSION, "The user of this API key is disabled.")
     names = [
-        m for m in request.app[keys.ROUTER].listed_models()
+        m for m in request.app[keys.ROUTER].listed_models(request.app[keys.PRICES].exact_models())
         if model_allowed(m, principal.key_limits) and model_allowed(m, principal.user_limits)
     ]
     if anthropic:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -125,5 +126,8 @@ class Router:
             )
         return route, ordered
 
-    def listed_models(self) -> list[str]:
-        return sorted(self._exact)
+    def listed_models(self, known: Iterable[str] = ()) -> list[str]:
+        """Exact route names, plus known model names (the price table's) that a route serves."""
+        names = set(self._exact)
+        names.update(m for m in known if self.match(m) is not None)
+        return sorted(names)
