@@ -7,6 +7,7 @@ same 401 body after the same argon2 work; repeated failures are throttled
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import structlog
@@ -27,6 +28,7 @@ PASSWORDS: web.AppKey[Passwords] = web.AppKey("passwords")
 log = structlog.get_logger("auth")
 
 _INVALID = "Invalid email or password."
+PURGE_CHANCE = 0.01  # of logins that also purge long-expired sessions
 
 
 def _db(request: web.Request) -> Database:
@@ -98,6 +100,8 @@ async def login(request: web.Request) -> web.Response:
                 await throttle.clear(conn, email)
                 refresh, session_id = await sessions.start_family(conn, user.id, settings.cfg.refresh_token_seconds)
                 await audit.record(conn, _actor(request, user.id), "auth.login", "user", user.id)
+            if random.random() < PURGE_CHANCE:
+                await sessions.purge_expired(conn)
             if user.password_hash and passwords.needs_rehash(user.password_hash):
                 await users.update(conn, user.id, {"password_hash": await passwords.hash(password)})
     except DatabaseUnavailable:

@@ -44,6 +44,11 @@ async def start_family(conn: asyncpg.Connection, user_id: str, ttl_s: int) -> tu
     return token, str(family)
 
 
+async def purge_expired(conn: asyncpg.Connection, grace_days: int = 7) -> None:
+    """Forget sessions that expired over ``grace_days`` ago (their reuse can no longer matter)."""
+    await conn.execute("DELETE FROM refresh_tokens WHERE expires_at < now() - make_interval(days => $1)", grace_days)
+
+
 async def session_live(conn: asyncpg.Connection, family_id: str) -> bool:
     """False once the session was logged out, revoked for reuse, or its user disabled."""
     return bool(await conn.fetchval(
