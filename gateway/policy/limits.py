@@ -40,6 +40,7 @@ from gateway.policy.principals import Principal
 from gateway.policy.windows import Decision, LocalCounters
 from gateway.stores import redis_scripts as scripts
 from gateway.stores.redis import REDIS_ERRORS, RedisStore
+from gateway.stores.resp import encode_parts
 
 log = structlog.get_logger("limits")
 
@@ -89,6 +90,7 @@ class Plan:
     token_i: tuple[int, ...]
     budget_i: tuple[int, ...]
     settle: tuple[int, ...]  # indices of t, c and b checks
+    settle_keys: tuple[str, ...]
     lease_keys: tuple[str, ...]
     output_cap: int  # the lowest max_tokens limit, 0 when none
 
@@ -171,6 +173,7 @@ class Planner:
             token_i=tuple(i for i, c in enumerate(checks) if c.kind == "t"),
             budget_i=tuple(i for i, c in enumerate(checks) if c.kind == "b"),
             settle=tuple(i for i, c in enumerate(checks) if c.kind != "r"),
+            settle_keys=tuple(c.key for c in checks if c.kind != "r"),
             lease_keys=tuple(c.key for c in checks if c.kind == "c"),
             output_cap=min(caps) if caps else 0,
         )
@@ -406,6 +409,8 @@ class RedisLimiter:
         self._parked: deque[_Pending] = deque(maxlen=_PARKED_MAX)
         self._rebuilding: dict[tuple[str, ...], asyncio.Future[None]] = {}
         self._rebuild_block_until = 0.0
+        self._heads: dict[tuple[int, str], tuple[Plan, bytes]] = {}
+        self._tails: dict[int, tuple[Plan, bytes]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._loaded = False
         store.on_recover(self._recovered)
@@ -441,6 +446,34 @@ class RedisLimiter:
                 return await client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             except NoScriptError:
                 return await client.eval(script.source, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+    def _head(self, script: scripts.Script, plan: Plan, keys: Sequence[str]) -> bytes:
+        """``EVALSHA sha n keys...`` of a plan, encoded once."""
+        cache_key = (id(plan), script.name)
+        hit = self._heads.get(cache_key)
+        if hit is not None and hit[0] is plan:
+            return hit[1]
+        head = encode_parts("EVALSHA", script.sha, len(keys), *keys)
+        if len(self._heads) >= _PLAN_CACHE_MAX:
+            self._heads.clear()
+        self._heads[cache_key] = (plan, head)
+        return head
+
+    async def _admit(self, plan: Plan, member: str, tokens: int, cost: int) -> Any:
+        fast = self.store.fast
+        if fast is None:
+            return await self._eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
+        tail = self._tails.get(id(plan))
+        if tail is None or tail[0] is not plan:
+            if len(self._tails) >= _PLAN_CACHE_MAX:
+                self._tails.clear()
+            tail = self._tails[id(plan)] = (plan, encode_parts(self.lease_ms, *plan.args))
+        count = 7 + len(plan.keys) + len(plan.args)
+        parts = self._head(scripts.ADMIT, plan, plan.keys) + encode_parts(member, tokens, cost) + tail[1]
+        try:
+            return await fast.call_encoded(count, parts)
+        except NoScriptError:
+            return await self._eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
 
     async def _eval_many(self, script: scripts.Script, items: Sequence[_Pending]) -> None:
         """One round trip for many calls of ``script`` (per node on a Cluster)."""
@@ -484,12 +517,11 @@ class RedisLimiter:
         limits = plan.limits
         token_cap = min((limits[i] for i in plan.token_i), default=0)
         tokens, cost = demand(plan, facts, self.prices, token_cap)
-        args = (facts.request_id, tokens, cost, self.lease_ms, *plan.args)
         try:
-            raw = await self._eval(scripts.ADMIT, plan.keys, args)
+            raw = await self._admit(plan, facts.request_id, tokens, cost)
             if raw[0] == -1:
                 await self._rebuild(plan)
-                raw = await self._eval(scripts.ADMIT, plan.keys, args)
+                raw = await self._admit(plan, facts.request_id, tokens, cost)
                 if raw[0] == -1:
                     raise _RebuildFailed
         except REDIS_ERRORS as exc:
@@ -599,24 +631,30 @@ class RedisLimiter:
         for i in plan.budget_i:
             key = plan.checks[i].key
             self._spent[key] = self._spent.get(key, 0) + cost_micros
-        keys = [plan.checks[i].key for i in plan.settle]
+        keys = plan.settle_keys
         args: list[Any] = [held.member, held.sec, tokens - held.tokens, held.cost, cost_micros]
         gens = iter(held.gens)
         for i in plan.settle:
             kind = plan.checks[i].kind
             args += (kind, next(gens, b"") if kind == "b" else b"")
         self.stats.settles += 1
-        if self.store.fast is not None and self.store.healthy:
+        fast = self.store.fast
+        if fast is not None and self.store.healthy:
             # The pipelined connection batches whatever is written in one loop iteration.
             try:
-                await self._eval(scripts.SETTLE, keys, args)
+                try:
+                    await fast.call_encoded(
+                        3 + len(keys) + len(args), self._head(scripts.SETTLE, plan, keys) + encode_parts(*args)
+                    )
+                except NoScriptError:
+                    await self._eval(scripts.SETTLE, keys, args)
             except REDIS_ERRORS as exc:
                 self.store.failed(exc)
-                self._parked.append(_Pending(keys, args))
+                self._parked.append(_Pending(list(keys), args))
                 self.stats.parked += 1
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._flush.items.append(_Pending(keys, args))
+        self._flush.items.append(_Pending(list(keys), args))
         self._flush.waiters.append(waiter)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_settlements())

@@ -24,17 +24,22 @@ import hiredis
 from redis.exceptions import NoScriptError, ResponseError
 
 
-def _encode(args: tuple[object, ...]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
+def encode_parts(*args: object) -> bytes:
+    """RESP bulk strings for ``args``, without the array header (callers cache constant parts)."""
+    out = []
     for a in args:
         if isinstance(a, bytes):
             b = a
         elif isinstance(a, str):
             b = a.encode()
         else:
-            b = str(a).encode()
+            b = b"%d" % a if isinstance(a, int) else str(a).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
+
+
+def _encode(args: tuple[object, ...]) -> bytes:
+    return b"*%d\r\n" % len(args) + encode_parts(*args)
 
 
 class _Protocol(asyncio.Protocol):
@@ -128,10 +133,13 @@ class PipelinedRedis:
                 self._connecting = None
 
     def _send(self, proto: _Protocol, args: tuple[object, ...]) -> asyncio.Future[object]:
+        return self._send_raw(proto, _encode(args))
+
+    def _send_raw(self, proto: _Protocol, command: bytes) -> asyncio.Future[object]:
         fut: asyncio.Future[object] = proto.loop.create_future()
         if not proto.out:
             proto.loop.call_soon(proto.flush)
-        proto.out.append(_encode(args))
+        proto.out.append(command)
         proto.pending.append((fut, proto.loop.time() + self.timeout))
         if self._watchdog is None:
             self._watchdog = proto.loop.call_later(self.timeout / 2, self._watch)
@@ -164,6 +172,13 @@ class PipelinedRedis:
         if proto is None or proto.transport is None:
             proto = await self._proto_ready()
         return await self._send(proto, args)
+
+    async def call_encoded(self, count: int, parts: bytes) -> object:
+        """A command of ``count`` arguments already encoded by ``encode_parts``."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            proto = await self._proto_ready()
+        return await self._send_raw(proto, b"*%d\r\n" % count + parts)
 
     async def close(self) -> None:
         if self._watchdog is not None:
