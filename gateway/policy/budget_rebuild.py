@@ -6,21 +6,36 @@ empty, was flushed, evicted the key, or a new period began) the limiter asks
 writes that into Redis, and only then enforces the budget again: a restart
 never hands anyone a fresh budget.
 
-Until the accounting issue lands the ledger, this is a no-op hook that
-answers ``None`` ("no ledger"); the limiter then seeds each counter with the
-largest spend it has itself seen for that scope (nothing is forgotten that
-this worker knew).  The accounting engineer completes it: one query summing
-``cost_micros`` per scope, bounded by a short timeout (the limiter also
-bounds the call and falls back to local limits when it fails).
+Standalone (no database) it answers ``None`` ("no ledger"); the limiter then
+seeds each counter with the largest spend it has itself seen for that scope.
+In database mode it is one query for all scopes: whole UTC days from the
+``usage_daily`` rollup, plus the ledger rows of a partial first day when a
+period does not start at midnight.  Records still in a worker's journal (at
+most ``accounting.flush_ms`` old) are not yet counted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
 from aiohttp import web
+
+from gateway import keys
+
+_SPENT_SQL = """
+SELECT s.i,
+       coalesce((SELECT sum(d.cost_micros) FROM usage_daily d
+                 WHERE d.user_id = s.user_id AND (s.key_id IS NULL OR d.key_id = s.key_id)
+                   AND d.day >= s.first_day), 0)
+     + coalesce((SELECT sum(l.cost_micros) FROM usage_ledger l
+                 WHERE l.user_id = s.user_id AND (s.key_id IS NULL OR l.key_id = s.key_id)
+                   AND l.ts >= s.since AND l.ts < (s.first_day::timestamp AT TIME ZONE 'UTC')), 0) AS spent
+FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::date[])
+     WITH ORDINALITY AS s(user_id, key_id, since, first_day, i)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,4 +56,20 @@ async def rebuild_budgets(app: web.Application, scopes: Sequence[BudgetScope]) -
     instead of enforcing a budget it cannot know).  A scope missing from the
     answer counts as zero spend.
     """
-    return None
+    db = app.get(keys.PG)
+    if db is None:
+        return None
+    if not scopes:
+        return {}
+    since = [datetime.fromtimestamp(max(sc.since, 0.0), UTC) for sc in scopes]
+    first_day = [_first_whole_day(t) for t in since]
+    async with db.connection(timeout=2.0) as conn:
+        rows = await conn.fetch(
+            _SPENT_SQL, [sc.user_id for sc in scopes], [sc.key_id for sc in scopes], since, first_day, timeout=2.0
+        )
+    return {scopes[r["i"] - 1]: int(r["spent"]) for r in rows}
+
+
+def _first_whole_day(t: datetime) -> date:
+    d = t.date()
+    return d if t == datetime(d.year, d.month, d.day, tzinfo=UTC) else d + timedelta(days=1)
