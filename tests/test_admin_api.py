@@ -47,6 +47,8 @@ async def test_a_user_token_gets_403_on_every_admin_route_and_no_token_gets_401(
                          ("GET", f"/me/keys/{NIL}"), ("PATCH", f"/me/keys/{NIL}"), ("DELETE", f"/me/keys/{NIL}")):
         r = await cp.request(method, path, json={})
         assert 401 == r.status, (method, path)
+        r = await cp.request(method, path, json={}, headers=ADMIN)  # the bootstrap token has no user account
+        assert 403 == r.status, (method, path)
     # Nothing changed for bob.
     r = await cp.get(f"/admin/keys/{bob_key['id']}", headers=ADMIN)
     assert "active" == (await r.json())["status"]

@@ -78,8 +78,10 @@ async def test_disabled_user_and_expired_key_are_refused(cp):
 
 
 async def test_postgres_down_cached_key_served_unknown_key_503_and_recovery_without_restart(
-        cp, pg_server):
-    """Postgres stopped: a cached key still works, an unknown key gets 503 (not 401); back: all normal."""
+        cp, pg_server, make_gateway, mock_upstream):
+    """Postgres stopped: a cached key still works, an unknown key gets 503 (not 401); back: all normal,
+    including revocation by NOTIFY on another instance (its listener reconnected by itself)."""
+    other = await make_gateway(pg_toml(mock_upstream.base_url))
     user = await create_user(cp, "oli@example.com")
     key = await create_key(cp, user["id"])
     fresh = await create_key(cp, user["id"])  # never used: not cached
@@ -108,6 +110,14 @@ async def test_postgres_down_cached_key_served_unknown_key_503_and_recovery_with
         await asyncio.sleep(0.2)
     assert 401 == await call_model(cp, "gwk_" + "y" * 43)
     assert 200 == await call_model(cp, key["key"])
+    resolver = other.server.app[keys.RESOLVER]
+    deadline = time.monotonic() + 15
+    while resolver.listener.connections < 2:  # connected, lost, connected again
+        assert time.monotonic() < deadline, "listener did not reconnect"
+        await asyncio.sleep(0.1)
+    assert 200 == await call_model(other, key["key"])
+    assert 204 == (await cp.delete(f"/admin/keys/{key['id']}", headers=ADMIN)).status
+    await _wait_status(other, key["key"], 401, within=1.0)
 
 
 async def test_negative_cache_is_bounded_and_postgres_sees_a_bounded_number_of_lookups(
