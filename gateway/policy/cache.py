@@ -160,10 +160,8 @@ class PostgresResolver:
 
     async def _fetch(self, h: str, stale: _Entry | None) -> Principal | None:
         generation = self._generation
-        self.stats.lookups += 1
         try:
-            async with self.db.connection(timeout=self.timeout) as conn:
-                principal = await access_keys.lookup_principal(conn, h, self.timeout)
+            principal = await self._query(h)
         except (DatabaseUnavailable, TimeoutError):
             # Stale-if-error: the entry keeps its old deadline, so this cannot go on forever.
             if stale is not None and time.monotonic() - stale.fresh_until < self.stale_s:
@@ -176,6 +174,19 @@ class PostgresResolver:
         if generation == self._generation:  # no invalidation raced this read
             self._store(h, principal)
         return principal
+
+    async def _query(self, h: str) -> Principal | None:
+        """The lookup, retried once at once when a pooled connection turns out dead
+        (the first use after a Postgres restart); a timeout is not retried."""
+        for attempt in (1, 2):
+            self.stats.lookups += 1
+            try:
+                async with self.db.connection(timeout=self.timeout) as conn:
+                    return await access_keys.lookup_principal(conn, h, self.timeout)
+            except DatabaseUnavailable as exc:
+                if attempt == 2 or isinstance(exc.__cause__, TimeoutError) or self.db.pool is None:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _store(self, h: str, principal: Principal | None) -> None:
         now = time.monotonic()
