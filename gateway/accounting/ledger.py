@@ -195,7 +195,7 @@ class LedgerWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._down_since: float | None = None
-        self._last_scan = 0.0
+        self._last_scan = -ORPHAN_SCAN_S  # scan at start
         self._partitions: set[tuple[int, int]] = set()  # (year, month) known to exist
         self._lock = asyncio.Lock()  # one flush at a time (the flusher, flush(), close())
         # Figures for tests, metrics and the benchmark.
@@ -275,39 +275,44 @@ class LedgerWriter:
     # ------------------------------------------------------------ flusher
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = self.flush_s
+        next_flush = loop.time() + delay
         while True:
             if not self._closing:
+                timeout = max(0.0, min(next_flush, self._last_scan + ORPHAN_SCAN_S) - loop.time())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
                 async with self._lock:
-                    now = time.monotonic()
-                    if now - self._last_scan >= ORPHAN_SCAN_S:
-                        self._last_scan = now
+                    if loop.time() - self._last_scan >= ORPHAN_SCAN_S:
+                        self._last_scan = loop.time()
                         await self._replay_orphans()
-                    if not self._sealed or (
-                        self._active is not None and self._active.count >= SEGMENT_MAX_RECORDS
-                    ):
-                        self._seal()
-                    await self._flush_sealed()
+                    if woken or self._closing or loop.time() >= next_flush:
+                        next_flush = loop.time() + delay
+                        if not self._sealed or (
+                            self._active is not None and self._active.count >= SEGMENT_MAX_RECORDS
+                        ):
+                            self._seal()
+                        await self._flush_sealed()
             except (DatabaseUnavailable, asyncpg.PostgresError, *CONNECTIVITY_ERRORS) as exc:
                 if self._closing:
                     log.warning("ledger: postgres unavailable at shutdown; records left in the journal",
                                 pending=self.pending, error=type(exc).__name__)
                     return
                 if self._down_since is None:
-                    self._down_since = time.monotonic()
+                    self._down_since = loop.time()
                     log.warning("ledger: postgres unavailable; journaling until it is back",
                                 error=str(exc) if isinstance(exc, DatabaseUnavailable) else type(exc).__name__)
                 delay = min(max(delay * 2, 0.25), 5.0)
+                next_flush = loop.time() + delay
                 continue
-            if self._down_since is not None:
-                log.info("ledger: postgres back; journal replayed",
-                         outage_s=round(time.monotonic() - self._down_since, 1))
+            if self._down_since is not None and not self._sealed:
+                log.info("ledger: postgres back; journal replayed", outage_s=round(loop.time() - self._down_since, 1))
                 self._down_since = None
-            delay = self.flush_s
+                delay = self.flush_s
             if self._closing:
                 self._seal()
                 if not self._sealed:
