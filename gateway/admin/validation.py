@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.auth.passwords import MAX_PASSWORD_LEN, MIN_PASSWORD_LEN
 from gateway.auth.responses import bad_request, not_found
-from gateway.config import Limits
+from gateway.config import Limits, model_matches
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 ROLES = ("admin", "user")
@@ -151,8 +151,6 @@ def within(key: Limits, user: Limits) -> None:
         if cap is not None and mine is not None and mine > cap:
             raise bad_request(f"limits.{f}: {mine} is above your own limit of {cap}.", field=f"limits.{f}")
     if user.models is not None and key.models is not None:
-        from gateway.config import model_matches
-
         for m in key.models:
             if not any(m == u or model_matches(u, m) for u in user.models):
                 raise bad_request(f"limits.models: {m!r} is not among your allowed models.", field="limits.models")
