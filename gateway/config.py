@@ -66,7 +66,7 @@ class AuthConfig:
     # Failed logins: after login_max_failures within login_window_seconds an
     # email is locked, doubling from login_lockout_seconds up to 15 minutes.
     login_max_failures: int = 5
-    login_max_failures_per_ip: int = 100
+    login_max_failures_per_ip: int = 100  # 0: off (behind a proxy every client shares its address)
     login_window_seconds: int = 900
     login_lockout_seconds: int = 30
     max_keys_per_user: int = 100  # active keys a user may hold via /me/keys

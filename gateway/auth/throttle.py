@@ -40,6 +40,8 @@ async def record_failure(conn: asyncpg.Connection, cfg: AuthConfig, email: str, 
     window = timedelta(seconds=cfg.login_window_seconds)
     for subject, limit in zip(subjects(email, ip), (cfg.login_max_failures, cfg.login_max_failures_per_ip),
                               strict=True):
+        if limit <= 0:
+            continue  # 0 disables (e.g. per-IP behind a load balancer that hides client addresses)
         await conn.execute(
             """
             INSERT INTO login_throttle AS t (subject, failures, window_start) VALUES ($1, 1, now())
