@@ -103,3 +103,39 @@ async def test_sigterm_flushes_every_record_before_exit(serve, pg_env, mock_upst
     assert 0 == proc.stop()
     assert sorted(ok) == sorted(await rows(pg_env))
     assert [] == list(tmp_path.glob("usage-*.jsonl"))
+
+
+async def test_sighup_reloads_the_price_table(serve, pg_env, mock_upstream, tmp_path):
+    """Edit prices.toml, SIGHUP: the rolled workers charge the new price (a fresh load at worker start)."""
+    prices = tmp_path / "prices.toml"
+    shipped = (Path(__file__).resolve().parent.parent / "config" / "prices.toml").read_text()
+    prices.write_text(shipped)
+    toml = gateway_toml(mock_upstream.base_url, extra=f"""
+        [accounting]
+        journal_dir = "{tmp_path}"
+        flush_ms = 20
+        """)
+    toml = toml.replace(f'file = "{Path(__file__).resolve().parent.parent / "config" / "prices.toml"}"',
+                        f'file = "{prices}"', 1)
+    proc = serve(toml, workers=1, env=env_for(pg_env))
+    body = {"model": "demo-claude", "max_tokens": 20, "messages": MSGS}
+
+    async def one() -> str:
+        async with aiohttp.ClientSession() as s, s.post(proc.base_url + "/v1/messages", json=body,
+                                                         headers={**ANTH, "x-mock-chunks": "10"}) as r:
+            await r.read()
+            assert 200 == r.status
+            return r.headers["x-request-id"]
+
+    before = await one()
+    prices.write_text(shipped.replace('[models."demo-*"]\ninput = 3.0\noutput = 15.0',
+                                      '[models."demo-*"]\ninput = 30.0\noutput = 150.0'))
+    proc.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while '"reloaded"' not in proc.log_text():
+        assert time.monotonic() < deadline, proc.log_text()
+        await asyncio.sleep(0.05)
+    after = await one()
+    assert 0 == proc.stop()
+    got = await rows(pg_env)
+    assert 10 * got[before]["cost_micros"] == got[after]["cost_micros"]
