@@ -349,6 +349,15 @@ def _check(cfg: Config, errors: list[str]) -> None:
         errors.append("server.backlog: must be positive")
     if s.worker_ping_seconds <= 0:
         errors.append("server.worker_ping_seconds: must be positive")
+    for name in ("pool_max", "timeout_ms", "key_cache_seconds", "key_cache_size", "negative_cache_seconds",
+                 "negative_cache_size", "key_lookup_rate", "last_used_flush_seconds"):
+        if getattr(cfg.database, name) <= 0:
+            errors.append(f"database.{name}: must be positive")
+    for name in ("access_token_seconds", "refresh_token_seconds", "argon2_memory_kib", "argon2_time_cost",
+                 "argon2_parallelism", "login_max_failures", "login_window_seconds", "login_lockout_seconds",
+                 "max_keys_per_user"):
+        if getattr(cfg.auth, name) <= 0:
+            errors.append(f"auth.{name}: must be positive")
     for name in ("timeout_ms", "retry_seconds", "lease_seconds", "instances"):
         if getattr(cfg.redis, name) <= 0:
             errors.append(f"redis.{name}: must be positive")
