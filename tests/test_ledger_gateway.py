@@ -239,3 +239,37 @@ deployments = [{ upstream = "mock-anthropic" }, { upstream = "mock-openai" }]
     assert (False, cost(mock_input_tokens(body), 4, price={"input": 10_000_000, "output": 20_000_000,
                                                             "cache_write": 10_000_000, "cache_read": 10_000_000})) \
         == (row["priced"], row["cost_micros"])
+
+
+async def test_memory_stays_bounded_during_an_outage_and_the_journal_fills_the_gap(
+        make_gateway, mock_upstream, pg_env, pg_server, tmp_path):
+    """max_memory_records caps what the writer holds while Postgres is down; the rest is read back
+    from the journal when it returns, and every record lands exactly once."""
+    gw = await make_gateway(gateway_toml(mock_upstream.base_url, extra=f"""
+        [accounting]
+        journal_dir = "{tmp_path}"
+        flush_ms = 50
+        batch_size = 4
+        max_memory_records = 4
+        """))
+    writer = gw.server.app[keys.USAGE]
+    body = {"model": "demo-claude", "max_tokens": 50, "messages": MSGS}
+    ids = []
+    r = await gw.post("/v1/messages", json=body, headers=ANTH)  # caches the key, creates the partition
+    ids.append(r.headers["x-request-id"])
+    await wait_rows(pg_env, 1)
+    await checkpoint(pg_env)
+    pg_server.stop()
+    try:
+        peak = 0
+        for _ in range(40):
+            r = await gw.post("/v1/messages", json=body, headers=ANTH)
+            assert 200 == r.status
+            ids.append(r.headers["x-request-id"])
+            peak = max(peak, writer._mem_count)
+    finally:
+        pg_server.start()
+    assert peak <= 4
+    assert 40 <= writer.pending
+    got = await wait_rows(pg_env, 41)
+    assert sorted(ids) == sorted(got)
