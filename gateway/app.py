@@ -14,7 +14,7 @@ from gateway import keys
 from gateway.accounting import reports as usage_reports
 from gateway.accounting.ledger import LedgerWriter
 from gateway.accounting.pricing import PriceTable
-from gateway.accounting.sink import LogSink, UsageSink
+from gateway.accounting.sink import LogSink, NullSink, UsageSink
 from gateway.admin import routes as admin_routes
 from gateway.config import Config
 from gateway.middleware import make_middleware
@@ -113,7 +113,9 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
     """Usage sink: the ledger writer (journal, then Postgres) in database mode, else the log."""
     cfg = app[keys.CONFIG]
     sink: UsageSink
-    if cfg.standalone:
+    if cfg.accounting.sink == "none":
+        sink = NullSink()
+    elif cfg.standalone or cfg.accounting.sink == "log":
         sink = LogSink()
     else:
         writer = LedgerWriter(app[keys.PG], cfg.accounting)

@@ -188,6 +188,9 @@ class PricingConfig:
 
 @dataclass(frozen=True, slots=True)
 class AccountingConfig:
+    # "auto": the Postgres ledger in database mode, the log standalone; "log": always the log;
+    # "none": record nothing (only to measure the ledger's cost in benchmarks).
+    sink: Literal["auto", "log", "none"] = "auto"
     journal_dir: str = "/tmp/llm-gateway-journal"
     batch_size: int = 500
     flush_ms: int = 200
@@ -361,6 +364,11 @@ def _check(cfg: Config, errors: list[str]) -> None:
     for name in ("timeout_ms", "retry_seconds", "lease_seconds", "instances"):
         if getattr(cfg.redis, name) <= 0:
             errors.append(f"redis.{name}: must be positive")
+    for name in ("batch_size", "flush_ms", "max_memory_records"):
+        if getattr(cfg.accounting, name) <= 0:
+            errors.append(f"accounting.{name}: must be positive")
+    if not cfg.accounting.journal_dir:
+        errors.append("accounting.journal_dir: must not be empty")
     for name, up in cfg.upstreams.items():
         p = f"upstreams.{name}"
         if up is None:

@@ -26,3 +26,13 @@ class LogSink:
 
     async def close(self) -> None:
         return None
+
+
+class NullSink:
+    """``accounting.sink = "none"``: records nothing (benchmarks measure the ledger's cost with it)."""
+
+    def record(self, rec: UsageRecord) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
