@@ -79,6 +79,7 @@ async def test_tpm_reserves_estimate_plus_max_tokens_and_settles_to_actual(make_
     rejected = [a for a in answers if a.status == 429]
     assert all("tokens per minute" in a.json()["error"]["message"] for a in rejected)
     # Both settled to their real ~25 tokens: the window now has room for 2 more reservations.
+    await gw.server.app[keys.TASKS].drain(timeout=5)  # settlement runs off the hot path
     limiter = gw.server.app[keys.LIMITER]
     assert 2 == limiter.stats.settles
     again = await fire([(gw, CHAT)], 3, LIM_KEY, chat_body(100), SLOW)
@@ -93,6 +94,7 @@ async def test_max_concurrency_admits_exactly_two_of_ten_slow(make_gateway: Any,
     assert all("concurrent" in a.json()["error"]["message"] for a in answers if a.status == 429)
     assert all("1" == a.headers["retry-after"] for a in answers if a.status == 429)
     assert 2 == (await mock_upstream.stats())["requests"]
+    await gw.server.app[keys.TASKS].drain(timeout=5)
     after = await fire([(gw, CHAT)], 2, LIM_KEY, chat_body())
     assert {200: 2} == statuses(after)
 
@@ -114,6 +116,7 @@ async def test_budget_never_overspent_by_100_concurrent(make_gateway: Any, mock_
             err = a.json()["error"]
             assert ("insufficient_quota", "budget_exceeded") == (err["type"], err["code"])
     # settled to the real cost: the counter holds exactly what was spent
+    await gw.server.app[keys.TASKS].drain(timeout=5)
     limiter = gw.server.app[keys.LIMITER]
     assert [spent] == list(limiter.counters.spend.values())
 
