@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway import keys
 from gateway.policy.budget_rebuild import BudgetScope
+from gateway.policy.principals import Principal
 from tests.conftest import gateway_toml
 from tests.fixtures.limits import (
     LIM_KEY,
@@ -248,3 +249,45 @@ async def test_daily_user_budget_counter_names_the_period(
         assert 0 < await r.ttl(f"gw:v1:{{u:lim-user}}:b:u:d{day}") <= 2 * 86_400
     finally:
         await r.aclose()
+
+
+async def test_admission_cancelled_mid_flight_gives_its_reservation_back(redis_url: str) -> None:
+    """A request cancelled (client gone) after its script was sent: the lease and budget return at once."""
+    from gateway.accounting.pricing import PriceTable
+    from gateway.config import Limits, parse
+    from gateway.policy.admit import RequestFacts
+    from gateway.policy.limits import RedisLimiter
+    from gateway.stores.redis import RedisStore
+    from tests.conftest import CONFIG_DIR
+
+    cfg = parse("", source=str(CONFIG_DIR / "test.toml"))
+
+    async def no_ledger(scopes: Any) -> None:
+        return None
+
+    limiter = RedisLimiter(cfg, RedisStore(cfg.redis, redis_url), PriceTable.load(cfg), rebuild=no_ledger)
+    await limiter.start()
+    p = Principal("k1", "k1", "k1", "u1", key_limits=Limits(max_concurrency=1, budget_usd=1.0))
+    facts = RequestFacts("demo-gpt", False, 100, 200, "127.0.0.1", "req_warm")
+    held = await limiter.reserve(p, facts)  # builds the budget counter
+    await limiter.settle(p, facts, held, 0, 0)
+    task = asyncio.ensure_future(limiter.reserve(p, RequestFacts("demo-gpt", False, 100, 200, "127.0.0.1", "req_gone")))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the script is on the wire, its reply not yet read
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        await wait_until(lambda: r.zcard("gw:v1:{u:u1}:c:k:k1"), 0)
+        await wait_until(lambda: r.hget("gw:v1:{u:u1}:b:k:k1:all", "v"), b"0")
+    finally:
+        await r.aclose()
+        await limiter.close()
+
+
+async def wait_until(probe: Any, expected: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (value := await probe()) != expected:
+        assert time.monotonic() < deadline, f"{value!r} != {expected!r}"
+        await asyncio.sleep(0.02)

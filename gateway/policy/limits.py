@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import time
@@ -410,6 +411,7 @@ class RedisLimiter:
         self._rebuilding: dict[tuple[str, ...], asyncio.Future[None]] = {}
         self._rebuild_block_until = 0.0
         self._heads: dict[tuple[int, str], tuple[Plan, bytes]] = {}
+        self._orphans: set[asyncio.Task[None]] = set()
         self._tails: dict[int, tuple[Plan, bytes]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._loaded = False
@@ -471,9 +473,27 @@ class RedisLimiter:
         count = 7 + len(plan.keys) + len(plan.args)
         parts = self._head(scripts.ADMIT, plan, plan.keys) + encode_parts(member, tokens, cost) + tail[1]
         try:
-            return await fast.call_encoded(count, parts)
+            reply = await fast.send_encoded(count, parts)
+            try:
+                return await asyncio.shield(reply)
+            except asyncio.CancelledError:
+                # The client went away mid-admission: whatever the script reserved goes back.
+                reply.add_done_callback(functools.partial(self._release_orphan, plan, member, tokens, cost))
+                raise
         except NoScriptError:
             return await self._eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
+
+    def _release_orphan(self, plan: Plan, member: str, tokens: int, cost: int, reply: asyncio.Future[Any]) -> None:
+        if reply.cancelled() or reply.exception() is not None:
+            return
+        raw = reply.result()
+        if raw[0] != 1 or not plan.settle:
+            return
+        n = len(plan.checks)
+        held = Held(plan, member, raw[1], tokens, cost, tuple(raw[4 + 2 * n :]))
+        task = asyncio.get_running_loop().create_task(self._settle_held(held, 0, 0))
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
 
     async def _eval_many(self, script: scripts.Script, items: Sequence[_Pending]) -> None:
         """One round trip for many calls of ``script`` (per node on a Cluster)."""
@@ -618,8 +638,10 @@ class RedisLimiter:
         self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_micros: int
     ) -> None:
         held = reservation.state
-        if not isinstance(held, Held):
-            return
+        if isinstance(held, Held):
+            await self._settle_held(held, tokens, cost_micros)
+
+    async def _settle_held(self, held: Held, tokens: int, cost_micros: int) -> None:
         if held.local:
             self.local.release(held, tokens, cost_micros)
             for i in held.plan.budget_i:
@@ -716,6 +738,8 @@ class RedisLimiter:
                 self.store.failed(exc)
 
     async def close(self) -> None:
+        if self._orphans:
+            await asyncio.wait(set(self._orphans), timeout=2 * self.timeout + 1)
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

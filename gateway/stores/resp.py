@@ -175,10 +175,14 @@ class PipelinedRedis:
 
     async def call_encoded(self, count: int, parts: bytes) -> object:
         """A command of ``count`` arguments already encoded by ``encode_parts``."""
+        return await (await self.send_encoded(count, parts))
+
+    async def send_encoded(self, count: int, parts: bytes) -> asyncio.Future[object]:
+        """Send now; the returned future holds the reply (it survives the caller's cancellation)."""
         proto = self._proto
         if proto is None or proto.transport is None:
             proto = await self._proto_ready()
-        return await self._send_raw(proto, b"*%d\r\n" % count + parts)
+        return self._send_raw(proto, b"*%d\r\n" % count + parts)
 
     async def close(self) -> None:
         if self._watchdog is not None:
