@@ -11,7 +11,7 @@ segment once all its records are committed.
 Exactly once: a replayed record has the same (request_id, ts) and the ledger's
 unique index drops it; the rollup only adds rows the insert returned.
 
-Journal segments are ``usage-<db>-<pid>-<seq>.jsonl`` in ``journal_dir``; each
+Journal segments are ``usage-<db>-<pid>-<run>-<seq>.jsonl`` in ``journal_dir``; each
 is held under an exclusive ``flock`` by its writer for as long as it lives.
 Any worker can therefore tell a dead worker's segment (lock free) from a live
 one's and replays it (at start and every few seconds): the replacement of a
@@ -31,6 +31,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -188,6 +189,7 @@ class LedgerWriter:
         self.prefix = f"usage-{db_fingerprint(db.dsn)}-"
         self.shard = os.getpid() % SHARDS
         self._seq = 0
+        self._run_id = secrets.token_hex(4)
         self._active: _Segment | None = None
         self._sealed: list[_Segment] = []
         self._mem_count = 0
@@ -320,13 +322,21 @@ class LedgerWriter:
 
     def _open_segment(self) -> _Segment:
         self._seq += 1
-        name = f"{self.prefix}{os.getpid()}-{self._seq}.jsonl"
+        # pid + a random run id: a pid reused after a restart never names (or overwrites) an orphan.
+        name = f"{self.prefix}{os.getpid()}-{self._run_id}-{self._seq}.jsonl"
         path = self.dir / name
         tmp = self.dir / f".{name}.tmp"  # invisible to scanners until locked
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(tmp, path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.link(tmp, path)  # fails rather than replace an existing file
+            except OSError:
+                os.close(fd)
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         except OSError as exc:
             log.error("ledger journal unavailable; records kept in memory only", error=exc.strerror)
             return _Segment(path, -1)
