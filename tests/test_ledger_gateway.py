@@ -273,3 +273,21 @@ async def test_memory_stays_bounded_during_an_outage_and_the_journal_fills_the_g
     assert 40 <= writer.pending
     got = await wait_rows(pg_env, 41)
     assert sorted(ids) == sorted(got)
+
+
+async def test_postgres_down_at_startup_the_gateway_serves_and_records_once_it_is_up(
+        make_gateway, mock_upstream, pg_env, pg_server, tmp_path):
+    """The writer needs no database to start: records wait in the journal until Postgres appears."""
+    await checkpoint(pg_env)
+    pg_server.stop()
+    try:
+        gw = await make_gateway(ledger_toml(mock_upstream.base_url, tmp_path))
+        ids = []
+        for _ in range(6):
+            r = await gw.post("/v1/messages", json={"model": "demo-claude", "max_tokens": 5, "messages": MSGS},
+                              headers=ANTH)
+            assert 200 == r.status
+            ids.append(r.headers["x-request-id"])
+    finally:
+        pg_server.start()
+    assert sorted(ids) == sorted(await wait_rows(pg_env, 6))
