@@ -236,7 +236,7 @@ class LedgerWriter:
 
     async def start(self) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             log.error("ledger journal directory unusable; records kept in memory only",
                       dir=str(self.dir), error=exc.strerror)
