@@ -27,7 +27,7 @@ def with_cluster(redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch) -> str
 async def test_all_limits_hold_on_a_cluster(make_gateway: Any, mock_upstream: Any, with_cluster: str, redis_cluster: Any) -> None:
     """Two users (two hash slots, two nodes): each gets exactly its rpm of concurrent requests; settle works too."""
     extra = limited_keys(
-        "rpm = 3, tpm = 100000, max_concurrency = 5, budget_usd = 1.0", redis='topology = "cluster"'
+        "rpm = 3, tpm = 100000, max_concurrency = 5, budget_usd = 1.0", redis='topology = "cluster"\ntimeout_ms = 1000'
     ) + f'''
 [[keys]]
 name = "key-b"

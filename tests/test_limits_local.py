@@ -34,6 +34,8 @@ from tests.fixtures.limits import (
 
 CHAT = "/v1/chat/completions"
 SLOW = {"x-mock-latency-ms": "400"}
+# Long enough that a burst of 100 is decided before the first admitted request settles (and frees budget).
+HOLD = {"x-mock-latency-ms": "3000"}
 
 
 async def test_rpm_admits_exactly_n_of_3n_concurrent(make_gateway: Any, mock_upstream: Any) -> None:
@@ -106,7 +108,7 @@ async def test_budget_never_overspent_by_100_concurrent(make_gateway: Any, mock_
     gw = await make_gateway(
         gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {budget_micros / 1e6}"))
     )
-    answers = await fire([(gw, CHAT)], 100, LIM_KEY, body, SLOW)
+    answers = await fire([(gw, CHAT)], 100, LIM_KEY, body, HOLD)
     assert {200: 10, 429: 90} == statuses(answers)
     spent = sum(actual_cost(a.json()["usage"]) for a in answers if a.status == 200)
     assert spent <= budget_micros

@@ -47,7 +47,7 @@ async def test_rpm_exact_over_two_instances_and_three_workers(
 ) -> None:
     """rpm=10: 30 requests at once over a 2-worker instance and a 1-worker instance -> exactly 10 served."""
     env = {"GATEWAY_REDIS_URL": redis_url}
-    extra = limited_keys("rpm = 10")
+    extra = limited_keys("rpm = 10", redis="timeout_ms = 1000")  # a loaded test machine must not trip degradation
     a = serve(gateway_toml(mock_upstream.base_url, extra=extra, workers=2), workers=2, env=env)
     b = serve(gateway_toml(mock_upstream.base_url, extra=extra, workers=1), workers=1, env=env)
     async with aiohttp.ClientSession() as s:
@@ -59,7 +59,7 @@ async def test_rpm_exact_over_two_instances_and_three_workers(
 async def test_killed_workers_leases_expire(serve: Any, mock_upstream: Any, redis_url: str) -> None:
     """max_concurrency=2: leases of live slow requests are renewed past lease_seconds; SIGKILLed, they lapse."""
     env = {"GATEWAY_REDIS_URL": redis_url}
-    extra = limited_keys("max_concurrency = 2", redis="lease_seconds = 1.0")
+    extra = limited_keys("max_concurrency = 2", redis="lease_seconds = 1.0\ntimeout_ms = 1000")
     gw = serve(gateway_toml(mock_upstream.base_url, extra=extra, workers=2), workers=2, env=env)
     url = gw.base_url + CHAT
     lease_key = "gw:v1:{u:lim-user}:c:k:limited"

@@ -46,7 +46,7 @@ async def test_limits_through_sentinel(
 ) -> None:
     """rpm=3 over two gateways that found the master through Sentinel: 3 of 9 served."""
     monkeypatch.setenv("GATEWAY_REDIS_URL", sentinel_url)
-    extra = limited_keys("rpm = 3, max_concurrency = 5", redis='topology = "sentinel"')
+    extra = limited_keys("rpm = 3, max_concurrency = 5", redis='topology = "sentinel"\ntimeout_ms = 1000')
     gws = [await make_gateway(gateway_toml(mock_upstream.base_url, extra=extra)) for _ in range(2)]
     answers = await fire([(g, "/v1/chat/completions") for g in gws], 9, LIM_KEY, chat_body())
     assert {200: 3, 429: 6} == statuses(answers)
