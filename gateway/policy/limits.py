@@ -19,24 +19,33 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from hashlib import sha256
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from gateway.accounting.pricing import PriceTable
-from gateway.config import Config, Limits
+from gateway.config import Config
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy.admit import RequestFacts, Reservation
 from gateway.policy.budget_rebuild import BudgetScope
+from gateway.policy.plans import (
+    DEFAULT_OUTPUT_RESERVE,
+    PLAN_CACHE_MAX,
+    Held,
+    LimiterStats,
+    Plan,
+    Planner,
+    demand,
+    duration,
+    rate_headers,
+    rejection,
+)
 from gateway.policy.principals import Principal
 from gateway.policy.windows import Decision, LocalCounters
 from gateway.stores import redis_scripts as scripts
@@ -45,239 +54,11 @@ from gateway.stores.resp import encode_parts
 
 log = structlog.get_logger("limits")
 
-# Output tokens reserved when neither the request nor a limit caps max_tokens.
-DEFAULT_OUTPUT_RESERVE = 4096
-_DAY = 86_400
-_PLAN_CACHE_MAX = 50_000
 _PARKED_MAX = 100_000
-_SAFE_ID = re.compile(r"[A-Za-z0-9_.@:-]{1,100}")
 
-Period = Literal["day", "month", "total"]
 RebuildHook = Callable[[Sequence[BudgetScope]], Awaitable[Mapping[BudgetScope, int] | None]]
 
-
-def _tag(value: str) -> str:
-    """An id safe inside a key name and its ``{...}`` hash tag."""
-    return value if _SAFE_ID.fullmatch(value) else "h" + sha256(value.encode()).hexdigest()[:32]
-
-
-# --------------------------------------------------------------------------- plans
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One counter a request must pass: kind ``r``/``t``/``c``/``b`` of the key or of its user."""
-
-    kind: str
-    scope: Literal["key", "user"]
-    limit: int  # requests, tokens, leases or micro-dollars
-    key: str  # the counter's name in Redis (and in local memory)
-    period: Period = "total"
-    since: float = 0.0
-    ttl_s: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Every check of one principal in one period, ready for the script."""
-
-    user_id: str
-    key_id: str
-    checks: tuple[Check, ...]
-    keys: tuple[str, ...]
-    args: tuple[str | int, ...]  # kind, limit per check: ADMIT's ARGV tail
-    limits: tuple[int, ...]
-    rate_i: tuple[int, ...]
-    token_i: tuple[int, ...]
-    budget_i: tuple[int, ...]
-    settle: tuple[int, ...]  # indices of t, c and b checks
-    settle_keys: tuple[str, ...]
-    lease_keys: tuple[str, ...]
-    output_cap: int  # the lowest max_tokens limit, 0 when none
-
-
-@dataclass(frozen=True, slots=True)
-class _PeriodKeys:
-    day: tuple[str, float, int]  # (id, since, ttl_s)
-    month: tuple[str, float, int]
-
-
-def _periods(day: int) -> _PeriodKeys:
-    d = datetime.fromtimestamp(day * _DAY, UTC)
-    month_start = datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
-    return _PeriodKeys(
-        day=(d.strftime("d%Y%m%d"), float(day * _DAY), 2 * _DAY),
-        month=(d.strftime("m%Y%m"), month_start, 33 * _DAY),
-    )
-
-
-class Planner:
-    """Principal -> Plan, cached by identity (resolvers hand out the same object)."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = f"{prefix}:{scripts.VERSION}"
-        self._cache: dict[int, tuple[Principal, int, Plan | None]] = {}
-        self._periods: tuple[int, _PeriodKeys] | None = None
-
-    def plan(self, principal: Principal, now: float | None = None) -> Plan | None:
-        day = int((time.time() if now is None else now) // _DAY)
-        hit = self._cache.get(id(principal))
-        if hit is not None and hit[0] is principal and hit[1] == day:
-            return hit[2]
-        plan = self._build(principal, day)
-        if len(self._cache) >= _PLAN_CACHE_MAX:
-            self._cache.clear()
-        self._cache[id(principal)] = (principal, day, plan)
-        return plan
-
-    def _period(self, day: int) -> _PeriodKeys:
-        if self._periods is None or self._periods[0] != day:
-            self._periods = (day, _periods(day))
-        return self._periods[1]
-
-    def _build(self, p: Principal, day: int) -> Plan | None:
-        base = f"{self.prefix}:{{u:{_tag(p.user_id)}}}"
-        scopes: tuple[tuple[Literal["key", "user"], str, Limits], ...] = (
-            ("key", f"k:{_tag(p.key_id)}", p.key_limits),
-            ("user", "u", p.user_limits),
-        )
-        checks: list[Check] = []
-        for kind, attr in (("r", "rpm"), ("t", "tpm"), ("c", "max_concurrency")):
-            for scope, sid, limits in scopes:
-                value = getattr(limits, attr)
-                if value is not None:
-                    checks.append(Check(kind, scope, int(value), f"{base}:{kind}:{sid}"))
-        for scope, sid, limits in scopes:
-            if limits.budget_usd is None:
-                continue
-            period = limits.budget_period
-            if period == "total":
-                pid, since, ttl = "all", 0.0, 0
-            else:
-                pid, since, ttl = getattr(self._period(day), period)
-            micros = round(limits.budget_usd * 1_000_000)
-            checks.append(Check("b", scope, micros, f"{base}:b:{sid}:{pid}", period, since, ttl))
-        caps = [lim.max_tokens for _, _, lim in scopes if lim.max_tokens is not None]
-        if not checks:
-            return None
-        args: list[str | int] = []
-        for c in checks:
-            args += (c.kind, c.limit)
-        return Plan(
-            user_id=p.user_id,
-            key_id=p.key_id,
-            checks=tuple(checks),
-            keys=tuple(c.key for c in checks),
-            args=tuple(args),
-            limits=tuple(c.limit for c in checks),
-            rate_i=tuple(i for i, c in enumerate(checks) if c.kind == "r"),
-            token_i=tuple(i for i, c in enumerate(checks) if c.kind == "t"),
-            budget_i=tuple(i for i, c in enumerate(checks) if c.kind == "b"),
-            settle=tuple(i for i, c in enumerate(checks) if c.kind != "r"),
-            settle_keys=tuple(c.key for c in checks if c.kind != "r"),
-            lease_keys=tuple(c.key for c in checks if c.kind == "c"),
-            output_cap=min(caps) if caps else 0,
-        )
-
-
-# --------------------------------------------------------------------------- shared pieces
-
-
-@dataclass(slots=True)
-class Held:
-    """What an admitted request holds until it settles (``Reservation.state``)."""
-
-    plan: Plan
-    member: str
-    sec: int
-    tokens: int
-    cost: int
-    gens: tuple[bytes, ...] = ()  # one per budget check (Redis only)
-    local: bool = False
-
-
-@dataclass(slots=True)
-class LimiterStats:
-    """Counters for the metrics code (read them; never reset)."""
-
-    admitted: int = 0
-    rate_limited: int = 0
-    budget_exceeded: int = 0
-    degraded: int = 0  # decisions taken without Redis (local, open or closed)
-    rebuilds: int = 0  # budget counters rebuilt from the ledger
-    rebuild_failures: int = 0
-    settles: int = 0
-    settle_batches: int = 0  # round trips that carried them
-    parked: int = 0  # settlements kept for when Redis answers again
-
-
-def demand(plan: Plan, facts: RequestFacts, prices: PriceTable, token_cap: int) -> tuple[int, int]:
-    """(tokens, micro-dollars) to reserve: estimated input + the output cap, worst-case priced."""
-    if not plan.token_i and not plan.budget_i:
-        return 0, 0
-    output = facts.max_tokens or plan.output_cap or DEFAULT_OUTPUT_RESERVE
-    est_in = facts.est_input_tokens
-    tokens = min(est_in + output, token_cap) if plan.token_i else 0
-    cost = 0
-    if plan.budget_i:
-        price = prices.lookup(facts.model) or prices.default
-        cost = price.worst_case_micros(est_in, output) if price is not None else 0
-    return tokens, cost
-
-
-def duration(ms: int) -> str:
-    """OpenAI's reset format: ``250ms``, ``1.5s``, ``1m0s``."""
-    if ms < 1000:
-        return f"{max(0, ms)}ms"
-    if ms < 60_000:
-        return f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
-    minutes, rest = divmod(ms, 60_000)
-    return f"{minutes}m" + f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
-
-
-def _trio(
-    out: dict[str, str], what: str, idx: tuple[int, ...], limits: Sequence[int], used: Sequence[int],
-    reset: Sequence[int],
-) -> None:
-    best = idx[0] if len(idx) == 1 else min(idx, key=lambda i: limits[i] - used[i])
-    out[f"x-ratelimit-limit-{what}"] = str(limits[best])
-    out[f"x-ratelimit-remaining-{what}"] = str(max(0, limits[best] - used[best]))
-    out[f"x-ratelimit-reset-{what}"] = duration(reset[best])
-
-
-def rate_headers(plan: Plan, limits: Sequence[int], d: Decision) -> dict[str, str]:
-    """``x-ratelimit-*`` for the tightest request and token limits of this request."""
-    out: dict[str, str] = {}
-    if plan.rate_i:
-        _trio(out, "requests", plan.rate_i, limits, d.used, d.reset)
-    if plan.token_i:
-        _trio(out, "tokens", plan.token_i, limits, d.used, d.reset)
-    return out
-
-
-_PERIOD_WORD = {"day": "daily", "month": "monthly", "total": "total"}
-
-
-def rejection(plan: Plan, limits: Sequence[int], d: Decision, cost: int, headers: dict[str, str]) -> GatewayError:
-    i = d.failed - 1
-    check = plan.checks[i]
-    who = "API key" if check.scope == "key" else "user"
-    if check.kind == "b":
-        left = max(0, limits[i] - d.used[i])
-        return GatewayError(
-            ErrorKind.BUDGET_EXCEEDED,
-            f"Budget exhausted: this {who}'s {_PERIOD_WORD[check.period]} budget of ${check.limit / 1e6:.2f} has "
-            f"${left / 1e6:.4f} left and this request could cost up to ${cost / 1e6:.4f}.",
-            headers=headers,
-        )
-    retry_s = d.retry_ms / 1000.0 if d.retry_ms > 0 else 1.0
-    if check.kind == "c":
-        msg = f"Too many concurrent requests: at most {limits[i]} in flight for this {who}."
-    elif check.kind == "r":
-        msg = f"Rate limit reached: {limits[i]} requests per minute for this {who}."
-    else:
-        msg = f"Rate limit reached: {limits[i]} tokens per minute for this {who}."
-    return GatewayError(ErrorKind.RATE_LIMITED, msg, retry_after_s=retry_s, headers=headers)
+__all__ = ["DEFAULT_OUTPUT_RESERVE", "LocalLimiter", "RebuildHook", "RedisLimiter", "duration"]
 
 
 # --------------------------------------------------------------------------- local
@@ -314,7 +95,7 @@ class LocalLimiter:
                 out.append(max(1, c.limit // self.share))
         limits = tuple(out)
         if budget_spent is None:
-            if len(self._limits) >= _PLAN_CACHE_MAX:
+            if len(self._limits) >= PLAN_CACHE_MAX:
                 self._limits.clear()
             self._limits[id(plan)] = (plan, limits)
         return limits
@@ -456,7 +237,7 @@ class RedisLimiter:
         if hit is not None and hit[0] is plan:
             return hit[1]
         head = encode_parts("EVALSHA", script.sha, len(keys), *keys)
-        if len(self._heads) >= _PLAN_CACHE_MAX:
+        if len(self._heads) >= PLAN_CACHE_MAX:
             self._heads.clear()
         self._heads[cache_key] = (plan, head)
         return head
@@ -467,7 +248,7 @@ class RedisLimiter:
             return await self._eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
         tail = self._tails.get(id(plan))
         if tail is None or tail[0] is not plan:
-            if len(self._tails) >= _PLAN_CACHE_MAX:
+            if len(self._tails) >= PLAN_CACHE_MAX:
                 self._tails.clear()
             tail = self._tails[id(plan)] = (plan, encode_parts(self.lease_ms, *plan.args))
         count = 7 + len(plan.keys) + len(plan.args)
