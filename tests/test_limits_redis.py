@@ -297,3 +297,24 @@ async def wait_until(probe: Any, expected: Any, timeout: float = 5.0) -> None:
     while (value := await probe()) != expected:
         assert time.monotonic() < deadline, f"{value!r} != {expected!r}"
         await asyncio.sleep(0.02)
+
+
+async def test_outage_local_budget_starts_from_the_ledger(
+    make_gateway: Any, mock_upstream: Any, with_redis: str, redis_server: Any
+) -> None:
+    """Redis down on a worker that never saw a budget's spend: the local share starts from the ledger's spend."""
+    body = chat_body(100)
+    wc = worst_case(body, 100)
+    gw = await make_gateway(
+        gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {10 * wc / 1e6}", redis=FAST_RECOVERY))
+    )
+    limiter = gw.server.app[keys.LIMITER]
+
+    async def ledger(scopes: Any) -> dict[BudgetScope, int]:
+        return dict.fromkeys(scopes, 9 * wc)  # one worst case left
+
+    limiter.rebuild = ledger
+    redis_server.stop()
+    answers = [await post_chat(gw, CHAT, LIM_KEY, body) for _ in range(2)]
+    assert [200, 429] == [a.status for a in answers]
+    assert limiter.degraded

@@ -314,7 +314,7 @@ class RedisLimiter:
         if plan is None:
             return Reservation()
         if not self.store.healthy:
-            return self._degraded(plan, facts)
+            return await self._degraded(plan, facts)
         limits = plan.limits
         token_cap = min((limits[i] for i in plan.token_i), default=0)
         tokens, cost = demand(plan, facts, self.prices, token_cap)
@@ -327,9 +327,9 @@ class RedisLimiter:
                     raise _RebuildFailed
         except REDIS_ERRORS as exc:
             self.store.failed(exc)
-            return self._degraded(plan, facts)
+            return await self._degraded(plan, facts)
         except _RebuildFailed:
-            return self._degraded(plan, facts)
+            return await self._degraded(plan, facts)
         n = len(plan.checks)
         d = Decision(raw[0], raw[1], raw[2], raw[3], list(raw[4 : 4 + 2 * n : 2]), list(raw[5 : 5 + 2 * n : 2]))
         for i in plan.budget_i:
@@ -352,7 +352,7 @@ class RedisLimiter:
                 self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
         return Reservation(headers=headers, state=held)
 
-    def _degraded(self, plan: Plan, facts: RequestFacts) -> Reservation:
+    async def _degraded(self, plan: Plan, facts: RequestFacts) -> Reservation:
         self.stats.degraded += 1
         if self.mode == "open":
             return Reservation()
@@ -361,7 +361,29 @@ class RedisLimiter:
                 ErrorKind.UNAVAILABLE, "The rate-limit store is unavailable; try again shortly.",
                 retry_after_s=self.retry_seconds,
             )
+        if any(plan.checks[i].key not in self._spent for i in plan.budget_i):
+            await self._learn_spend(plan)
         return self.local.reserve_plan(plan, facts, budget_spent=self._spent)
+
+    async def _learn_spend(self, plan: Plan) -> None:
+        """Redis is down and this worker never saw a budget's spend: ask the ledger, so no fresh budget."""
+        if time.monotonic() < self._rebuild_block_until:
+            return
+        checks = [plan.checks[i] for i in plan.budget_i if plan.checks[i].key not in self._spent]
+        scopes = [
+            BudgetScope(plan.user_id, plan.key_id if c.scope == "key" else None, c.period, c.since) for c in checks
+        ]
+        try:
+            async with asyncio.timeout(max(1.0, 5 * self.timeout)):
+                ledger = await self.rebuild(scopes)
+        except Exception as exc:  # noqa: BLE001 - any ledger failure means the same: unknown spend
+            self.stats.rebuild_failures += 1
+            self._rebuild_block_until = time.monotonic() + self.retry_seconds
+            log.warning("budget spend unknown while redis is down", error=type(exc).__name__)
+            return
+        if ledger is not None:
+            for c, scope in zip(checks, scopes, strict=True):
+                self._spent[c.key] = ledger.get(scope, 0)
 
     # -- budget rebuild ---------------------------------------------------------
 
