@@ -241,7 +241,15 @@ async def fill(dsn: str, rows: int) -> float:
                    sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_micros)
             FROM usage_ledger GROUP BY 1, 2, 3, 4
             """, timeout=None)
-        await conn.execute("ANALYZE usage_ledger; ANALYZE usage_daily", timeout=None)
+        await conn.execute(
+            """
+            INSERT INTO usage_hourly
+            SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', user_id, key_id, model, 0,
+                   count(*), count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced), sum(input_tokens),
+                   sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_micros)
+            FROM usage_ledger GROUP BY 1, 2, 3, 4
+            """, timeout=None)
+        await conn.execute("ANALYZE usage_ledger; ANALYZE usage_daily; ANALYZE usage_hourly", timeout=None)
     finally:
         await conn.close()
     return time.perf_counter() - t0

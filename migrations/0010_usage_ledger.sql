@@ -82,3 +82,22 @@ CREATE TABLE usage_daily (
 
 CREATE INDEX usage_daily_user ON usage_daily (user_id, day);
 CREATE INDEX usage_daily_key ON usage_daily (key_id, day);
+
+-- Hourly rollup, same rules: a report's partial edge days are summed from
+-- whole hours here, leaving at most two sub-hour slices for the ledger.
+CREATE TABLE usage_hourly (
+    hour                timestamptz NOT NULL,
+    user_id             text    NOT NULL,
+    key_id              text    NOT NULL,
+    model               text    NOT NULL,
+    shard               smallint NOT NULL,
+    requests            bigint  NOT NULL,
+    partial_requests    bigint  NOT NULL,
+    unpriced_requests   bigint  NOT NULL,
+    input_tokens        bigint  NOT NULL,
+    output_tokens       bigint  NOT NULL,
+    cache_write_tokens  bigint  NOT NULL,
+    cache_read_tokens   bigint  NOT NULL,
+    cost_micros         bigint  NOT NULL,
+    PRIMARY KEY (hour, user_id, key_id, model, shard)
+);

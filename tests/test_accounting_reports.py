@@ -1,4 +1,4 @@
-"""GET /admin/usage and /me/usage: the rollup + ledger edges agree with a brute-force sum."""
+"""GET /admin/usage and /me/usage: daily + hourly rollups + ledger edges agree with a brute-force sum."""
 
 from __future__ import annotations
 
@@ -66,6 +66,10 @@ RANGES = [
     (DAY0 + timedelta(days=3, hours=22), DAY0 + timedelta(days=4, hours=3)),  # across one midnight
     (DAY0 + timedelta(days=2, seconds=1), None),
     (None, DAY0 + timedelta(days=5, hours=6)),
+    (DAY0 + timedelta(days=2, hours=1, minutes=10), DAY0 + timedelta(days=2, hours=1, minutes=50)),  # one hour
+    (DAY0 + timedelta(days=2, hours=1, minutes=10), DAY0 + timedelta(days=3, hours=5, minutes=20)),
+    (DAY0 + timedelta(days=1, minutes=30), DAY0 + timedelta(days=1, hours=3)),
+    (None, DAY0 + timedelta(days=4, hours=5, minutes=1)),
 ]
 
 

@@ -65,7 +65,29 @@ _TYPES = (
     "int8", "int8", "int8", "int8", "int8", "bool", "float4", "float4", "float4", "text",
 )
 
-# One statement: insert what is new, then roll up exactly those rows.
+# One statement: insert what is new, then roll up exactly those rows (daily and hourly).
+_SUMS = ("requests", "partial_requests", "unpriced_requests", "input_tokens", "output_tokens",
+         "cache_write_tokens", "cache_read_tokens", "cost_micros")
+_AGG = """count(*), count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced),
+           sum(input_tokens), sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens),
+           sum(cost_micros)"""
+_SHARD = f"${len(_TYPES) + 1}::int2"
+
+
+def _rollup(name: str, table: str, bucket: str, unit: str) -> str:
+    sets = ",\n        ".join(f"{c} = r.{c} + excluded.{c}" for c in _SUMS)
+    return f"""{name} AS (
+    INSERT INTO {table} AS r ({unit}, user_id, key_id, model, shard, {", ".join(_SUMS)})
+    SELECT {bucket}, user_id, key_id, model, {_SHARD}, {_AGG}
+    FROM ins
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT ({unit}, user_id, key_id, model, shard) DO UPDATE SET
+        {sets}
+    RETURNING 1
+)"""  # noqa: S608 - composed from constants only
+
+
 INSERT_SQL = f"""
 WITH ins AS (
     INSERT INTO usage_ledger ({", ".join(_COLUMNS)})
@@ -73,28 +95,8 @@ WITH ins AS (
     ON CONFLICT (request_id, ts) DO NOTHING
     RETURNING ts, user_id, key_id, model, partial, priced,
               input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros
-), agg AS (
-    INSERT INTO usage_daily AS d (day, user_id, key_id, model, shard, requests, partial_requests,
-                                  unpriced_requests, input_tokens, output_tokens, cache_write_tokens,
-                                  cache_read_tokens, cost_micros)
-    SELECT (ts AT TIME ZONE 'UTC')::date, user_id, key_id, model, ${len(_TYPES) + 1}::int2, count(*),
-           count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced),
-           sum(input_tokens), sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens),
-           sum(cost_micros)
-    FROM ins
-    GROUP BY 1, 2, 3, 4
-    ORDER BY 1, 2, 3, 4
-    ON CONFLICT (day, user_id, key_id, model, shard) DO UPDATE SET
-        requests = d.requests + excluded.requests,
-        partial_requests = d.partial_requests + excluded.partial_requests,
-        unpriced_requests = d.unpriced_requests + excluded.unpriced_requests,
-        input_tokens = d.input_tokens + excluded.input_tokens,
-        output_tokens = d.output_tokens + excluded.output_tokens,
-        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
-        cache_read_tokens = d.cache_read_tokens + excluded.cache_read_tokens,
-        cost_micros = d.cost_micros + excluded.cost_micros
-    RETURNING 1
-)
+), {_rollup("daily", "usage_daily", "(ts AT TIME ZONE 'UTC')::date", "day")},
+{_rollup("hourly", "usage_hourly", "date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", "hour")}
 SELECT (SELECT count(*) FROM ins)
 """  # noqa: S608 - composed from constants only
 

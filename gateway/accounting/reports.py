@@ -10,8 +10,8 @@ Query parameters (all optional):
   commas (``day,model``).  Default ``day``.
 
 Fast on tens of millions of rows: whole UTC days come from the ``usage_daily``
-rollup; only the partial days at the edges of a range are summed from the
-ledger itself (one or two days, by index on ``ts``).
+rollup, whole hours of the partial edge days from ``usage_hourly``, and only
+the sub-hour slices at the very edges of a range from the ledger itself.
 """
 
 from __future__ import annotations
@@ -91,8 +91,53 @@ def _midnight(d: date) -> datetime:
     return datetime.combine(d, time(), UTC)
 
 
+def _ceil(t: datetime, unit: timedelta) -> datetime:
+    floor = _floor(t, unit)
+    return floor if floor == t else floor + unit
+
+
+def _floor(t: datetime, unit: timedelta) -> datetime:
+    if unit == DAY:
+        return _midnight(t.date())
+    return t.replace(minute=0, second=0, microsecond=0)
+
+
+DAY = timedelta(days=1)
+HOUR = timedelta(hours=1)
+_HOURLY_COLUMNS = "(hour AT TIME ZONE 'UTC')::date AS day, user_id, key_id, model, " + ", ".join(SUMS)
+
+
+def plan_ranges(start: datetime | None, end: datetime | None) -> list[tuple[str, datetime | None, datetime | None]]:
+    """Split [start, end) into (source, lo, hi): whole days -> daily, whole hours -> hourly, rest -> ledger."""
+    out: list[tuple[str, datetime | None, datetime | None]] = []
+
+    def hours(lo: datetime, hi: datetime) -> None:
+        h_lo, h_hi = _ceil(lo, HOUR), _floor(hi, HOUR)
+        if h_lo < h_hi:
+            out.append(("hourly", h_lo, h_hi))
+            if lo < h_lo:
+                out.append(("ledger", lo, h_lo))
+            if h_hi < hi:
+                out.append(("ledger", h_hi, hi))
+        elif lo < hi:
+            out.append(("ledger", lo, hi))
+
+    d_lo = _ceil(start, DAY) if start is not None else None
+    d_hi = _floor(end, DAY) if end is not None else None
+    if start is not None and end is not None and d_lo is not None and d_hi is not None and d_lo >= d_hi:
+        hours(start, end)
+        return out
+    out.append(("daily", d_lo, d_hi))
+    if start is not None and d_lo is not None and start < d_lo:
+        hours(start, d_lo)
+    if end is not None and d_hi is not None and d_hi < end:
+        hours(d_hi, end)
+    return out
+
+
 def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
-    """One query: whole days from the rollup, partial edge days from the ledger, then grouped."""
+    """One query: whole days from the daily rollup, whole hours of edge days from the hourly one,
+    sub-hour edges from the ledger; then grouped."""
     args: list[Any] = []
 
     def arg(v: Any) -> str:
@@ -104,36 +149,28 @@ def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
         if v is not None:
             filters.append(f"{col} = {arg(v)}")
 
-    # Whole days: [first_day, end_day) in the rollup.
-    first_day = None
-    if uq.start is not None:
-        first_day = uq.start.date() if uq.start == _midnight(uq.start.date()) else uq.start.date() + timedelta(1)
-    end_day = uq.end.date() if uq.end is not None else None
     parts: list[str] = []
-    if first_day is not None and end_day is not None and first_day >= end_day:
-        raws = [(uq.start, uq.end)]  # within one day (or two partial ones): the ledger only
-    else:
+    for source, lo, hi in plan_ranges(uq.start, uq.end):
         conds = list(filters)
-        if first_day is not None:
-            conds.append(f"day >= {arg(first_day)}")
-        if end_day is not None:
-            conds.append(f"day < {arg(end_day)}")
+        if source == "daily":
+            table, cols, col = "usage_daily", _DAILY_COLUMNS, "day"
+            lo_v: Any = lo.date() if lo is not None else None
+            hi_v: Any = hi.date() if hi is not None else None
+        else:
+            table, cols, col = (("usage_hourly", _HOURLY_COLUMNS, "hour") if source == "hourly"
+                                else ("usage_ledger", _RAW_COLUMNS, "ts"))
+            lo_v, hi_v = lo, hi
+        if lo_v is not None:
+            conds.append(f"{col} >= {arg(lo_v)}")
+        if hi_v is not None:
+            conds.append(f"{col} < {arg(hi_v)}")
         where = " WHERE " + " AND ".join(conds) if conds else ""
-        parts.append(f"SELECT {_DAILY_COLUMNS} FROM usage_daily{where}")  # noqa: S608 - placeholders only
-        raws = []
-        if uq.start is not None and first_day is not None and uq.start < _midnight(first_day):
-            raws.append((uq.start, _midnight(first_day)))
-        if uq.end is not None and end_day is not None and uq.end > _midnight(end_day):
-            raws.append((_midnight(end_day), uq.end))
-    for lo, hi in raws:
-        conds = [*filters, f"ts >= {arg(lo)}", f"ts < {arg(hi)}"]
-        where = " AND ".join(conds)
-        parts.append(f"SELECT {_RAW_COLUMNS} FROM usage_ledger WHERE {where}")  # noqa: S608 - placeholders only
-    cols = ", ".join(GROUPS[g] for g in uq.group_by)
+        parts.append(f"SELECT {cols} FROM {table}{where}")  # noqa: S608 - placeholders only
+    group_cols = ", ".join(GROUPS[g] for g in uq.group_by)
     sums = ", ".join(f"sum({s})::bigint AS {s}" for s in SUMS)
     sql = (
-        f"SELECT {cols}, {sums} FROM ({' UNION ALL '.join(parts)}) u "  # noqa: S608 - identifiers are constants
-        f"GROUP BY {cols} ORDER BY {cols} LIMIT {MAX_ROWS + 1}"
+        f"SELECT {group_cols}, {sums} FROM ({' UNION ALL '.join(parts)}) u "  # noqa: S608 - constants
+        f"GROUP BY {group_cols} ORDER BY {group_cols} LIMIT {MAX_ROWS + 1}"
     )
     return sql, args
 
