@@ -195,7 +195,6 @@ class RedisLimiter:
         self._orphans: set[asyncio.Task[None]] = set()
         self._tails: dict[int, tuple[Plan, bytes]] = {}
         self._renewer: asyncio.Task[None] | None = None
-        self._loaded = False
         store.on_recover(self._recovered)
 
     @property
