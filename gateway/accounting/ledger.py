@@ -231,8 +231,8 @@ class LedgerWriter:
             else:
                 seg.mem.append(rec)
                 self._mem_count += 1
-        if seg.count >= self.batch_size:
-            self._wake.set()
+        if seg.count >= self.batch_size and self._down_since is None:
+            self._wake.set()  # a full batch goes now (during an outage, the backoff decides)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -312,6 +312,7 @@ class LedgerWriter:
                                 error=str(exc) if isinstance(exc, DatabaseUnavailable) else type(exc).__name__)
                 delay = min(max(delay * 2, 0.25), 5.0)
                 next_flush = loop.time() + delay
+                self._wake.clear()
                 continue
             if self._down_since is not None and not self._sealed:
                 log.info("ledger: postgres back; journal replayed", outage_s=round(loop.time() - self._down_since, 1))
