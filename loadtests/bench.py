@@ -262,7 +262,7 @@ def cpu_ticks(pids: list[int]) -> int:
 def ensure_tools() -> None:
     missing = [t for t in ("nginx", "wrk") if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
     if missing:
-        pkgs = ["nginx-light" if t == "nginx" else t for t in missing]
+        pkgs = list(missing)  # Debian packages "nginx" and "wrk"
         print(f"bench: installing Debian packages {pkgs}", file=sys.stderr)
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
@@ -294,6 +294,7 @@ class Stack:
     gateway: subprocess.Popen[bytes] | None = None
     gw_log: Path | None = None
     overrides: dict[str, str] = field(default_factory=dict)  # GATEWAY_* for A/B runs
+    gateway_src: str = ""  # another checkout's gateway package (PYTHONPATH) for before/after runs
 
     # -- nginx
     def _render_nginx(self, role: str, port: int, upstream_port: int = 0) -> Path:
@@ -387,12 +388,23 @@ limits = {{ models = ["bench-*"] }}
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env["BENCH_UPSTREAM_KEY"] = "sk-bench-upstream-" + secrets.token_hex(8)
         env.update(self.overrides)
+        if self.gateway_src:
+            # The editable install's import finder wins over PYTHONPATH: a
+            # sitecustomize (run after .pth files) drops it for this process tree.
+            shim = self.tmp / "src-shim"
+            shim.mkdir(exist_ok=True)
+            (shim / "sitecustomize.py").write_text(
+                "import sys\n"
+                "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
+            )
+            env["PYTHONPATH"] = f"{self.gateway_src}:{shim}"
         exe = VENV_BIN / "llm-gateway"
         cmd = ["taskset", "-c", GATEWAY_CPU, str(exe) if exe.exists() else "llm-gateway",
                "serve", "--config", str(cfg), "--workers", "1"]
         self.gw_log = self.tmp / "gateway.log"
         with open(self.gw_log, "ab") as out, open(self.tmp / "gateway-stderr.log", "ab") as err:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+            # cwd: `python -m gateway worker` puts the cwd first on sys.path.
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=self.tmp, start_new_session=True)
         self.procs.append(proc)
         wait_port(self.gw_port, timeout=60)
         deadline = time.monotonic() + 30
@@ -725,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=None, metavar="KIND", help="also py-spy the worker on one kind")
     ap.add_argument("--set", action="append", default=[], metavar="GATEWAY_X__Y=V",
                     help="an environment override for the gateway (A/B runs, e.g. GATEWAY_LOG__ACCESS_LOG=false)")
+    ap.add_argument("--gateway-src", default="", metavar="DIR",
+                    help="run the gateway from another checkout (e.g. `git archive REV | tar -x -C DIR`): before/after")
     ap.add_argument("--out", default=None, help="JSON result file (default: loadtests/results/bench-<utc>.json)")
     args = ap.parse_args(argv)
 
@@ -763,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"bench: --set takes GATEWAY_* variables, not {name!r}")
         stack.overrides[name] = value
     results["overrides"] = stack.overrides
+    stack.gateway_src = args.gateway_src
+    results["gateway_src"] = args.gateway_src or "this checkout"
     try:
         stack.start()
         for kind in kinds:
