@@ -186,6 +186,13 @@ async def test_postgres_down_during_traffic_then_back_every_record_exactly_once(
     writer = gw.server.app[keys.USAGE]
     await writer.flush()
     assert 40 == len(await rows(pg_env))
+    conn = await asyncpg.connect(pg_env)
+    try:
+        daily = await conn.fetchval("SELECT sum(requests) FROM usage_daily")
+        hourly = await conn.fetchval("SELECT sum(requests) FROM usage_hourly")
+    finally:
+        await conn.close()
+    assert (40, 40) == (daily, hourly), "a replayed duplicate was counted in a rollup"
 
 
 async def test_shutdown_flushes_every_record_before_the_app_is_gone(
