@@ -6,11 +6,13 @@ display prefix only and the path with any ``/ak/{key}`` segment redacted.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -23,22 +25,77 @@ def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+class LoopBatchedWriter:
+    """Log lines written once per event-loop pass instead of one syscall per line.
+
+    ``write`` appends to a buffer; ``flush`` schedules one real write with
+    ``call_soon`` (so lines of one loop iteration go out together).  Outside a
+    running loop (the supervisor, start-up, shutdown) it writes at once.
+    """
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._buf = bytearray()
+        self._scheduled = False
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        return len(data)
+
+    def flush(self) -> None:
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.drain()
+            return
+        self._scheduled = True
+        loop.call_soon(self.drain)
+
+    def drain(self) -> None:
+        self._scheduled = False
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            try:
+                self._raw.write(data)
+                self._raw.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # stdout gone (parent died / closed): nothing to log to
+
+
+_writer: LoopBatchedWriter | None = None
+
+
+def flush() -> None:
+    """Write out buffered lines now (called on worker exit)."""
+    if _writer is not None:
+        _writer.drain()
+
+
 def configure(level: str = "info", worker: int | None = None) -> None:
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        _timestamp,
-    ]
+    global _writer  # one stdout per process
+    processors: list[Any] = [structlog.processors.add_log_level, _timestamp]
     if worker is not None:
-        structlog.contextvars.bind_contextvars(worker=worker)
+        # A constant field: cheaper than merging contextvars on every line.
+        def _worker(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+            event["worker"] = worker
+            return event
+
+        processors.append(_worker)
     processors += [
         structlog.processors.format_exc_info,
         structlog.processors.JSONRenderer(serializer=orjson.dumps),
     ]
+    if _writer is not None:
+        _writer.drain()
+    _writer = LoopBatchedWriter(sys.stdout.buffer)
+    atexit.register(flush)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory(_writer),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # aiohttp and asyncio log through stdlib logging: route warnings and up to stderr.
