@@ -349,8 +349,8 @@ class Supervisor:
             code = w.proc.poll()
             if code is None:
                 if w.killed:
-                    pass
-                elif w.stop_deadline is not None:
+                    continue  # SIGKILLed: only its exit is awaited
+                if w.stop_deadline is not None:
                     if now > w.stop_deadline:
                         self.kill(w, "worker did not drain in time; killing")
                 elif w.ready and now - w.last_beat > hung_after:

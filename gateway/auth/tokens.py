@@ -23,7 +23,7 @@ LEEWAY_S = 5
 
 
 class InvalidToken(Exception):
-    pass
+    """An access token that is malformed, forged, expired or for another audience."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -369,20 +369,25 @@ class RedisLimiter:
         if time.monotonic() < self._rebuild_block_until:
             return
         checks = [plan.checks[i] for i in plan.budget_i if plan.checks[i].key not in self._spent]
-        scopes = [
-            BudgetScope(plan.user_id, plan.key_id if c.scope == "key" else None, c.period, c.since) for c in checks
-        ]
+        scopes = _scopes(plan, checks)
         try:
-            async with asyncio.timeout(max(1.0, 5 * self.timeout)):
-                ledger = await self.rebuild(scopes)
-        except Exception as exc:  # noqa: BLE001 - any ledger failure means the same: unknown spend
-            self.stats.rebuild_failures += 1
-            self._rebuild_block_until = time.monotonic() + self.retry_seconds
-            log.warning("budget spend unknown while redis is down", error=type(exc).__name__)
+            ledger = await self._ledger_spend(scopes, "budget spend unknown while redis is down")
+        except _RebuildFailed:
             return
         if ledger is not None:
             for c, scope in zip(checks, scopes, strict=True):
                 self._spent[c.key] = ledger.get(scope, 0)
+
+    async def _ledger_spend(self, scopes: list[BudgetScope], failure_event: str) -> Any:
+        """Ask the ledger for the scopes' spend; on any failure back off and raise _RebuildFailed."""
+        try:
+            async with asyncio.timeout(max(1.0, 5 * self.timeout)):
+                return await self.rebuild(scopes)
+        except Exception as exc:  # noqa: BLE001 - any ledger failure means the same: unknown spend
+            self.stats.rebuild_failures += 1
+            self._rebuild_block_until = time.monotonic() + self.retry_seconds
+            log.warning(failure_event, error=type(exc).__name__)
+            raise _RebuildFailed from None
 
     # -- budget rebuild ---------------------------------------------------------
 
@@ -408,18 +413,9 @@ class RedisLimiter:
 
     async def _seed(self, plan: Plan) -> None:
         checks = [plan.checks[i] for i in plan.budget_i]
-        scopes = [
-            BudgetScope(plan.user_id, plan.key_id if c.scope == "key" else None, c.period, c.since) for c in checks
-        ]
-        try:
-            async with asyncio.timeout(max(1.0, 5 * self.timeout)):
-                ledger = await self.rebuild(scopes)
-        except Exception as exc:  # noqa: BLE001 - any ledger failure means the same: unknown spend
-            # The ledger cannot tell: do not enforce a budget we cannot know.
-            self.stats.rebuild_failures += 1
-            self._rebuild_block_until = time.monotonic() + self.retry_seconds
-            log.warning("budget rebuild failed; local limits meanwhile", error=type(exc).__name__)
-            raise _RebuildFailed from None
+        scopes = _scopes(plan, checks)
+        # The ledger cannot tell: do not enforce a budget we cannot know.
+        ledger = await self._ledger_spend(scopes, "budget rebuild failed; local limits meanwhile")
         args: list[Any] = [os.urandom(8).hex()]
         for c, scope in zip(checks, scopes, strict=True):
             if ledger is not None:
@@ -554,3 +550,8 @@ class RedisLimiter:
 
 class _RebuildFailed(Exception):
     """Budget counters could not be rebuilt: decide this request without Redis."""
+
+
+def _scopes(plan: Plan, checks: list[Any]) -> list[BudgetScope]:
+    """The ledger scopes (user, key or whole user, period) of a plan's budget checks."""
+    return [BudgetScope(plan.user_id, plan.key_id if c.scope == "key" else None, c.period, c.since) for c in checks]

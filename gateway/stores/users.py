@@ -17,7 +17,7 @@ UPDATABLE = frozenset({"email", "name", "role", "disabled", "limits", "password_
 
 
 class EmailTaken(Exception):
-    pass
+    """Another user already has this email address."""
 
 
 @dataclass(frozen=True, slots=True)
