@@ -119,6 +119,10 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
         sink = LogSink()
     else:
         writer = LedgerWriter(app[keys.PG], cfg.accounting)
+        limiter = app.get(keys.LIMITER)
+        if isinstance(limiter, RedisLimiter):
+            limiter.attach_ledger()
+            writer.on_commit = limiter.apply_committed
         await writer.start()
         sink = writer
     app[keys.USAGE] = sink
@@ -151,7 +155,9 @@ def create_app(cfg: Config) -> web.Application:
     deployments = build_deployments(cfg)
     app[keys.ROUTER] = Router(cfg, deployments)
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
-    app.cleanup_ctx.extend([postgres_ctx, _client_session, _accounting, _principals, _limits, _tasks])
+    # Torn down in reverse: requests' tasks settle, the ledger writer flushes (and
+    # applies committed costs through the limiter), then the limiter closes.
+    app.cleanup_ctx.extend([postgres_ctx, _client_session, _principals, _limits, _accounting, _tasks])
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)

@@ -95,7 +95,8 @@ class RedisConfig:
     failure_mode: Literal["local", "open", "closed"] = "local"
     timeout_ms: int = 100
     retry_seconds: float = 1.0
-    lease_seconds: float = 15.0  # a concurrency lease not renewed (dead worker) lapses after this
+    lease_seconds: float = 15.0  # a concurrency lease or budget reservation not renewed (dead worker) lapses after this
+    budget_reconcile_seconds: float = 300.0  # reset budget counters in use to the ledger's figure this often (0: never)
     key_prefix: str = "gw"  # Redis key namespace (several gateways may share one Redis)
     instances: int = 1  # gateway hosts sharing the limits: the local fallback's share is 1/(workers x instances)
 
@@ -364,6 +365,8 @@ def _check(cfg: Config, errors: list[str]) -> None:
     for name in ("timeout_ms", "retry_seconds", "lease_seconds", "instances"):
         if getattr(cfg.redis, name) <= 0:
             errors.append(f"redis.{name}: must be positive")
+    if cfg.redis.budget_reconcile_seconds < 0:
+        errors.append("redis.budget_reconcile_seconds: must not be negative")
     for name in ("batch_size", "flush_ms", "max_memory_records"):
         if getattr(cfg.accounting, name) <= 0:
             errors.append(f"accounting.{name}: must be positive")

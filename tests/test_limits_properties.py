@@ -139,3 +139,32 @@ def test_reset_duration_format_round_trips(ms: int) -> None:
             minutes = int(m)
         back = minutes * 60_000 + round(float(body) * 1000)
     assert ms == back
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    day=st.integers(0, 40_000),  # 1970 .. 2079
+    period=st.sampled_from(["day", "month", "total"]),
+    user_period=st.sampled_from(["day", "month", "total"]),
+    user_id=st.text(min_size=1, max_size=30) | st.sampled_from(["u:b:u:x", "a}:b:u:", "{u:x}"]),
+    key_id=st.text(min_size=1, max_size=30) | st.sampled_from(["x:b:u:y", "k:b:u:all", "}:b:u:"]),
+)
+def test_a_budget_counters_name_gives_back_its_ledger_scope(
+    day: int, period: str, user_period: str, user_id: str, key_id: str
+) -> None:
+    """scope_of(key name) == the scope the planner built it from: what a rebase after an outage asks the ledger."""
+    from gateway.config import Limits
+    from gateway.policy.budget_rebuild import BudgetScope
+    from gateway.policy.plans import Planner, scope_of
+    from gateway.policy.principals import Principal
+
+    p = Principal(
+        key_id, key_id, key_id, user_id,
+        key_limits=Limits(budget_usd=1.0, budget_period=period),  # type: ignore[arg-type]
+        user_limits=Limits(budget_usd=2.0, budget_period=user_period),  # type: ignore[arg-type]
+    )
+    plan = Planner("gw").plan(p, now=day * 86_400.0 + 12_345)
+    assert plan is not None
+    for c in (plan.checks[i] for i in plan.budget_i):
+        expected = BudgetScope(user_id, key_id if c.scope == "key" else None, c.period, c.since)
+        assert (expected, c.ttl_s) == scope_of(c.key, user_id, key_id)

@@ -81,7 +81,7 @@ async def test_rpm_exact_across_two_instances(make_gateway: Any, mock_upstream: 
     assert all(50_000 < int(a.headers["retry-after-ms"]) <= 60_000 for a in rejected)
     assert all("0" == a.headers["x-ratelimit-remaining-requests"] for a in rejected)
     found = await redis_keys(with_redis)
-    assert {"gw:v1:{u:lim-user}:r:k:limited": "zset"} == found  # hash-tagged by user
+    assert {"gw:v2:{u:lim-user}:r:k:limited": "zset"} == found  # hash-tagged by user
     assert all(g.server.app[keys.LIMITER].stats.degraded == 0 for g in gws)
 
 
@@ -95,8 +95,8 @@ async def test_concurrency_and_tokens_across_instances(make_gateway: Any, mock_u
         await g.server.app[keys.TASKS].drain(timeout=5)
     r = aioredis.Redis.from_url(with_redis)
     try:
-        assert 0 == await r.zcard("gw:v1:{u:lim-user}:c:k:limited")
-        buckets = await r.hgetall("gw:v1:{u:lim-user}:t:k:limited")
+        assert 0 == await r.zcard("gw:v2:{u:lim-user}:c:k:limited")
+        buckets = await r.hgetall("gw:v2:{u:lim-user}:t:k:limited")
     finally:
         await r.aclose()
     # settled: the window holds the two requests' real tokens, not their reservations
@@ -120,7 +120,7 @@ async def test_budget_never_overspent_across_instances(make_gateway: Any, mock_u
         await g.server.app[keys.TASKS].drain(timeout=5)
     r = aioredis.Redis.from_url(with_redis)
     try:
-        assert str(spent).encode() == await r.hget("gw:v1:{u:lim-user}:b:k:limited:all", "v")
+        assert str(spent).encode() == await r.hget("gw:v2:{u:lim-user}:b:k:limited:all", "v")
     finally:
         await r.aclose()
 
@@ -147,7 +147,7 @@ async def test_redis_stopped_mid_load_degrades_then_recovers(
     await wait_for(lambda: not limiter.degraded)
     back = await fire([(gw, CHAT)], 6, LIM_KEY, chat_body())
     assert {200: 4, 429: 2} == statuses(back)  # the shared counter again (fresh: Redis came back empty)
-    assert {"gw:v1:{u:lim-user}:r:k:limited": "zset"} == await redis_keys(with_redis)
+    assert {"gw:v2:{u:lim-user}:r:k:limited": "zset"} == await redis_keys(with_redis)
 
 
 async def test_frozen_redis_costs_one_timeout_not_a_hang(
@@ -249,10 +249,10 @@ async def test_daily_user_budget_counter_names_the_period(
     assert 200 == (await post_chat(gw, CHAT, LIM_KEY, chat_body())).status
     day = time.strftime("%Y%m%d", time.gmtime())
     found = await redis_keys(with_redis)
-    assert {f"gw:v1:{{u:lim-user}}:b:u:d{day}", f"gw:v1:{{u:lim-user}}:b:k:limited:m{day[:6]}"} == set(found)
+    assert {f"gw:v2:{{u:lim-user}}:b:u:d{day}", f"gw:v2:{{u:lim-user}}:b:k:limited:m{day[:6]}"} == set(found)
     r = aioredis.Redis.from_url(with_redis)
     try:
-        assert 0 < await r.ttl(f"gw:v1:{{u:lim-user}}:b:u:d{day}") <= 2 * 86_400
+        assert 0 < await r.ttl(f"gw:v2:{{u:lim-user}}:b:u:d{day}") <= 2 * 86_400
     finally:
         await r.aclose()
 
@@ -285,8 +285,9 @@ async def test_admission_cancelled_mid_flight_gives_its_reservation_back(redis_u
         await task
     r = aioredis.Redis.from_url(redis_url)
     try:
-        await wait_until(lambda: r.zcard("gw:v1:{u:u1}:c:k:k1"), 0)
-        await wait_until(lambda: r.hget("gw:v1:{u:u1}:b:k:k1:all", "v"), b"0")
+        await wait_until(lambda: r.zcard("gw:v2:{u:u1}:c:k:k1"), 0)
+        await wait_until(lambda: r.hget("gw:v2:{u:u1}:b:k:k1:all", "r"), b"0")  # nothing held
+        assert b"0" == await r.hget("gw:v2:{u:u1}:b:k:k1:all", "v")  # nothing spent
     finally:
         await r.aclose()
         await limiter.close()

@@ -33,7 +33,7 @@ import hashlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,11 +93,11 @@ WITH ins AS (
     INSERT INTO usage_ledger ({", ".join(_COLUMNS)})
     SELECT * FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_TYPES))})
     ON CONFLICT (request_id, ts) DO NOTHING
-    RETURNING ts, user_id, key_id, model, partial, priced,
+    RETURNING request_id, ts, user_id, key_id, model, partial, priced,
               input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros
 ), {_rollup("daily", "usage_daily", "(ts AT TIME ZONE 'UTC')::date", "day")},
 {_rollup("hourly", "usage_hourly", "date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", "hour")}
-SELECT (SELECT count(*) FROM ins)
+SELECT (SELECT array_agg(request_id) FROM ins) AS ids, pg_current_xact_id()::text AS xid
 """  # noqa: S608 - composed from constants only
 
 # Errors of the data itself (retrying the batch would never succeed).
@@ -206,6 +206,10 @@ class LedgerWriter:
         self.written = 0  # rows this writer inserted (duplicates excluded)
         self.recorded = 0
         self.rejected = 0
+        # Called with the records a batch newly committed (those carrying budget
+        # keys and a cost) and the committing transaction id: the limiter moves
+        # their cost into the Redis budget counters.  It must not raise.
+        self.on_commit: Callable[[list[UsageRecord], str], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------ hot path
 
@@ -423,8 +427,19 @@ class LedgerWriter:
                     "SELECT usage_ledger_ensure_partition($1)", datetime(y, m, 1, tzinfo=UTC), timeout=10.0
                 )
                 self._partitions.add((y, m))
-            n: int = await conn.fetchval(INSERT_SQL, *columns(batch), self.shard, timeout=30.0)
+            row = await conn.fetchrow(INSERT_SQL, *columns(batch), self.shard, timeout=30.0)
+        ids = row["ids"] or []
+        n = len(ids)
         self.written += n
+        if self.on_commit is not None:
+            # Only rows this statement inserted (a replayed duplicate was applied when first committed).
+            new = set(ids)
+            committed = [r for r in batch if r.budget_keys and r.cost_micros and r.request_id in new]
+            if committed:
+                try:
+                    await self.on_commit(committed, row["xid"])
+                except Exception:  # committed is committed: never retry the batch for this
+                    log.exception("ledger: budget application failed")
         return n
 
     def _reject(self, rec: UsageRecord) -> None:

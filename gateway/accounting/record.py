@@ -28,11 +28,17 @@ class UsageRecord:
     ttft_ms: float | None
     gateway_ms: float
     error_kind: str | None = None
+    # Not a ledger column: the Redis budget counters this cost is applied to
+    # once the record is committed (kept in the journal for replays).
+    budget_keys: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         # Every field is a scalar: a shallow dict is what asdict() would give,
         # without its recursive deep copy (~20 us a record on the hot path).
-        return {name: getattr(self, name) for name in _FIELDS}
+        d = {name: getattr(self, name) for name in _FIELDS}
+        if not self.budget_keys:
+            del d["budget_keys"]
+        return d
 
 
 _FIELDS = tuple(f.name for f in fields(UsageRecord))

@@ -40,6 +40,9 @@ class Reservation:
 
     headers: dict[str, str] = field(default_factory=dict)
     state: object = None
+    # Budget counters the usage record's cost goes to once the ledger commits it
+    # (RedisLimiter with a ledger writer; see stores/redis_scripts.py).
+    budget_keys: tuple[str, ...] = ()
 
 
 class Limiter(Protocol):

@@ -10,8 +10,10 @@ Standalone (no database) it answers ``None`` ("no ledger"); the limiter then
 seeds each counter with the largest spend it has itself seen for that scope.
 In database mode it is one query for all scopes: whole UTC days from the
 ``usage_daily`` rollup, plus the ledger rows of a partial first day when a
-period does not start at midnight.  Records still in a worker's journal (at
-most ``accounting.flush_ms`` old) are not yet counted.
+period does not start at midnight.  The answer carries the Postgres snapshot
+the sums were read in: records committed later (still in a worker's journal
+at the time) are applied to the rebuilt counter by the ledger writer, and the
+snapshot tells the counter which commits it already holds.
 """
 
 from __future__ import annotations
@@ -48,7 +50,15 @@ class BudgetScope:
     since: float  # unix seconds: the start of the period (UTC); 0.0 for "total"
 
 
-async def rebuild_budgets(app: web.Application, scopes: Sequence[BudgetScope]) -> dict[BudgetScope, int] | None:
+@dataclass(frozen=True, slots=True)
+class LedgerSpend:
+    """What the ledger says each scope spent, and the snapshot (``xmin:xmax:xip,...``) it said it in."""
+
+    spent: dict[BudgetScope, int]
+    snapshot: str
+
+
+async def rebuild_budgets(app: web.Application, scopes: Sequence[BudgetScope]) -> LedgerSpend | None:
     """Micro-dollars each scope has spent since ``scope.since``, from the ledger.
 
     Return ``None`` when there is no ledger to ask (standalone, or not yet
@@ -59,15 +69,15 @@ async def rebuild_budgets(app: web.Application, scopes: Sequence[BudgetScope]) -
     db = app.get(keys.PG)
     if db is None:
         return None
-    if not scopes:
-        return {}
     since = [datetime.fromtimestamp(max(sc.since, 0.0), UTC) for sc in scopes]
     first_day = [_first_whole_day(t) for t in since]
-    async with db.connection(timeout=2.0) as conn:
+    async with db.connection(timeout=2.0) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        # One snapshot for both statements: the sums are exactly the commits it sees.
+        snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text", timeout=2.0)
         rows = await conn.fetch(
             _SPENT_SQL, [sc.user_id for sc in scopes], [sc.key_id for sc in scopes], since, first_day, timeout=2.0
-        )
-    return {scopes[r["i"] - 1]: int(r["spent"]) for r in rows}
+        ) if scopes else []
+    return LedgerSpend({scopes[r["i"] - 1]: int(r["spent"]) for r in rows}, snapshot)
 
 
 def _first_whole_day(t: datetime) -> date:

@@ -5,7 +5,13 @@ checks every limit of the key and of its user (requests and tokens per
 rolling minute, a concurrency lease, the budget at the request's worst-case
 cost) and reserves all of them or none.  ``settle`` moves the reservation to
 the real tokens and cost and releases the lease; settlements are queued and
-sent together (one pipeline per flush), off the hot path.
+sent together (one pipeline per flush), off the hot path.  With a ledger
+writer (``attach_ledger``), a budget's settled cost stays held until the
+usage record is committed to Postgres; ``apply_committed`` then moves it into
+the counter, so that a counter rebuilt from the ledger never counts a record
+twice or misses one still in a journal (see ``stores/redis_scripts.py``).
+Leases and budget reservations are renewed while their request runs and
+lapse by themselves when their worker dies.
 
 ``LocalLimiter`` runs the same arithmetic (``policy/windows.py``) in process
 memory: the standalone mode's limiter, and the fallback while Redis is
@@ -30,10 +36,11 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from gateway.accounting.pricing import PriceTable
+from gateway.accounting.record import UsageRecord
 from gateway.config import Config
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy.admit import RequestFacts, Reservation
-from gateway.policy.budget_rebuild import BudgetScope
+from gateway.policy.budget_rebuild import BudgetScope, LedgerSpend
 from gateway.policy.plans import (
     DEFAULT_OUTPUT_RESERVE,
     PLAN_CACHE_MAX,
@@ -45,6 +52,7 @@ from gateway.policy.plans import (
     duration,
     rate_headers,
     rejection,
+    scope_of,
 )
 from gateway.policy.principals import Principal
 from gateway.policy.windows import Decision, LocalCounters
@@ -56,7 +64,11 @@ log = structlog.get_logger("limits")
 
 _PARKED_MAX = 100_000
 
-RebuildHook = Callable[[Sequence[BudgetScope]], Awaitable[Mapping[BudgetScope, int] | None]]
+RebuildHook = Callable[[Sequence[BudgetScope]], Awaitable[LedgerSpend | Mapping[BudgetScope, int] | None]]
+# A settled cost waiting for its ledger commit is held at most this long (a
+# Postgres outage longer than that releases it; the commit still applies it).
+COMMIT_HOLD_MS = 3_600_000
+_MARK_TTL_MS = 30_000  # a rebase not finished by then is abandoned (APPLY adds directly again)
 
 __all__ = ["DEFAULT_OUTPUT_RESERVE", "LocalLimiter", "RebuildHook", "RedisLimiter", "duration"]
 
@@ -195,7 +207,19 @@ class RedisLimiter:
         self._orphans: set[asyncio.Task[None]] = set()
         self._tails: dict[int, tuple[Plan, bytes]] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self.ledger = False  # a ledger writer applies committed costs (attach_ledger)
+        self._stale: dict[str, tuple[BudgetScope, int]] = {}  # counters missing an application
+        self._touched: dict[str, tuple[BudgetScope, int]] = {}  # counters used since the last reconcile
+        self._plan_scopes: dict[int, tuple[Plan, dict[str, tuple[BudgetScope, int]]]] = {}
+        self.reconcile_s = rc.budget_reconcile_seconds
+        self._reconciler: asyncio.Task[None] | None = None
         store.on_recover(self._recovered)
+
+    def attach_ledger(self) -> None:
+        """A ledger writer will call ``apply_committed`` for every committed record with budget keys."""
+        self.ledger = True
+        if self.reconcile_s > 0 and self._reconciler is None:
+            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile())
 
     @property
     def degraded(self) -> bool:
@@ -269,8 +293,7 @@ class RedisLimiter:
         raw = reply.result()
         if raw[0] != 1 or not plan.settle:
             return
-        n = len(plan.checks)
-        held = Held(plan, member, raw[1], tokens, cost, tuple(raw[4 + 2 * n :]))
+        held = Held(plan, member, raw[1], tokens, cost)
         task = asyncio.get_running_loop().create_task(self._settle_held(held, 0, 0))
         self._orphans.add(task)
         task.add_done_callback(self._orphans.discard)
@@ -312,6 +335,24 @@ class RedisLimiter:
         plan = self.planner.plan(principal)
         if plan is None:
             return Reservation()
+        res = await self._reserve(plan, facts)
+        if self.ledger and plan.budget_keys:
+            res.budget_keys = plan.budget_keys
+            self._touched.update(self._scopes_of(plan))
+        return res
+
+    def _scopes_of(self, plan: Plan) -> dict[str, tuple[BudgetScope, int]]:
+        hit = self._plan_scopes.get(id(plan))
+        if hit is not None and hit[0] is plan:
+            return hit[1]
+        if len(self._plan_scopes) >= PLAN_CACHE_MAX:
+            self._plan_scopes.clear()
+        checks = [plan.checks[i] for i in plan.budget_i]
+        scopes = dict(zip(plan.budget_keys, zip(_scopes(plan, checks), (c.ttl_s for c in checks), strict=True), strict=True))
+        self._plan_scopes[id(plan)] = (plan, scopes)
+        return scopes
+
+    async def _reserve(self, plan: Plan, facts: RequestFacts) -> Reservation:
         if not self.store.healthy:
             return await self._degraded(plan, facts)
         limits = plan.limits
@@ -344,8 +385,8 @@ class RedisLimiter:
         self.stats.admitted += 1
         if not plan.settle:
             return Reservation(headers=headers)
-        held = Held(plan, facts.request_id, d.sec, tokens, cost, tuple(raw[4 + 2 * n :]))
-        if plan.lease_keys:
+        held = Held(plan, facts.request_id, d.sec, tokens, cost)
+        if plan.renew_keys:
             self._held[held.member] = held
             if self._renewer is None:
                 self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
@@ -375,8 +416,9 @@ class RedisLimiter:
         except _RebuildFailed:
             return
         if ledger is not None:
+            spent = _amounts(ledger)
             for c, scope in zip(checks, scopes, strict=True):
-                self._spent[c.key] = ledger.get(scope, 0)
+                self._spent[c.key] = spent.get(scope, 0)
 
     async def _ledger_spend(self, scopes: list[BudgetScope], failure_event: str) -> Any:
         """Ask the ledger for the scopes' spend; on any failure back off and raise _RebuildFailed."""
@@ -416,10 +458,12 @@ class RedisLimiter:
         scopes = _scopes(plan, checks)
         # The ledger cannot tell: do not enforce a budget we cannot know.
         ledger = await self._ledger_spend(scopes, "budget rebuild failed; local limits meanwhile")
-        args: list[Any] = [os.urandom(8).hex()]
+        snapshot = ledger.snapshot if isinstance(ledger, LedgerSpend) else ""
+        amounts = _amounts(ledger) if ledger is not None else {}
+        args: list[Any] = [os.urandom(8).hex(), snapshot, ""]
         for c, scope in zip(checks, scopes, strict=True):
             if ledger is not None:
-                spent = ledger.get(scope, 0)
+                spent = amounts.get(scope, 0)
             else:  # no ledger: the most this worker has seen spent (an upper bound, never a fresh budget)
                 spent = self._spent.get(c.key, 0) + self._outage_spend.get(c.key, 0)
             args += (spent, c.ttl_s)
@@ -442,9 +486,9 @@ class RedisLimiter:
     async def _settle_held(self, held: Held, tokens: int, cost_micros: int) -> None:
         if held.local:
             self.local.release(held, tokens, cost_micros)
-            for i in held.plan.budget_i:
-                key = held.plan.checks[i].key
-                self._outage_spend[key] = self._outage_spend.get(key, 0) + cost_micros
+            if not self.ledger:  # with a ledger, the commit applies it (apply_committed)
+                for key in held.plan.budget_keys:
+                    self._outage_spend[key] = self._outage_spend.get(key, 0) + cost_micros
             return
         self._held.pop(held.member, None)
         plan = held.plan
@@ -452,11 +496,8 @@ class RedisLimiter:
             key = plan.checks[i].key
             self._spent[key] = self._spent.get(key, 0) + cost_micros
         keys = plan.settle_keys
-        args: list[Any] = [held.member, held.sec, tokens - held.tokens, held.cost, cost_micros]
-        gens = iter(held.gens)
-        for i in plan.settle:
-            kind = plan.checks[i].kind
-            args += (kind, next(gens, b"") if kind == "b" else b"")
+        args: list[Any] = [held.member, held.sec, tokens - held.tokens, cost_micros, COMMIT_HOLD_MS if self.ledger else 0]
+        args += (plan.checks[i].kind for i in plan.settle)
         self.stats.settles += 1
         fast = self.store.fast
         if fast is not None and self.store.healthy:
@@ -510,14 +551,89 @@ class RedisLimiter:
         """Redis answers again: push what the outage kept, then forget the local counters."""
         items = list(self._parked)
         for key, spent in self._outage_spend.items():
-            items.append(_Pending([key], ["", 0, 0, 0, spent, "b", b""]))
+            items.append(_Pending([key], ["", 0, 0, spent, 0, "b"]))
         for start in range(0, len(items), 500):
             await self._eval_many(scripts.SETTLE, items[start : start + 500])
         self._parked.clear()
+        if self._stale:
+            with contextlib.suppress(_RebuildFailed):  # Postgres down too: kept for the next recovery
+                await self._rebase_stale()
         for key, spent in self._outage_spend.items():
             self._spent[key] = self._spent.get(key, 0) + spent
         self._outage_spend.clear()
         self.local.counters = LocalCounters()
+
+    # -- ledger commits and rebases ---------------------------------------------
+
+    async def apply_committed(self, records: Sequence[UsageRecord], xid: str) -> None:
+        """Move committed records' costs into their budget counters (the ledger writer calls this)."""
+        items = [_Pending(list(r.budget_keys), [r.request_id, r.cost_micros, xid]) for r in records]
+        if self.store.healthy:
+            try:
+                for start in range(0, len(items), 500):
+                    await self._eval_many(scripts.APPLY, items[start : start + 500])
+                self.stats.applied += len(items)
+                return
+            except REDIS_ERRORS as exc:
+                self.store.failed(exc)
+        # Not applied, or maybe applied with the reply lost: a retry could count a cost
+        # twice.  The counters are rebased on the ledger instead once Redis answers.
+        for r in records:
+            for key in r.budget_keys:
+                self._stale[key] = scope_of(key, r.user_id, r.key_id)
+        self.stats.unapplied += len(records)
+
+    async def _rebase(self, targets: Mapping[str, tuple[BudgetScope, int]]) -> int:
+        """Reset counters to the ledger's spend (holds kept), exactly: MARK, read the ledger, SEED."""
+        if not targets:
+            return 0
+        by_tag: dict[str, list[str]] = {}
+        for key in targets:
+            by_tag.setdefault(key[key.index("{") : key.index("}") + 1], []).append(key)  # one Cluster slot each
+        token = os.urandom(8).hex()
+        for group in by_tag.values():
+            await self._eval(scripts.MARK, group, [token, _MARK_TTL_MS])
+        keys_ = list(targets)
+        ledger = await self._ledger_spend([targets[k][0] for k in keys_], "budget rebase failed")
+        if not isinstance(ledger, LedgerSpend):
+            return 0  # no ledger to rebase on (the mark lapses by itself)
+        built = 0
+        for group in by_tag.values():
+            args: list[Any] = [os.urandom(8).hex(), ledger.snapshot, token]
+            for key in group:
+                scope, ttl = targets[key]
+                args += (ledger.spent.get(scope, 0), ttl)
+            built += int(await self._eval(scripts.SEED, group, args))
+        self.stats.rebases += built
+        return built
+
+    async def _rebase_stale(self) -> None:
+        stale, self._stale = self._stale, {}
+        try:
+            n = await self._rebase(stale)
+        except BaseException:
+            for key, v in stale.items():
+                self._stale.setdefault(key, v)  # next time
+            raise
+        if n:
+            log.info("budget counters rebased on the ledger after an outage", counters=n)
+
+    async def _reconcile(self) -> None:
+        """Every ``budget_reconcile_seconds``, rebase the counters this worker used meanwhile."""
+        while True:
+            await asyncio.sleep(self.reconcile_s)
+            touched, self._touched = self._touched, {}
+            if not self.store.healthy:
+                continue
+            items = list(touched.items())
+            for start in range(0, len(items), 200):
+                try:
+                    await self._rebase(dict(items[start : start + 200]))
+                except REDIS_ERRORS as exc:
+                    self.store.failed(exc)
+                    break
+                except _RebuildFailed:
+                    break
 
     # -- leases -----------------------------------------------------------------
 
@@ -528,7 +644,10 @@ class RedisLimiter:
             await asyncio.sleep(interval)
             if not self._held or not self.store.healthy:
                 continue
-            items = [_Pending(list(h.plan.lease_keys), [h.member, self.lease_ms]) for h in self._held.values()]
+            items = [
+                _Pending(list(h.plan.renew_keys), [h.member, self.lease_ms, *h.plan.renew_kinds])
+                for h in self._held.values()
+            ]
             try:
                 for start in range(0, len(items), 500):
                     await self._eval_many(scripts.RENEW, items[start : start + 500])
@@ -545,11 +664,30 @@ class RedisLimiter:
         if self._flusher is not None:
             with contextlib.suppress(*REDIS_ERRORS):
                 await asyncio.wait_for(asyncio.shield(self._flusher), timeout=2 * self.timeout + 1)
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+        if self._stale and self.store.healthy:
+            with contextlib.suppress(_RebuildFailed, *REDIS_ERRORS, TimeoutError):
+                async with asyncio.timeout(2 * self.timeout + 2):
+                    await self._rebase_stale()
+        if self._stale or self._parked:
+            # Reservations lapse by themselves; a counter missing a committed cost is
+            # rebased on the ledger by the next worker's reconcile that uses it.
+            log.warning(
+                "redis unreachable at shutdown: settlements not sent, counters not rebased",
+                settlements=len(self._parked), counters=len(self._stale),
+            )
         await self.store.close()
 
 
 class _RebuildFailed(Exception):
     """Budget counters could not be rebuilt: decide this request without Redis."""
+
+
+def _amounts(ledger: LedgerSpend | Mapping[BudgetScope, int]) -> Mapping[BudgetScope, int]:
+    return ledger.spent if isinstance(ledger, LedgerSpend) else ledger
 
 
 def _scopes(plan: Plan, checks: list[Any]) -> list[BudgetScope]:

@@ -21,6 +21,7 @@ from gateway.accounting.pricing import PriceTable
 from gateway.config import Limits
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy.admit import RequestFacts
+from gateway.policy.budget_rebuild import BudgetScope
 from gateway.policy.principals import Principal
 from gateway.policy.windows import Decision
 from gateway.stores import redis_scripts as scripts
@@ -71,6 +72,9 @@ class Plan:
     settle: tuple[int, ...]  # indices of t, c and b checks
     settle_keys: tuple[str, ...]
     lease_keys: tuple[str, ...]
+    renew_keys: tuple[str, ...]  # concurrency leases and budget reservations: renewed while in flight
+    renew_kinds: tuple[str, ...]
+    budget_keys: tuple[str, ...]
     output_cap: int  # the lowest max_tokens limit, 0 when none
 
 
@@ -87,6 +91,21 @@ def _periods(day: int) -> _PeriodKeys:
         day=(d.strftime("d%Y%m%d"), float(day * _DAY), 2 * _DAY),
         month=(d.strftime("m%Y%m"), month_start, 33 * _DAY),
     )
+
+
+def scope_of(key: str, user_id: str, key_id: str) -> tuple[BudgetScope, int]:
+    """The ledger scope and TTL of a budget counter named by ``Planner`` (its period id is its last part)."""
+    pid = key.rsplit(":", 1)[1]
+    # "<prefix>:<version>:{u:<tag>}:b:u:<pid>" or "...}:b:k:<tag>:<pid>"; tags never hold braces.
+    scope_key = None if key[key.index("}:b:") + 4 :].startswith("u:") else key_id
+    if pid == "all":
+        return BudgetScope(user_id, scope_key, "total", 0.0), 0
+    if pid[0] == "d":
+        day = int(datetime.strptime(pid[1:], "%Y%m%d").replace(tzinfo=UTC).timestamp()) // _DAY
+        return BudgetScope(user_id, scope_key, "day", _periods(day).day[1]), _periods(day).day[2]
+    d = datetime.strptime(pid[1:], "%Y%m").replace(tzinfo=UTC)
+    period = _periods(int(d.timestamp()) // _DAY).month
+    return BudgetScope(user_id, scope_key, "month", period[1]), period[2]
 
 
 class Planner:
@@ -154,6 +173,9 @@ class Planner:
             settle=tuple(i for i, c in enumerate(checks) if c.kind != "r"),
             settle_keys=tuple(c.key for c in checks if c.kind != "r"),
             lease_keys=tuple(c.key for c in checks if c.kind == "c"),
+            renew_keys=tuple(c.key for c in checks if c.kind in ("c", "b")),
+            renew_kinds=tuple(c.kind for c in checks if c.kind in ("c", "b")),
+            budget_keys=tuple(c.key for c in checks if c.kind == "b"),
             output_cap=min(caps) if caps else 0,
         )
 
@@ -170,7 +192,6 @@ class Held:
     sec: int
     tokens: int
     cost: int
-    gens: tuple[bytes, ...] = ()  # one per budget check (Redis only)
     local: bool = False
 
 
@@ -186,7 +207,10 @@ class LimiterStats:
     rebuild_failures: int = 0
     settles: int = 0
     settle_batches: int = 0  # round trips that carried them
-    parked: int = 0  # settlements kept for when Redis answers again
+    parked: int = 0  # settlements and applications kept for when Redis answers again
+    applied: int = 0  # committed usage records whose cost went into budget counters
+    unapplied: int = 0  # ... that could not (Redis down): their counters are rebased instead
+    rebases: int = 0  # budget counters reset to the ledger's figure (after an outage, or reconciled)
 
 
 def demand(plan: Plan, facts: RequestFacts, prices: PriceTable, token_cap: int) -> tuple[int, int]:

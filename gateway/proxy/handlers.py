@@ -205,6 +205,7 @@ def _finish(
             ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000.0,
             gateway_ms=ctx.gateway_ms(now),
             error_kind=ctx.error_kind,
+            budget_keys=reservation.budget_keys,
         )
     )
     if reservation.state is not None:

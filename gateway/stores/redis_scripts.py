@@ -15,9 +15,29 @@ Counter kinds, one key per (kind, scope):
   last 60 seconds count.
 - ``c`` concurrency: ZSET of request ids scored by lease expiry ms; a lease
   that is neither renewed nor released expires by itself.
-- ``b`` budget: HASH ``v`` = micro-dollars spent + reserved, ``g`` = the
-  generation written when the counter was (re)built.  A missing budget
-  counter is never treated as zero: the caller rebuilds it from the ledger.
+- ``b`` budget: HASH ``v`` = micro-dollars spent (what the ledger holds, as
+  far as this counter knows), ``r`` = micro-dollars held, and per request
+  ``h:<id>`` (the worst-case reservation of a request in flight) or
+  ``p:<id>`` (its real cost, settled but not yet committed to the ledger),
+  each with ``e:<id>``, the ms time at which the hold lapses by itself (a
+  dead worker's holds are never renewed).  ``g`` is the generation and
+  ``s`` the Postgres snapshot (``xmin:xmax:xip,...``) of the ledger read
+  that (re)built the counter.  A budget admits while ``v + r + cost <=
+  limit``; expired holds are pruned only when that fails.  A counter without
+  ``v`` is missing, never zero: the caller rebuilds it from the ledger first.
+
+Budget money moves in two steps.  The request's end (SETTLE) turns its
+reservation into its real cost, still held; once the usage record is
+committed to the ledger, the ledger writer's APPLY moves it from held to
+``v``, unless the counter's rebuild snapshot already saw that commit (the
+transaction id is visible in ``s``).  So a counter equals the ledger it was
+built from plus exactly the commits after it, whatever order the two steps
+take.  A record APPLY finds no counter for, or a counter being rebased
+(``x``, set by MARK), is queued instead (``q:<id>``) and SEED folds the queue
+in against its own snapshot: a rebase (MARK, ledger read, SEED with the
+mark's token) resets ``v`` to the ledger's figure, exactly, while requests
+keep their holds.  Without a ledger (Redis but no Postgres) SETTLE adds the
+real cost to ``v`` directly (``hold_ms`` 0).
 """
 
 from __future__ import annotations
@@ -25,7 +45,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-VERSION = "v1"
+VERSION = "v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +61,37 @@ class Script:
 
 # KEYS[i]: one counter per check.  ARGV: member, tokens, cost, lease_ms, then
 # per check i: ARGV[3+2i] kind, ARGV[4+2i] limit.
-# Returns {1, sec, 0, 0, used_1, reset_1, ..., gen_1, ...} (admitted; used counts
-# this request; one gen per budget check), {0, sec, failed_i, retry_ms, used_1,
+# Returns {1, sec, 0, 0, used_1, reset_1, ...} (admitted; used counts this
+# request; a budget's used is spent + held), {0, sec, failed_i, retry_ms, used_1,
 # reset_1, ...} (rejected, nothing reserved) or {-1, sec, 0, 0} (a budget
 # counter is missing: rebuild it first, nothing reserved).
 ADMIT = Script(
     f"gw_admit_{VERSION}",
     r"""
+-- Drop a budget's lapsed holds and recount what it holds (also heals a drifted 'r').
+local function prune(key, now)
+  local h = redis.call('HGETALL', key)
+  local amount, field, expiry = {}, {}, {}
+  for j = 1, #h, 2 do
+    local f, p = h[j], string.sub(h[j], 1, 2)
+    if p == 'h:' or p == 'p:' then
+      amount[string.sub(f, 3)], field[string.sub(f, 3)] = tonumber(h[j + 1]), f
+    elseif p == 'e:' then
+      expiry[string.sub(f, 3)] = tonumber(h[j + 1])
+    end
+  end
+  local held = 0
+  for m, e in pairs(expiry) do
+    if e <= now then
+      if field[m] then redis.call('HDEL', key, field[m]) end
+      redis.call('HDEL', key, 'e:' .. m)
+      amount[m] = nil
+    end
+  end
+  for _, a in pairs(amount) do held = held + a end
+  redis.call('HSET', key, 'r', held)
+  return held
+end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -108,7 +152,11 @@ for i = 1, n do
   else
     local v = redis.call('HGET', key, 'v')
     if not v then return {-1, sec, 0, 0} end
-    u = tonumber(v)
+    local held = tonumber(redis.call('HGET', key, 'r') or '0')
+    u = tonumber(v) + held
+    if u + cost > limit and held > 0 then
+      u = tonumber(v) + prune(key, now)
+    end
     if u + cost > limit then
       over = true
       if not budget_failed then failed = i end
@@ -142,30 +190,48 @@ for i = 1, n do
     redis.call('PEXPIRE', key, lease * 2)
     out[3 + 2 * i] = used[i] + 1
   else
-    out[3 + 2 * i] = redis.call('HINCRBY', key, 'v', ARGV[3])
+    if cost > 0 then
+      redis.call('HINCRBY', key, 'r', ARGV[3])
+      redis.call('HSET', key, 'h:' .. member, ARGV[3], 'e:' .. member, now + lease)
+    end
+    out[3 + 2 * i] = used[i] + cost
   end
-end
-for i = 1, n do
-  if ARGV[3 + 2 * i] == 'b' then out[#out + 1] = redis.call('HGET', KEYS[i], 'g') end
 end
 return out
 """,
 )
 
-# KEYS[i]: the counters to settle.  ARGV: member, sec, tokens_delta,
-# cost_reserved, cost_actual, then per key i: ARGV[4+2i] kind, ARGV[5+2i] gen.
+# Is Postgres transaction ``xid`` visible in snapshot ``snap`` (``xmin:xmax:xip,...``),
+# i.e. committed before the ledger read that took the snapshot?
+_VISIBLE = r"""
+local function visible(xid, snap)
+  local xmin, xmax, xip = string.match(snap, '^(%d+):(%d+):(.*)$')
+  if not xmin then return false end
+  if xid < tonumber(xmin) then return true end
+  if xid >= tonumber(xmax) then return false end
+  for x in string.gmatch(xip, '%d+') do
+    if tonumber(x) == xid then return false end
+  end
+  return true
+end
+"""
+
+# KEYS[i]: the counters to settle.  ARGV: member, sec, tokens_delta, cost_actual,
+# hold_ms, then per key i: ARGV[5+i] kind.
 # Tokens: the reservation's second moves by (actual - reserved), never below 0.
-# Concurrency: the lease is released.  Budget: moves by (actual - reserved) when
-# the counter is the one the reservation was made on (same generation); a
-# counter rebuilt since then did not hold the reservation, so it gets the
-# actual cost; a missing counter is left to the next rebuild from the ledger.
+# Concurrency: the lease is released.  Budget, hold_ms > 0 (a ledger will commit
+# the record): the reservation becomes the real cost, still held for hold_ms or
+# until APPLY; hold_ms = 0 (no ledger): the real cost goes to ``v`` at once.
+# A reservation no longer there (lapsed, applied already, counter rebuilt) is
+# left alone: APPLY (or, without a ledger, ``v``) accounts for the cost.
 SETTLE = Script(
     f"gw_settle_{VERSION}",
     r"""
 local member, sec, dtok = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local reserved, actual = tonumber(ARGV[4]), tonumber(ARGV[5])
+local actual, hold = tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = 0
 for i = 1, #KEYS do
-  local kind, key = ARGV[4 + 2 * i], KEYS[i]
+  local kind, key = ARGV[5 + i], KEYS[i]
   if kind == 't' then
     if dtok ~= 0 and redis.call('HEXISTS', key, sec) == 1 then
       local v = redis.call('HINCRBY', key, sec, string.format('%d', dtok))
@@ -173,15 +239,26 @@ for i = 1, #KEYS do
     end
   elseif kind == 'c' then
     redis.call('ZREM', key, member)
-  elseif kind == 'b' then
-    local g = redis.call('HGET', key, 'g')
-    if g then
-      local delta = actual
-      if g == ARGV[5 + 2 * i] then delta = actual - reserved end
-      if delta ~= 0 then
-        local v = redis.call('HINCRBY', key, 'v', string.format('%d', delta))
-        if v < 0 then redis.call('HSET', key, 'v', 0) end
+  elseif kind == 'b' and redis.call('HEXISTS', key, 'v') == 1 then
+    local amt = tonumber(redis.call('HGET', key, 'h:' .. member) or '-1')
+    if amt >= 0 then
+      local keep = 0
+      if hold > 0 then keep = actual end
+      local r = redis.call('HINCRBY', key, 'r', string.format('%d', keep - amt))
+      if r < 0 then redis.call('HSET', key, 'r', 0) end
+      redis.call('HDEL', key, 'h:' .. member)
+      if keep > 0 then
+        if now == 0 then
+          local t = redis.call('TIME')
+          now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        end
+        redis.call('HSET', key, 'p:' .. member, keep, 'e:' .. member, now + hold)
+      else
+        redis.call('HDEL', key, 'e:' .. member)
       end
+    end
+    if hold == 0 and actual ~= 0 then
+      redis.call('HINCRBY', key, 'v', string.format('%d', actual))
     end
   end
 end
@@ -189,40 +266,146 @@ return 1
 """,
 )
 
-# KEYS[i]: budget counters.  ARGV: gen, then per key i: ARGV[2i] spent,
-# ARGV[2i+1] ttl seconds (0 = none).  Creates only missing counters (another
-# worker may have rebuilt them meanwhile); returns how many it created.
-SEED = Script(
-    f"gw_seed_{VERSION}",
-    r"""
-local created = 0
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    redis.call('HSET', KEYS[i], 'v', ARGV[2 * i], 'g', ARGV[1])
-    local ttl = tonumber(ARGV[2 * i + 1])
-    if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
-    created = created + 1
-  end
+# Must APPLY queue a record on this counter instead of adding it: the counter is
+# missing (SEED will build it) or marked for a rebase (MARK, until REBASE or the
+# mark's expiry); REBASE folds the queue in against its snapshot.
+_QUEUES = r"""
+local function queues(key, now)
+  if redis.call('HEXISTS', key, 'v') == 0 then return true end
+  local x = redis.call('HGET', key, 'x')
+  if not x then return false end
+  local exp = tonumber(string.match(x, ':(%d+)$') or '0')
+  return exp > now
 end
-return created
-""",
-)
+"""
 
-# KEYS[i]: concurrency sets of one user.  ARGV: member, lease_ms.  Extends a
-# live lease (never resurrects one that expired or was released).
-RENEW = Script(
-    f"gw_renew_{VERSION}",
-    r"""
+# KEYS[i]: the budget counters of one committed usage record.  ARGV: member,
+# cost, xid (the Postgres transaction that committed the record).
+# The record's hold (settled or not) is dropped; its cost goes to ``v`` unless
+# the counter was rebuilt from a ledger read that already counted it.  A
+# missing or rebasing counter gets the record queued (``q:<id>`` = cost:xid).
+APPLY = Script(
+    f"gw_apply_{VERSION}",
+    _VISIBLE
+    + _QUEUES
+    + r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[2])
+local member, actual, xid = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 for i = 1, #KEYS do
-  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + lease, ARGV[1]) == 1 then
-    redis.call('PEXPIRE', KEYS[i], lease * 2)
+  local key = KEYS[i]
+  local amt = redis.call('HGET', key, 'p:' .. member) or redis.call('HGET', key, 'h:' .. member)
+  if amt then
+    local r = redis.call('HINCRBY', key, 'r', string.format('%d', -tonumber(amt)))
+    if r < 0 then redis.call('HSET', key, 'r', 0) end
+    redis.call('HDEL', key, 'p:' .. member, 'h:' .. member, 'e:' .. member)
+  end
+  if queues(key, now) then
+    redis.call('HSET', key, 'q:' .. member, ARGV[2] .. ':' .. ARGV[3])
+    if redis.call('TTL', key) < 0 and redis.call('HEXISTS', key, 'v') == 0 then
+      redis.call('EXPIRE', key, 86400)
+    end
+  else
+    local snap = redis.call('HGET', key, 's')
+    if not (snap and visible(xid, snap)) then
+      redis.call('HINCRBY', key, 'v', string.format('%d', actual))
+    end
   end
 end
 return 1
 """,
 )
 
-ALL = (ADMIT, SETTLE, SEED, RENEW)
+# KEYS[i]: budget counters about to be rebased.  ARGV: token, ttl_ms.  From now
+# until REBASE (or ttl_ms), APPLY queues instead of adding: the ledger read that
+# follows may or may not see those commits, and REBASE tells them apart.
+MARK = Script(
+    f"gw_mark_{VERSION}",
+    r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do
+  if redis.call('HEXISTS', KEYS[i], 'v') == 1 then
+    redis.call('HSET', KEYS[i], 'x', ARGV[1] .. ':' .. (now + tonumber(ARGV[2])))
+  end
+end
+return 1
+""",
+)
+
+# KEYS[i]: budget counters.  ARGV: gen, snapshot ('' = no ledger), token ('' =
+# seed only), then per key i: ARGV[2+2i] spent, ARGV[3+2i] ttl seconds (0 =
+# none).  Builds a missing counter (another worker may have built it meanwhile:
+# then it is left alone); with a token, also resets ``v`` of a counter this
+# caller marked (MARK) to the ledger's figure, keeping every hold.  Either way
+# the queued records the snapshot did not see are added.  Returns how many
+# counters it (re)built.
+SEED = Script(
+    f"gw_seed_{VERSION}",
+    _VISIBLE
+    + r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gen, snap, token = ARGV[1], ARGV[2], ARGV[3]
+local built = 0
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local has = redis.call('HEXISTS', key, 'v') == 1
+  local mine = false
+  if has and token ~= '' then
+    local x = redis.call('HGET', key, 'x')
+    if x then
+      local tok, exp = string.match(x, '^(.*):(%d+)$')
+      mine = tok == token and tonumber(exp) > now
+    end
+  end
+  if not has or mine then
+    local spent = tonumber(ARGV[2 + 2 * i])
+    local h = redis.call('HGETALL', key)
+    for j = 1, #h, 2 do
+      if string.sub(h[j], 1, 2) == 'q:' then
+        local cost, xid = string.match(h[j + 1], '^(%d+):(%d+)$')
+        if cost and not (snap ~= '' and visible(tonumber(xid), snap)) then spent = spent + tonumber(cost) end
+        redis.call('HDEL', key, h[j])
+      end
+    end
+    if has then
+      redis.call('HSET', key, 'v', spent, 'g', gen)
+      redis.call('HDEL', key, 'x')
+    else
+      redis.call('DEL', key)
+      redis.call('HSET', key, 'v', spent, 'r', 0, 'g', gen)
+      local ttl = tonumber(ARGV[3 + 2 * i])
+      if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+    end
+    if snap ~= '' then redis.call('HSET', key, 's', snap) else redis.call('HDEL', key, 's') end
+    built = built + 1
+  end
+end
+return built
+""",
+)
+
+# KEYS[i]: the concurrency sets and budget counters of one request in flight.
+# ARGV: member, lease_ms, then per key i: ARGV[2+i] kind.  Extends a live lease
+# or budget reservation (never resurrects one that lapsed or was released).
+RENEW = Script(
+    f"gw_renew_{VERSION}",
+    r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local member, lease = ARGV[1], tonumber(ARGV[2])
+for i = 1, #KEYS do
+  if ARGV[2 + i] == 'c' then
+    if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + lease, member) == 1 then
+      redis.call('PEXPIRE', KEYS[i], lease * 2)
+    end
+  elseif redis.call('HEXISTS', KEYS[i], 'h:' .. member) == 1 then
+    redis.call('HSET', KEYS[i], 'e:' .. member, now + lease)
+  end
+end
+return 1
+""",
+)
+
+ALL = (ADMIT, SETTLE, APPLY, MARK, SEED, RENEW)
