@@ -47,7 +47,7 @@ async def run(port: int, records: int, rounds: int) -> None:
     limiter = RedisLimiter(cfg, RedisStore(cfg.redis, f"redis://127.0.0.1:{port}/0"), PriceTable.load(cfg), rebuild=ledger)
     await limiter.start()
     limiter.attach_ledger()
-    await limiter._eval(scripts.SEED, list(KEYS), ["g", "1:1:", "", 0, 0, 0, 0])
+    await limiter.runner.eval(scripts.SEED, list(KEYS), ["g", "1:1:", "", 0, 0, 0, 0])
     for rnd in range(rounds):
         recs = [
             UsageRecord(f"req_{rnd}_{i}", 0.0, "k1", "u1", "m", "r", "up", 200, False, False, 10, 10, 0, 0, 123,
