@@ -48,10 +48,9 @@ from gateway.policy.plans import (
     LimiterStats,
     Plan,
     Planner,
+    decide,
     demand,
     duration,
-    rate_headers,
-    rejection,
 )
 from gateway.policy.principals import Principal
 from gateway.policy.windows import Decision, LocalCounters
@@ -215,15 +214,7 @@ class RedisLimiter:
         d = Decision(raw[0], raw[1], raw[2], raw[3], list(raw[4 : 4 + 2 * n : 2]), list(raw[5 : 5 + 2 * n : 2]))
         for i in plan.budget_i:
             self.budgets.spent[plan.checks[i].key] = d.used[i] - (cost if d.status else 0)
-        headers = rate_headers(plan, limits, d)
-        if not d.status:
-            err = rejection(plan, limits, d, cost, headers)
-            if err.kind is ErrorKind.BUDGET_EXCEEDED:
-                self.stats.budget_exceeded += 1
-            else:
-                self.stats.rate_limited += 1
-            raise err
-        self.stats.admitted += 1
+        headers = decide(self.stats, plan, limits, d, cost)
         if not plan.settle:
             return Reservation(headers=headers)
         held = Held(plan, facts.request_id, d.sec, tokens, cost)

@@ -12,9 +12,8 @@ import time
 from collections.abc import Mapping
 
 from gateway.accounting.pricing import PriceTable
-from gateway.errors import ErrorKind
 from gateway.policy.admit import RequestFacts, Reservation
-from gateway.policy.plans import PLAN_CACHE_MAX, Held, LimiterStats, Plan, Planner, demand, rate_headers, rejection
+from gateway.policy.plans import PLAN_CACHE_MAX, Held, LimiterStats, Plan, Planner, decide, demand
 from gateway.policy.principals import Principal
 from gateway.policy.windows import LocalCounters
 
@@ -73,15 +72,7 @@ class LocalLimiter:
             self.counters.prune(now_ms)
         checks = [(c.kind, c.key, limits[i]) for i, c in enumerate(plan.checks)]
         d = self.counters.admit(checks, now_ms, facts.request_id, tokens, cost)
-        headers = rate_headers(plan, limits, d)
-        if not d.status:
-            err = rejection(plan, limits, d, cost, headers)
-            if err.kind is ErrorKind.BUDGET_EXCEEDED:
-                self.stats.budget_exceeded += 1
-            else:
-                self.stats.rate_limited += 1
-            raise err
-        self.stats.admitted += 1
+        headers = decide(self.stats, plan, limits, d, cost)
         state = Held(plan, facts.request_id, d.sec, tokens, cost, local=True) if plan.settle else None
         return Reservation(headers=headers, state=state)
 

@@ -260,6 +260,20 @@ def rate_headers(plan: Plan, limits: Sequence[int], d: Decision) -> dict[str, st
 _PERIOD_WORD = {"day": "daily", "month": "monthly", "total": "total"}
 
 
+def decide(stats: LimiterStats, plan: Plan, limits: Sequence[int], d: Decision, cost: int) -> dict[str, str]:
+    """Count a decision; return the rate-limit headers of an admission, raise the 429 of a rejection."""
+    headers = rate_headers(plan, limits, d)
+    if not d.status:
+        err = rejection(plan, limits, d, cost, headers)
+        if err.kind is ErrorKind.BUDGET_EXCEEDED:
+            stats.budget_exceeded += 1
+        else:
+            stats.rate_limited += 1
+        raise err
+    stats.admitted += 1
+    return headers
+
+
 def rejection(plan: Plan, limits: Sequence[int], d: Decision, cost: int, headers: dict[str, str]) -> GatewayError:
     i = d.failed - 1
     check = plan.checks[i]
