@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from gateway import keys
 from tests.conftest import gateway_toml
 from tests.fixtures.control_plane import ADMIN, ADMIN_TOKEN, JWT_SECRET, create_key, create_user
-from tests.fixtures.limits import chat_body, post_chat, worst_case
+from tests.fixtures.limits import chat_body, fire, post_chat, statuses, worst_case
 from tests.test_limits_process import workers_of
 
 CHAT = "/v1/chat/completions"
@@ -301,3 +301,30 @@ async def test_apply_adds_only_commits_the_rebuild_snapshot_did_not_see(
         assert -1 == await r.ttl(key)  # a total budget's counter does not expire
     finally:
         await r.aclose()
+
+
+async def test_hundred_at_once_over_two_instances_never_overspend_and_the_rest_is_exact(
+    make_gateway: Any, mock_upstream: Any, pg_env: str, with_redis: str, tmp_path: Path
+) -> None:
+    """Database mode, two gateways: a budget that fits 10 worst cases admits 10 of 100 concurrent requests;
+    once their real costs are committed, exactly as many more worst cases fit as the ledger says are left."""
+    body = chat_body(100)
+    wc = worst_case(body, 100)
+    budget = 10 * wc + 1
+    gws = [await make_gateway(ledger_toml(mock_upstream.base_url, tmp_path / str(i), flush_ms=100)) for i in range(2)]
+    key_id, key = await budget_key(gws[0], budget / 1e6)
+    hold = {"x-mock-latency-ms": "3000"}  # all 100 are decided before the first one settles
+    answers = await fire([(g, CHAT) for g in gws], 100, key, body, hold)
+    assert {200: 10, 429: 90} == statuses(answers)
+    for g in gws:
+        await settle(g)
+    spent = await ledger_spend(pg_env, key_id)
+    assert 0 < spent <= budget
+    c = await counter(with_redis, key_id)
+    assert (str(spent), "0", {}) == (c["v"], c["r"], holds(c))
+    fits = (budget - spent) // wc  # what the real costs left room for
+    again = await fire([(g, CHAT) for g in gws], 30, key, body, hold)
+    assert {200: fits, 429: 30 - fits} == statuses(again)
+    for g in gws:
+        await settle(g)
+    assert await ledger_spend(pg_env, key_id) <= budget
