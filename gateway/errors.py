@@ -41,7 +41,11 @@ class ErrorKind(enum.Enum):
     UPSTREAM_ERROR = _Spec(502, "api_error", "server_error", "upstream_error", "provider")
     UNAVAILABLE = _Spec(503, "overloaded_error", "server_error", "service_unavailable", "gateway", retry_after=True)
     UPSTREAM_TIMEOUT = _Spec(504, "timeout_error", "server_error", "upstream_timeout", "provider")
-    # Not in DESIGN.md's table: a bug of ours, still answered in the dialect's shape.
+    # Not in DESIGN.md's table: a path or method the gateway does not serve
+    # (answered in the path's dialect instead of aiohttp's plain text) ...
+    UNKNOWN_PATH = _Spec(404, "not_found_error", "invalid_request_error", "not_found", "caller")
+    METHOD_NOT_ALLOWED = _Spec(405, "invalid_request_error", "invalid_request_error", "method_not_allowed", "caller")
+    # ... and a bug of ours, still answered in the dialect's shape.
     INTERNAL = _Spec(500, "api_error", "server_error", "internal_error", "gateway")
 
     @property

@@ -8,12 +8,59 @@ import structlog
 from aiohttp import web
 
 from gateway import keys
-from gateway.errors import ErrorKind, GatewayError, render
+from gateway.auth.responses import error_body
+from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError, render
 from gateway.observability.logging import redact_path
 from gateway.observability.metrics import Metrics
 from gateway.proxy.context import RequestContext
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# nginx's status for a client that closed its connection before the answer
+# was sent: an outcome of the request, not an error of the gateway.
+CLIENT_CLOSED = 499
+
+# Unknown paths under these answer in the control plane's error shape.
+_CONTROL_PLANE = ("/admin", "/auth", "/me", "/openapi.json", "/healthz", "/readyz", "/metrics")
+
+
+def client_gone(request: web.Request) -> bool:
+    """The client's connection is closed or closing: nothing can reach it any more."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def render_unmatched(request: web.Request, exc: web.HTTPException, ctx: RequestContext) -> web.Response:
+    """aiohttp's router found no route (404) or not for this method (405): JSON in the path's dialect."""
+    kind = ErrorKind.METHOD_NOT_ALLOWED if exc.status == 405 else ErrorKind.UNKNOWN_PATH
+    ctx.error_kind = kind.label
+    path = request.path
+    shown = redact_path(path)  # never echo the key of an /ak/{key}/... path
+    if kind is ErrorKind.METHOD_NOT_ALLOWED:
+        allow = exc.headers.get("Allow", "")
+        message = f"Method {request.method} is not allowed on {shown}; allowed: {allow}."
+    else:
+        message = f"Unknown path: {request.method} {shown}."
+    if path.startswith("/ak/"):
+        slash = path.find("/", 4)
+        path = path[slash:] if slash >= 0 else "/"
+    elif any(path == p or path.startswith(p + "/") for p in _CONTROL_PLANE):
+        resp = web.Response(
+            status=exc.status, body=error_body(kind.spec.openai_code, message), content_type="application/json"
+        )
+        _copy_allow(exc, resp)
+        return resp
+    anthropic = path == "/v1/messages" or path.startswith("/v1/messages/") or "anthropic-version" in request.headers
+    ctx.dialect = ANTHROPIC if anthropic else OPENAI
+    resp = render(GatewayError(kind, message), ctx.dialect)
+    _copy_allow(exc, resp)
+    return resp
+
+
+def _copy_allow(exc: web.HTTPException, resp: web.Response) -> None:
+    allow = exc.headers.get("Allow")
+    if allow is not None:
+        resp.headers["Allow"] = allow
 
 
 def make_middleware(
@@ -35,12 +82,21 @@ def make_middleware(
                 ctx.error_kind = err.kind.label
                 resp = render(err, ctx.dialect)
             except web.HTTPException as exc:
-                exc.headers["x-request-id"] = ctx.request_id
-                exc.headers["server-timing"] = ctx.server_timing()
-                status = exc.status
-                raise
+                if exc is not request.match_info.http_exception:
+                    # A handler's own answer (the control plane raises its JSON errors).
+                    exc.headers["x-request-id"] = ctx.request_id
+                    exc.headers["server-timing"] = ctx.server_timing()
+                    status = exc.status
+                    raise
+                resp = render_unmatched(request, exc, ctx)
             except ConnectionError:
-                raise  # the client went away: nobody to answer
+                if not client_gone(request):
+                    raise
+                # A write to the client failed because it went away: an
+                # ordinary outcome.  Raised on, aiohttp would log it as a
+                # server error; its write of this placeholder fails quietly.
+                status = CLIENT_CLOSED
+                return web.Response(status=CLIENT_CLOSED)
             except Exception as exc:  # noqa: BLE001 - the one last-resort answer
                 # A bug: answer in the dialect's shape; log the type only (a
                 # traceback could carry a key from a local variable).
@@ -49,12 +105,14 @@ def make_middleware(
                 resp = render(GatewayError(ErrorKind.INTERNAL, "Internal gateway error."), ctx.dialect)
             status = resp.status
             if not resp.prepared:
+                if client_gone(request):
+                    status = CLIENT_CLOSED  # answered, but nobody is left to receive it
                 resp.headers["x-request-id"] = ctx.request_id
                 resp.headers["server-timing"] = ctx.server_timing()
             return resp
         except BaseException:
-            if status < 400:
-                status = 499 if ctx.partial else 500
+            if client_gone(request):
+                status = CLIENT_CLOSED  # the disconnect cancelled the handler
             raise
         finally:
             if metrics is not None:
@@ -71,7 +129,7 @@ def make_middleware(
                     user=ctx.user_id,
                     upstream=ctx.upstream,
                     status=status,
-                    error=ctx.error_kind,
+                    error=ctx.error_kind or ("client_closed" if status == CLIENT_CLOSED else None),
                     streamed=ctx.streamed,
                     partial=ctx.partial,
                     gateway_ms=round(ctx.gateway_ms(), 3),
@@ -83,4 +141,4 @@ def make_middleware(
     return gateway_middleware
 
 
-__all__ = ["ErrorKind", "make_middleware"]
+__all__ = ["CLIENT_CLOSED", "ErrorKind", "client_gone", "make_middleware", "render_unmatched"]

@@ -136,7 +136,7 @@ async def test_unmatched_paths_share_one_label_set(gateway: Any) -> None:
         r = await gateway.get(f"/no/such/path/{i}")
         assert 404 == r.status
     text = await (await gateway.get("/metrics")).text()
-    assert 20.0 == total(text, "gateway_requests_total", endpoint="unmatched", status="404", error="http")
+    assert 20.0 == total(text, "gateway_requests_total", endpoint="unmatched", status="404", error="unknown_path")
     assert "/no/such/path" not in text
 
 

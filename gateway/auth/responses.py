@@ -29,15 +29,20 @@ _CLASSES: dict[int, type[web.HTTPException]] = {
 MAX_BODY = 64 * 1024
 
 
-def api_error(status: int, code: str, message: str, *, field: str | None = None,
-              headers: dict[str, str] | None = None, retry_after_s: float | None = None) -> web.HTTPException:
+def error_body(code: str, message: str, field: str | None = None) -> bytes:
+    """The control plane's error shape (also used for its unknown paths and methods)."""
     err: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         err["field"] = field
+    return orjson.dumps({"error": err})
+
+
+def api_error(status: int, code: str, message: str, *, field: str | None = None,
+              headers: dict[str, str] | None = None, retry_after_s: float | None = None) -> web.HTTPException:
     hdrs = dict(headers or {})
     if retry_after_s is not None:
         hdrs.update(retry_headers(retry_after_s))
-    text = orjson.dumps({"error": err}).decode()
+    text = error_body(code, message, field).decode()
     cls = _CLASSES[status]
     if cls is web.HTTPRequestEntityTooLarge:
         return web.HTTPRequestEntityTooLarge(MAX_BODY, 0, text=text, content_type="application/json", headers=hdrs)
