@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="llmgw-bench-policy-"))
     tmp.chmod(0o755)
     stack = PolicyStack(tmp)
+    stack.gateway_src = args.gateway_src
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([Path(sys.executable).name, "loadtests/bench_policy.py", *sys.argv[1:]]),
@@ -182,6 +183,8 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--rates", default="100,500")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--gateway-src", default="", metavar="DIR",
+                    help="run both gateways from another checkout's tree (before/after comparisons)")
     args = ap.parse_args()
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("bench_policy: needs 2 cores")
