@@ -340,3 +340,66 @@ async def test_hundred_at_once_over_two_instances_never_overspend_and_the_rest_i
     for g in gws:
         await settle(g)
     assert await ledger_spend(pg_env, key_id) <= budget
+
+
+@pytest.mark.parametrize("ending", ["unmark", "expiry"])
+async def test_an_abandoned_rebase_counts_what_it_queued(redis_url: str, ending: str) -> None:
+    """Costs applied while a rebase's mark is up are queued; if the rebase never finishes (no ledger
+    answer: UNMARK; the rebasing process died: the mark expires) they are added as APPLY would have."""
+    from gateway.stores import redis_scripts as scripts
+
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    key = "gw:v2:{u:mark}:b:k:mark:all"
+    try:
+        await r.delete(key)
+        await r.eval(scripts.SEED.source, 1, key, "g1", "100:105:", "", 1000, 0)  # type: ignore[misc]
+        await r.eval(scripts.MARK.source, 1, key, "tok", 200 if ending == "expiry" else 60_000)  # type: ignore[misc]
+        await r.eval(scripts.APPLY.source, 1, key, "req_a", 50, 200)  # type: ignore[misc]  # after the snapshot
+        await r.eval(scripts.APPLY.source, 1, key, "req_b", 70, 99)  # type: ignore[misc]  # the snapshot saw it
+        queued = await r.hgetall(key)
+        assert ("1000", 2) == (queued["v"], len([k for k in queued if k.startswith("q:")]))
+        if ending == "unmark":
+            await r.eval(scripts.UNMARK.source, 1, key, "other")  # type: ignore[misc]  # not its mark: nothing
+            assert "1000" == await r.hget(key, "v")
+            await r.eval(scripts.UNMARK.source, 1, key, "tok")  # type: ignore[misc]
+            expected = 1050
+        else:
+            await asyncio.sleep(0.3)
+            await r.eval(scripts.APPLY.source, 1, key, "req_c", 5, 300)  # type: ignore[misc]
+            expected = 1055
+        got = await r.hgetall(key)
+        assert str(expected) == got["v"]
+        assert not [k for k in got if k.startswith("q:") or k == "x"]
+    finally:
+        await r.aclose()
+
+
+async def test_a_rebase_without_a_ledger_answer_unmarks_at_once(redis_url: str) -> None:
+    """Postgres does not answer during a rebase: RebuildFailed (the counter stays stale), no mark left."""
+    from gateway.accounting.pricing import PriceTable
+    from gateway.config import parse
+    from gateway.policy.budget_rebuild import BudgetScope
+    from gateway.policy.budgets import RebuildFailed
+    from gateway.policy.limits import RedisLimiter
+    from gateway.stores import redis_scripts as scripts
+    from gateway.stores.redis import RedisStore
+
+    async def down(scopes: Any) -> None:
+        raise ConnectionRefusedError
+
+    cfg = parse("")
+    limiter = RedisLimiter(cfg, RedisStore(cfg.redis, redis_url), PriceTable.load(cfg), rebuild=down)
+    await limiter.start()
+    key = "gw:v2:{u:nl}:b:k:nl:all"
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await r.delete(key)
+        await r.eval(scripts.SEED.source, 1, key, "g1", "100:105:", "", 1000, 0)  # type: ignore[misc]
+        with pytest.raises(RebuildFailed):
+            await limiter.budgets.rebase({key: (BudgetScope("nl", "nl", "total", 0.0), 0)})
+        got = await r.hgetall(key)
+        assert "x" not in got
+        assert "1000" == got["v"]
+    finally:
+        await r.aclose()
+        await limiter.close()

@@ -214,9 +214,18 @@ class Budgets:
         token = os.urandom(8).hex()
         for group in by_tag.values():
             await self.runner.eval(scripts.MARK, group, [token, _MARK_TTL_MS])
-        ledger = await self.ledger_spend([t[0] for t in targets.values()], "budget rebase failed")
+        failed = False
+        try:
+            ledger = await self.ledger_spend([t[0] for t in targets.values()], "budget rebase failed")
+        except RebuildFailed:
+            ledger, failed = None, True
         if not isinstance(ledger, LedgerSpend):
-            return 0  # no ledger to rebase on (the mark lapses by itself)
+            # No ledger answer: unmark now, so that the costs queued meanwhile count at once.
+            for group in by_tag.values():
+                await self.runner.eval(scripts.UNMARK, group, [token])
+            if failed:
+                raise RebuildFailed
+            return 0
         built = 0
         for group in by_tag.values():
             args: list[Any] = [os.urandom(8).hex(), ledger.snapshot, token]

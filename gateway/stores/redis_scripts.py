@@ -267,15 +267,34 @@ return 1
 )
 
 # Must APPLY queue a record on this counter instead of adding it: the counter is
-# missing (SEED will build it) or marked for a rebase (MARK, until REBASE or the
-# mark's expiry); REBASE folds the queue in against its snapshot.
+# missing (SEED will build it) or marked for a rebase (MARK, until SEED or the
+# mark's expiry); SEED folds the queue in against its new snapshot.  A mark
+# that was abandoned (expired; or dropped by UNMARK when the rebase failed) has
+# its queue folded the way APPLY would have added it, against the counter's
+# current snapshot.  Needs _VISIBLE.
 _QUEUES = r"""
+local function unqueue(key)
+  local snap = redis.call('HGET', key, 's')
+  local h = redis.call('HGETALL', key)
+  for j = 1, #h, 2 do
+    if string.sub(h[j], 1, 2) == 'q:' then
+      local cost, xid = string.match(h[j + 1], '^(%d+):(%d+)$')
+      if cost and not (snap and visible(tonumber(xid), snap)) then
+        redis.call('HINCRBY', key, 'v', cost)
+      end
+      redis.call('HDEL', key, h[j])
+    end
+  end
+  redis.call('HDEL', key, 'x')
+end
 local function queues(key, now)
   if redis.call('HEXISTS', key, 'v') == 0 then return true end
   local x = redis.call('HGET', key, 'x')
   if not x then return false end
   local exp = tonumber(string.match(x, ':(%d+)$') or '0')
-  return exp > now
+  if exp > now then return true end
+  unqueue(key)
+  return false
 end
 """
 
@@ -408,4 +427,19 @@ return 1
 """,
 )
 
-ALL = (ADMIT, SETTLE, APPLY, MARK, SEED, RENEW)
+# KEYS[i]: budget counters marked by MARK.  ARGV: token.  The rebase failed (no
+# ledger answer): drop the mark and add what it queued as APPLY would have.
+UNMARK = Script(
+    f"gw_unmark_{VERSION}",
+    _VISIBLE
+    + _QUEUES
+    + r"""
+for i = 1, #KEYS do
+  local x = redis.call('HGET', KEYS[i], 'x')
+  if x and string.match(x, '^(.*):%d+$') == ARGV[1] then unqueue(KEYS[i]) end
+end
+return 1
+""",
+)
+
+ALL = (ADMIT, SETTLE, APPLY, MARK, UNMARK, SEED, RENEW)
