@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any
+
+
+async def stop(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background loop and wait until it has ended (None: nothing to stop)."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class TaskTracker:

@@ -31,7 +31,7 @@ from aiohttp.web_urldispatcher import AbstractResource
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway import keys
+from gateway import keys, tasks
 from gateway.config import Config
 from gateway.observability import multiproc
 from gateway.proxy.context import RequestContext
@@ -382,9 +382,5 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.get_running_loop().create_task(refresh_loop())
     yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    await tasks.stop(task)
     metrics.refresh(app)  # the last requests of a draining worker count too

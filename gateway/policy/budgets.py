@@ -22,6 +22,7 @@ The Lua side of all of it is in ``stores/redis_scripts.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from gateway import tasks
 from gateway.accounting.record import UsageRecord
 from gateway.policy.budget_rebuild import BudgetScope, LedgerSpend
 from gateway.policy.plans import PLAN_CACHE_MAX, Check, LimiterStats, Plan, scope_of
@@ -177,10 +179,8 @@ class Budgets:
     async def recovered(self) -> None:
         """Redis answers again (the outage items were sent): rebase stale counters, forget outage spend."""
         if self.stale:
-            try:
+            with contextlib.suppress(RebuildFailed):  # Postgres down too: kept for the next recovery
                 await self._rebase_stale()
-            except RebuildFailed:  # Postgres down too: kept for the next recovery
-                pass
         for key, spent in self.outage_spend.items():
             self.spent[key] = self.spent.get(key, 0) + spent
         self.outage_spend.clear()
@@ -265,18 +265,11 @@ class Budgets:
                     break
 
     async def close(self) -> None:
-        if self._reconciler is not None:
-            self._reconciler.cancel()
-            try:
-                await self._reconciler
-            except asyncio.CancelledError:
-                pass
+        await tasks.stop(self._reconciler)
         if self.stale and self.store.healthy:
-            try:
+            with contextlib.suppress(RebuildFailed, *REDIS_ERRORS, TimeoutError):
                 async with asyncio.timeout(2 * self.timeout + 2):
                     await self._rebase_stale()
-            except (RebuildFailed, *REDIS_ERRORS, TimeoutError):  # type: ignore[misc]
-                pass
 
 
 def amounts(ledger: LedgerSpend | Mapping[BudgetScope, int]) -> Mapping[BudgetScope, int]:

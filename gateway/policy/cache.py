@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from gateway import tasks
 from gateway.config import Config
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy.principals import KEY_PREFIX, Principal, StandaloneResolver, hash_key
@@ -270,10 +271,7 @@ class PostgresResolver:
             self._used |= batch  # try again next time; bounded by the number of keys
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        await tasks.stop(self._flusher)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush_last_used(), timeout=2.0)
         await self.listener.close()

@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 from redis.exceptions import NoScriptError
 
+from gateway import tasks
 from gateway.accounting.pricing import PriceTable
 from gateway.accounting.record import UsageRecord
 from gateway.config import Config
@@ -334,10 +335,7 @@ class RedisLimiter:
     async def close(self) -> None:
         if self._orphans:
             await asyncio.wait(set(self._orphans), timeout=2 * self.timeout + 1)
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        await tasks.stop(self._renewer)
         if self._flusher is not None:
             with contextlib.suppress(*REDIS_ERRORS):
                 await asyncio.wait_for(asyncio.shield(self._flusher), timeout=2 * self.timeout + 1)

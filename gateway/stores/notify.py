@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from gateway import tasks
 from gateway.stores.postgres import CONNECTIVITY_ERRORS
 
 log = structlog.get_logger("postgres.listen")
@@ -37,11 +38,8 @@ class Listener:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await tasks.stop(self._task)
+        self._task = None
 
     def _deliver(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self.on_message(payload)

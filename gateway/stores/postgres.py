@@ -23,7 +23,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from gateway import keys
+from gateway import keys, tasks
 from gateway.config import Config
 from gateway.stores.migrate import SchemaOutdated, check_schema
 
@@ -113,10 +113,7 @@ class Database:
                 delay = min(delay * 2, 5.0)
 
     async def close(self) -> None:
-        if self._checker is not None:
-            self._checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checker
+        await tasks.stop(self._checker)
         if self.pool is not None:
             pool, self.pool = self.pool, None
             try:

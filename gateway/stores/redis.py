@@ -28,6 +28,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from gateway import tasks
 from gateway.config import RedisConfig
 from gateway.stores.resp import PipelinedRedis
 
@@ -169,10 +170,7 @@ class RedisStore:
 
     async def close(self) -> None:
         self._closed = True
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        await tasks.stop(self._probe)
         if self.fast is not None:
             await self.fast.close()
         with contextlib.suppress(*REDIS_ERRORS):
