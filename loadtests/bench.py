@@ -35,7 +35,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "loadtests" / "results"
 HOST = "127.0.0.1"  # the only address this script ever sends traffic to
+
+sys.path.insert(0, str(ROOT))
+from tests.fixtures.servers import free_port, wait_port  # noqa: E402  - the test suite's, one definition
+
 GATEWAY_CPU = "0"
 LOADGEN_CPU = "1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -227,21 +230,6 @@ KINDS = {
 # ------------------------------------------------------------------ processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {HOST}:{port}")
-
-
 def children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -332,7 +320,7 @@ class Stack:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         self.procs.append(proc)
         try:
-            wait_port(port)
+            wait_port(port, timeout=20.0)
         except TimeoutError:
             err = proc.stderr.read().decode() if proc.poll() is not None and proc.stderr else ""
             raise SystemExit(f"bench: nginx {role} did not start: {err}") from None

@@ -11,9 +11,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway import keys
 from tests.conftest import gateway_toml, sha
-from tests.fixtures.limits import LIM_KEY, actual_cost, chat_body, fire, limited_keys, statuses
+from tests.fixtures.limits import CHAT, LIM_KEY, actual_cost, chat_body, fire, limited_keys, statuses
 
-CHAT = "/v1/chat/completions"
 SLOW = {"x-mock-latency-ms": "300"}
 KEY_B = "gwk_test_" + "e" * 32  # user-b hashes to slot 2073, lim-user to 12101: different nodes
 

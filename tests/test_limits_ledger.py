@@ -26,10 +26,8 @@ from gateway import keys
 from gateway.policy.plans import scope_of
 from tests.conftest import gateway_toml
 from tests.fixtures.control_plane import ADMIN, ADMIN_TOKEN, JWT_SECRET, create_key, create_user
-from tests.fixtures.limits import chat_body, fire, post_chat, statuses, worst_case
+from tests.fixtures.limits import CHAT, HOLD, chat_body, fire, post_chat, statuses, worst_case
 from tests.test_limits_process import workers_of
-
-CHAT = "/v1/chat/completions"
 
 
 def ledger_toml(upstream: str, journal: Path, flush_ms: int, redis: str = "", workers: int = 1) -> str:
@@ -325,8 +323,7 @@ async def test_hundred_at_once_over_two_instances_never_overspend_and_the_rest_i
     budget = 10 * wc + 1
     gws = [await make_gateway(ledger_toml(mock_upstream.base_url, tmp_path / str(i), flush_ms=100)) for i in range(2)]
     key_id, key = await budget_key(gws[0], budget / 1e6)
-    hold = {"x-mock-latency-ms": "3000"}  # all 100 are decided before the first one settles
-    answers = await fire([(g, CHAT) for g in gws], 100, key, body, hold)
+    answers = await fire([(g, CHAT) for g in gws], 100, key, body, HOLD)
     assert {200: 10, 429: 90} == statuses(answers)
     for g in gws:
         await settle(g)
@@ -335,7 +332,7 @@ async def test_hundred_at_once_over_two_instances_never_overspend_and_the_rest_i
     c = await counter(with_redis, key_id)
     assert (str(spent), "0", {}) == (c["v"], c["r"], holds(c))
     fits = (budget - spent) // wc  # what the real costs left room for
-    again = await fire([(g, CHAT) for g in gws], 30, key, body, hold)
+    again = await fire([(g, CHAT) for g in gws], 30, key, body, HOLD)
     assert {200: fits, 429: 30 - fits} == statuses(again)
     for g in gws:
         await settle(g)

@@ -21,8 +21,11 @@ from gateway.policy.limits import DEFAULT_OUTPUT_RESERVE, LocalLimiter
 from gateway.policy.principals import Principal
 from tests.conftest import CONFIG_DIR, gateway_toml
 from tests.fixtures.limits import (
+    CHAT,
+    HOLD,
     LIM_KEY,
     LIM_KEY_2,
+    SLOW,
     actual_cost,
     chat_body,
     fire,
@@ -31,11 +34,6 @@ from tests.fixtures.limits import (
     statuses,
     worst_case,
 )
-
-CHAT = "/v1/chat/completions"
-SLOW = {"x-mock-latency-ms": "400"}
-# Long enough that a burst of 100 is decided before the first admitted request settles (and frees budget).
-HOLD = {"x-mock-latency-ms": "3000"}
 
 
 async def test_rpm_admits_exactly_n_of_3n_concurrent(make_gateway: Any, mock_upstream: Any) -> None:

@@ -18,11 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import gateway_toml
-from tests.fixtures.limits import LIM_KEY, chat_body, fire, limited_keys, post_chat, statuses
+from tests.fixtures.limits import CHAT, LIM_KEY, chat_body, fire, limited_keys, post_chat, statuses
 
 pytestmark = pytest.mark.slow
 
-CHAT = "/v1/chat/completions"
 
 
 def workers_of(pid: int) -> set[int]:

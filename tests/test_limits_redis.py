@@ -22,7 +22,10 @@ from gateway.policy.budget_rebuild import BudgetScope
 from gateway.policy.principals import Principal
 from tests.conftest import gateway_toml
 from tests.fixtures.limits import (
+    CHAT,
+    HOLD,
     LIM_KEY,
+    SLOW,
     actual_cost,
     chat_body,
     fire,
@@ -32,11 +35,7 @@ from tests.fixtures.limits import (
     worst_case,
 )
 
-CHAT = "/v1/chat/completions"
 MSGS = "/v1/messages"
-SLOW = {"x-mock-latency-ms": "400"}
-# Long enough that a burst of 100 is decided before the first admitted request settles (and frees budget).
-HOLD = {"x-mock-latency-ms": "3000"}
 FAST_RECOVERY = "retry_seconds = 0.2"
 # Exactness tests assert what a healthy Redis gives: a generous timeout keeps a loaded test machine
 # from tripping the (separately tested) degraded path.
