@@ -37,6 +37,7 @@ DATA_PLANE = (
     ("POST", "/v1/messages/count_tokens", handlers.count_tokens),
     ("POST", "/v1/chat/completions", handlers.chat_completions),
     ("POST", "/v1/embeddings", handlers.embeddings),
+    ("POST", "/v1/responses", handlers.responses),
     ("GET", "/v1/models", handlers.models),
 )
 

@@ -51,12 +51,27 @@ def apply_openai(usage: Usage, u: Any) -> None:
     if not isinstance(u, dict):
         return
     usage.found = True
+    if "prompt_tokens" not in u and "input_tokens" in u:
+        apply_responses(usage, u)
+        return
     prompt = _int(u, "prompt_tokens")
     cached = _int(u.get("prompt_tokens_details"), "cached_tokens")
     cached = min(cached, prompt)
     usage.input_tokens = prompt - cached
     usage.cache_read_tokens = cached
     usage.output_tokens = _int(u, "completion_tokens")
+
+
+def apply_responses(usage: Usage, u: Any) -> None:
+    """The Responses API's names: input_tokens includes input_tokens_details.cached_tokens."""
+    if not isinstance(u, dict):
+        return
+    usage.found = True
+    prompt = _int(u, "input_tokens")
+    cached = min(_int(u.get("input_tokens_details"), "cached_tokens"), prompt)
+    usage.input_tokens = prompt - cached
+    usage.cache_read_tokens = cached
+    usage.output_tokens = _int(u, "output_tokens")
 
 
 def from_body(dialect: str, body: bytes) -> Usage:

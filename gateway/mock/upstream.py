@@ -19,6 +19,10 @@ whole server by its config:
   content events, then end the stream (no terminal success event)
 - ``x-mock-cache-read`` / ``x-mock-cache-write``: cache tokens to report
 
+A request that offers ``tools`` gets a call of the first tool, one whose
+last turn is a tool result gets "tool said: ..." (gateway/mock/tools.py);
+``POST /v1/responses`` answers as the OpenAI Responses API (mock/responses.py).
+
 ``/_mock/status/{code}/...`` always answers ``code`` in the provider's shape
 (point a deployment's base_url there to make it fail).  ``GET /_mock/requests`` returns the last requests seen (path, headers, body)
 and ``GET /_mock/stats`` the counters; ``POST /_mock/reset`` clears both.
@@ -37,6 +41,7 @@ import orjson
 from aiohttp import web
 
 from gateway.config import MockUpstreamConfig
+from gateway.mock.tools import argument_pieces, arguments_json, reply_pieces, tool_call
 
 STATS: web.AppKey[dict[str, int]] = web.AppKey("mock_stats")
 SEEN: web.AppKey[collections.deque[dict[str, Any]]] = web.AppKey("mock_seen")
@@ -142,6 +147,15 @@ async def messages(request: web.Request) -> web.StreamResponse:
         "output_tokens": 1,
     }
     msg_id = f"msg_mock{request.app[STATS]['requests']:08d}"
+    call = tool_call(body, "anthropic")
+    pieces = argument_pieces(call[1]) if call else reply_pieces(body, "anthropic", WORD, n)
+    n = len(pieces)
+    if call:
+        block: dict[str, Any] = {"type": "tool_use", "id": "toolu_mock" + msg_id[8:], "name": call[0], "input": {}}
+        delta_type, delta_key, stop = "input_json_delta", "partial_json", "tool_use"
+    else:
+        block = {"type": "text", "text": ""}
+        delta_type, delta_key, stop = "text_delta", "text", "end_turn"
     if not body.get("stream"):
         return await _body(
             request,
@@ -151,8 +165,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
                     "type": "message",
                     "role": "assistant",
                     "model": model,
-                    "content": [{"type": "text", "text": WORD * n}],
-                    "stop_reason": "end_turn",
+                    "content": [{**block, "input": call[1]} if call else {"type": "text", "text": "".join(pieces)}],
+                    "stop_reason": stop,
                     "stop_sequence": None,
                     "usage": {**usage_start, "output_tokens": n},
                 }
@@ -170,17 +184,18 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 },
             },
         ),
-        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
         ("ping", {"type": "ping"}),
     ]
     deltas = [
-        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": WORD}})
-    ] * n
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": delta_type, delta_key: piece}})
+        for piece in pieces
+    ]
     tail = [
         ("content_block_stop", {"type": "content_block_stop", "index": 0}),
         (
             "message_delta",
-            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": n}},
+            {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": n}},
         ),
         ("message_stop", {"type": "message_stop"}),
     ]
@@ -209,6 +224,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CFG]
     model = body["model"]
     n = int(_num(request, "x-mock-chunks", cfg.chunks))
+    call = tool_call(body, "openai")
+    pieces = argument_pieces(call[1]) if call else reply_pieces(body, "openai", WORD, n)
+    n = len(pieces)
     in_tok = _input_tokens(body)
     cached = int(_num(request, "x-mock-cache-read", 0))
     usage = {
@@ -219,13 +237,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     }
     cid = f"chatcmpl-mock{request.app[STATS]['requests']:08d}"
     created = int(time.time())
+    call_id = "call_mock" + cid[13:]
+    finish = "tool_calls" if call else "stop"
+    message: dict[str, Any] = {"role": "assistant", "content": None if call else "".join(pieces)}
+    if call:
+        message["tool_calls"] = [{"id": call_id, "type": "function", "function": {"name": call[0], "arguments": arguments_json(call[1])}}]
     if not body.get("stream"):
         return await _body(
             request,
             orjson.dumps(
                 {
                     "id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": WORD * n}, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                     "usage": usage,
                 }
             ),
@@ -239,9 +262,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         doc = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return b"data: " + orjson.dumps(doc) + b"\n\n"
 
-    encoded = [chunk({"role": "assistant", "content": ""})]
-    encoded += [chunk({"content": WORD})] * n
-    encoded.append(chunk({}, "stop"))
+    encoded = [chunk({"role": "assistant", "content": None if call else ""})]
+    if call:
+        head = {"index": 0, "id": call_id, "type": "function", "function": {"name": call[0], "arguments": ""}}
+        encoded.append(chunk({"tool_calls": [head]}))
+        encoded += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces]
+    else:
+        encoded += [chunk({"content": p}) for p in pieces]
+    encoded.append(chunk({}, finish))
     if include:
         encoded.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
     encoded.append(b"data: [DONE]\n\n")
@@ -368,6 +396,9 @@ def create_mock_app(cfg: MockUpstreamConfig | None = None) -> web.Application:
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
+    from gateway.mock.responses import responses  # here: that module builds on this one
+
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", openai_models)
     app.router.add_route("*", r"/_mock/status/{code:\d{3}}/{tail:.*}", fixed_status)
     app.router.add_get("/_mock/requests", seen)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.accounting.record import UsageRecord
+from gateway.accounting.responses_tap import ResponsesTap
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
@@ -80,6 +81,8 @@ def parse_facts(body: bytes, request: web.Request, ctx: RequestContext) -> tuple
     max_tokens = doc.get("max_tokens")
     if max_tokens is None:
         max_tokens = doc.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = doc.get("max_output_tokens")  # Responses API
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise _bad("max_tokens: must be a positive integer.")
     ctx.model = model
@@ -114,7 +117,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     reservation = await admitter.admit(principal, facts)
 
     strip_usage = False
-    if dialect == OPENAI and facts.stream and charge and not _wants_usage(doc):
+    if dialect == OPENAI and facts.stream and charge and path != RESPONSES_PATH and not _wants_usage(doc):
         # Ask for the usage chunk; the tap removes it before the client sees it.
         opts = doc.get("stream_options")
         doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
@@ -132,7 +135,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
         status = resp.status
         ctype = resp.headers.get("content-type", "")
         if resp.status == 200 and ctype.startswith("text/event-stream"):
-            tap = StreamTap(dialect, strip_usage=strip_usage)
+            tap = ResponsesTap() if path == RESPONSES_PATH else StreamTap(dialect, strip_usage=strip_usage)
             return await relay_stream(request, dep, resp, ctx, reservation.headers, tap)
         response, usage = await relay_body(dep, resp, ctx, reservation.headers)
         return response
@@ -224,6 +227,14 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await proxy(request, OPENAI, charge=True, path="/v1/chat/completions")
+
+
+RESPONSES_PATH = "/v1/responses"
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI Responses API: OpenAI upstreams only, usage from ``usage`` / ``response.completed``."""
+    return await proxy(request, OPENAI, charge=True, path=RESPONSES_PATH)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
