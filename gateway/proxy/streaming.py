@@ -116,6 +116,7 @@ async def relay_stream(
     # the client must not get half a line glued to our error event.
     pending = b""
     last = b""  # the last bytes written: is the client at an event boundary?
+    ended = False  # the upstream ended the body cleanly (EOF)
     try:
         async with asyncio.timeout(idle + slack) as deadline:
             while True:
@@ -123,6 +124,7 @@ async def relay_stream(
                 chunk = await read()
                 ctx.upstream_s += time.perf_counter() - t0
                 if not chunk:
+                    ended = True
                     break
                 if ctx.ttft_s is None:
                     ctx.ttft_s = time.perf_counter() - ctx.start
@@ -151,9 +153,9 @@ async def relay_stream(
             raise
         failure = (ErrorKind.UPSTREAM_ERROR, "The upstream connection failed mid-stream; the answer is incomplete.")
     finally:
-        resp.release() if failure is None and tap.completed else resp.close()
+        resp.release() if ended else resp.close()
     rest = tap.flush()
-    if failure is None and not tap.completed and not tap.errored:
+    if failure is None and not tap.end_clean() and not tap.errored:
         failure = (ErrorKind.UPSTREAM_ERROR, "The upstream ended the stream early; the answer is incomplete.")
     if failure is not None:
         ctx.partial = True
