@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -40,7 +41,17 @@ def client_headers(dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestCo
             continue
         out.add(name, value)
     out["x-request-id"] = ctx.request_id
+    served_headers(out, ctx)
     return out
+
+
+def served_headers(out: CIMultiDict[str] | dict[str, str], ctx: RequestContext) -> None:
+    """Tell the client what served it: the upstream, its model name, the attempts made."""
+    out["x-gateway-upstream"] = ctx.upstream
+    model = ctx.served_model
+    # The client's own model name when no mapping applies: never let it break a header.
+    out["x-gateway-model"] = model if model.isascii() and model.isprintable() else quote(model, safe="")
+    out["x-gateway-attempts"] = str(ctx.attempts)
 
 
 async def relay_body(
