@@ -37,6 +37,7 @@ class RequestContext:
     output_tokens: int = 0
     cost_micros: int = 0
     attempts: int = 0
+    served_model: str = ""  # the model name the serving upstream received
 
     @classmethod
     def start_now(cls) -> RequestContext:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import aiohttp
 from multidict import CIMultiDict
@@ -51,7 +51,7 @@ async def open_upstream(
     method: str,
     path_qs: str,
     incoming_headers: Mapping[str, str],
-    body: bytes,
+    body_for: Callable[[Deployment], bytes],
 ) -> tuple[Deployment, aiohttp.ClientResponse]:
     """Return the deployment and the open response to relay, or raise GatewayError."""
     last_exc: GatewayError | None = None
@@ -64,12 +64,14 @@ async def open_upstream(
             continue
         ctx.attempts += 1
         ctx.upstream = dep.name
+        ctx.served_model = dep.model
         headers = upstream_headers(incoming_headers, dep)
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(dep.cfg.first_byte_timeout):
                 resp = await session.request(
-                    method, dep.url(path_qs), data=body, headers=headers, timeout=dep.timeout,
+                    method, dep.upstream.url(path_qs), data=body_for(dep), headers=headers,
+                    timeout=dep.upstream.timeout,
                     allow_redirects=False,
                 )
         except TimeoutError:

@@ -18,7 +18,8 @@ from gateway.policy.admit import RequestFacts, Reservation, model_allowed
 from gateway.policy.principals import Principal
 from gateway.proxy.context import RequestContext
 from gateway.proxy.forward import open_upstream
-from gateway.proxy.streaming import relay_body, relay_stream
+from gateway.proxy.routing import Deployment
+from gateway.proxy.streaming import relay_body, relay_stream, served_headers
 
 
 def access_key(request: web.Request) -> str:
@@ -110,7 +111,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     doc, facts = parse_facts(body, request, ctx)
     route, candidates = app[keys.ROUTER].candidates(facts.model, dialect)
     ctx.route = route.match
-    if charge and app[keys.PRICES].refuses(facts.model):
+    if charge and app[keys.PRICES].refuses(facts.model) and all(app[keys.PRICES].refuses(d.model) for d in candidates):
         # pricing.unknown_model = "refuse": an unpriced model is as unavailable as an unrouted one.
         raise GatewayError(ErrorKind.NOT_FOUND, f"The model {facts.model!r} has no price configured on this gateway.")
     admitter = app[keys.ADMITTER]
@@ -130,7 +131,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     try:
         dep, resp = await open_upstream(
             app[keys.CLIENT], ctx, candidates, request.method, _upstream_path(request, path),
-            request.headers, body,
+            request.headers, BodyFor(facts.model, body, doc),
         )
         status = resp.status
         ctype = resp.headers.get("content-type", "")
@@ -142,6 +143,8 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     except GatewayError as err:
         status = err.kind.status_for(dialect)
         err.headers.update(reservation.headers)
+        if ctx.attempts:
+            served_headers(err.headers, ctx)
         raise
     except BaseException:
         ctx.partial = True
@@ -152,6 +155,26 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
             usage.output_tokens = tap.output_estimate
             ctx.partial = ctx.partial or not tap.completed
         _finish(request, ctx, principal, facts, reservation, usage, status, charge)
+
+
+class BodyFor:
+    """The bytes each deployment receives: the client's body, with ``model`` rewritten when the
+    deployment names another model (serialised once per model, reused by retries)."""
+
+    __slots__ = ("_bodies", "_doc", "_model")
+
+    def __init__(self, model: str, body: bytes, doc: dict[str, Any]) -> None:
+        self._model = model
+        self._doc = doc
+        self._bodies = {model: body}
+
+    def __call__(self, dep: Deployment) -> bytes:
+        try:
+            return self._bodies[dep.model]
+        except KeyError:
+            body = orjson.dumps({**self._doc, "model": dep.model})
+            self._bodies[dep.model] = body
+            return body
 
 
 def _upstream_path(request: web.Request, path: str) -> str:
@@ -175,7 +198,11 @@ def _finish(
     cost = 0
     priced = True
     if charge and (usage.found or usage.output_tokens):
-        price = app[keys.PRICES].lookup(facts.model)
+        # Priced by the model that served the request; the public name's price when it has none.
+        prices = app[keys.PRICES]
+        price = prices.lookup(ctx.served_model) if ctx.served_model else None
+        if price is None:
+            price = prices.lookup(facts.model)
         if price is None:
             priced = False
             price = app[keys.PRICES].default
@@ -208,6 +235,7 @@ def _finish(
             ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000.0,
             gateway_ms=ctx.gateway_ms(now),
             error_kind=ctx.error_kind,
+            served_model=ctx.served_model,
             budget_keys=reservation.budget_keys,
         )
     )

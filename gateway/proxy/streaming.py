@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -40,7 +41,17 @@ def client_headers(dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestCo
             continue
         out.add(name, value)
     out["x-request-id"] = ctx.request_id
+    served_headers(out, ctx)
     return out
+
+
+def served_headers(out: CIMultiDict[str] | dict[str, str], ctx: RequestContext) -> None:
+    """Tell the client what served it: the upstream, its model name, the attempts made."""
+    out["x-gateway-upstream"] = ctx.upstream
+    model = ctx.served_model
+    # The client's own model name when no mapping applies: never let it break a header.
+    out["x-gateway-model"] = model if model.isascii() and model.isprintable() else quote(model, safe="")
+    out["x-gateway-attempts"] = str(ctx.attempts)
 
 
 async def relay_body(
@@ -116,6 +127,7 @@ async def relay_stream(
     # the client must not get half a line glued to our error event.
     pending = b""
     last = b""  # the last bytes written: is the client at an event boundary?
+    ended = False  # the upstream ended the body cleanly (EOF)
     try:
         async with asyncio.timeout(idle + slack) as deadline:
             while True:
@@ -123,6 +135,7 @@ async def relay_stream(
                 chunk = await read()
                 ctx.upstream_s += time.perf_counter() - t0
                 if not chunk:
+                    ended = True
                     break
                 if ctx.ttft_s is None:
                     ctx.ttft_s = time.perf_counter() - ctx.start
@@ -151,9 +164,9 @@ async def relay_stream(
             raise
         failure = (ErrorKind.UPSTREAM_ERROR, "The upstream connection failed mid-stream; the answer is incomplete.")
     finally:
-        resp.release() if failure is None and tap.completed else resp.close()
+        resp.release() if ended else resp.close()
     rest = tap.flush()
-    if failure is None and not tap.completed and not tap.errored:
+    if failure is None and not tap.end_clean() and not tap.errored:
         failure = (ErrorKind.UPSTREAM_ERROR, "The upstream ended the stream early; the answer is incomplete.")
     if failure is not None:
         ctx.partial = True
