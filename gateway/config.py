@@ -150,6 +150,9 @@ class RouteConfig:
     context_fallback_models: tuple[str, ...] = ()  # routes tried on a context-length 400 only
     strategy: Literal["weighted", "least_busy", "latency"] = "weighted"
     hedge_after_ms: int = 0  # >0: a second attempt when the first has no first token by then
+    # Translation to a deployment of the other dialect (gateway/translate/):
+    drop_unsupported: bool = False  # drop a parameter with no equivalent instead of answering 400
+    default_max_tokens: int = 4096  # max_tokens sent to an Anthropic deployment when an OpenAI client gave none
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +420,8 @@ def _check(cfg: Config, errors: list[str]) -> None:
                 errors.append(f"{p}.fallbacks[{j}]: unknown upstream {fb!r}")
         if route.hedge_after_ms < 0:
             errors.append(f"{p}.hedge_after_ms: must not be negative")
+        if route.default_max_tokens < 1:
+            errors.append(f"{p}.default_max_tokens: must be positive")
     _check_route_graph(cfg, errors)
     seen: set[str] = set()
     for i, key in enumerate(cfg.keys):

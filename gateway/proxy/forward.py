@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 import aiohttp
 from multidict import CIMultiDict
 
-from gateway.errors import ErrorKind, GatewayError
+from gateway.errors import ANTHROPIC, ErrorKind, GatewayError
+from gateway.providers.anthropic import DEFAULT_VERSION
 from gateway.providers.base import CLIENT_ONLY, HOP_BY_HOP
 from gateway.proxy.context import RequestContext
 from gateway.proxy.failures import Verdict, classify_status
@@ -39,6 +40,9 @@ def upstream_headers(incoming: Mapping[str, str], dep: Deployment) -> CIMultiDic
             out.add(name, value)
     if dep.auth_value:
         out[dep.provider.auth_header] = dep.auth_value
+    if dep.dialect == ANTHROPIC and "anthropic-version" not in out:
+        # Anthropic requires it; an OpenAI client's request translated for it has none.
+        out["anthropic-version"] = DEFAULT_VERSION
     # Identity encoding: the tap reads the bytes it relays.
     out["accept-encoding"] = "identity"
     return out
@@ -52,8 +56,12 @@ async def open_upstream(
     path_qs: str,
     incoming_headers: Mapping[str, str],
     body_for: Callable[[Deployment], bytes],
+    path_for: Callable[[Deployment], str] | None = None,
 ) -> tuple[Deployment, aiohttp.ClientResponse]:
-    """Return the deployment and the open response to relay, or raise GatewayError."""
+    """Return the deployment and the open response to relay, or raise GatewayError.
+
+    ``path_for``: a translated request's path per deployment (None: ``path_qs`` for all).
+    """
     last_exc: GatewayError | None = None
     open_retry: list[float] = []
     n = len(candidates)
@@ -70,7 +78,8 @@ async def open_upstream(
         try:
             async with asyncio.timeout(dep.cfg.first_byte_timeout):
                 resp = await session.request(
-                    method, dep.upstream.url(path_qs), data=body_for(dep), headers=headers,
+                    method, dep.upstream.url(path_qs if path_for is None else path_for(dep)), data=body_for(dep),
+                    headers=headers,
                     timeout=dep.upstream.timeout,
                     allow_redirects=False,
                 )

@@ -20,6 +20,7 @@ from gateway.proxy.context import RequestContext
 from gateway.proxy.forward import open_upstream
 from gateway.proxy.routing import Deployment
 from gateway.proxy.streaming import relay_body, relay_stream, served_headers
+from gateway.translate.attempt import TRANSLATABLE, Translation, prepare
 
 
 def access_key(request: web.Request) -> str:
@@ -109,8 +110,18 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     principal = await authenticate(request, ctx)
     body = await read_body(request)
     doc, facts = parse_facts(body, request, ctx)
-    route, candidates = app[keys.ROUTER].candidates(facts.model, dialect)
+    translatable = path in TRANSLATABLE
+    route, candidates = app[keys.ROUTER].candidates(facts.model, dialect, translatable)
     ctx.route = route.match
+    translation: Translation | None = None
+    if translatable and any(d.dialect != dialect for d in candidates):
+        # A deployment of the other dialect (after the route's own of this
+        # dialect, or a fallback): translate once, before admission (its
+        # max_tokens is what the reservation counts when it is the first choice).
+        translation, candidates = prepare(
+            route, doc, dialect, candidates, facts, _max_tokens_cap(principal),
+            include_usage=_wants_usage(doc), client_path=_upstream_path(request, path),
+        )
     if charge and app[keys.PRICES].refuses(facts.model) and all(app[keys.PRICES].refuses(d.model) for d in candidates):
         # pricing.unknown_model = "refuse": an unpriced model is as unavailable as an unrouted one.
         raise GatewayError(ErrorKind.NOT_FOUND, f"The model {facts.model!r} has no price configured on this gateway.")
@@ -131,14 +142,22 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     try:
         dep, resp = await open_upstream(
             app[keys.CLIENT], ctx, candidates, request.method, _upstream_path(request, path),
-            request.headers, BodyFor(facts.model, body, doc),
+            request.headers, BodyFor(facts.model, body, doc, translation),
+            None if translation is None else translation.path_for,
         )
+        if translation is not None and dep.dialect == dialect:
+            translation = None  # served in the client's own dialect: relayed as is
         status = resp.status
         ctype = resp.headers.get("content-type", "")
         if resp.status == 200 and ctype.startswith("text/event-stream"):
+            if translation is not None:
+                tap = StreamTap(dep.dialect)  # usage from the upstream's own events
+                translator = translation.stream()
+                return await relay_stream(request, dep, resp, ctx, reservation.headers, tap, translator)
             tap = ResponsesTap() if path == RESPONSES_PATH else StreamTap(dialect, strip_usage=strip_usage)
             return await relay_stream(request, dep, resp, ctx, reservation.headers, tap)
-        response, usage = await relay_body(dep, resp, ctx, reservation.headers)
+        response, usage = await relay_body(dep, resp, ctx, reservation.headers, translation)
+        status = response.status
         return response
     except GatewayError as err:
         status = err.kind.status_for(dialect)
@@ -161,20 +180,28 @@ class BodyFor:
     """The bytes each deployment receives: the client's body, with ``model`` rewritten when the
     deployment names another model (serialised once per model, reused by retries)."""
 
-    __slots__ = ("_bodies", "_doc", "_model")
+    __slots__ = ("_bodies", "_doc", "_model", "_translation")
 
-    def __init__(self, model: str, body: bytes, doc: dict[str, Any]) -> None:
+    def __init__(self, model: str, body: bytes, doc: dict[str, Any], translation: Translation | None = None) -> None:
         self._model = model
         self._doc = doc
         self._bodies = {model: body}
+        self._translation = translation
 
     def __call__(self, dep: Deployment) -> bytes:
+        if self._translation is not None and dep.dialect == self._translation.upstream:
+            return self._translation.body(dep.model)
         try:
             return self._bodies[dep.model]
         except KeyError:
             body = orjson.dumps({**self._doc, "model": dep.model})
             self._bodies[dep.model] = body
             return body
+
+
+def _max_tokens_cap(principal: Principal) -> int | None:
+    caps = [lim.max_tokens for lim in (principal.key_limits, principal.user_limits) if lim is not None and lim.max_tokens is not None]
+    return min(caps) if caps else None
 
 
 def _upstream_path(request: web.Request, path: str) -> str:

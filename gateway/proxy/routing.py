@@ -11,7 +11,7 @@ strategy's ordering of the route's own deployments runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -121,6 +121,16 @@ def build_upstreams(cfg: Config, previous: dict[str, Upstream] | None = None) ->
     return out
 
 
+def _speaking(dialect: str, deps: list[Deployment]) -> list[Deployment]:
+    """One route's deployments (and fallbacks) for a client that translation may serve.
+
+    Those of the client's dialect when the route has any (passthrough, as without
+    translation); a route served only in the other dialect keeps them all, translated.
+    """
+    same = [d for d in deps if d.dialect == dialect]
+    return same or deps
+
+
 class Router:
     def __init__(self, cfg: Config, upstreams: dict[str, Upstream]) -> None:
         self.upstreams = upstreams
@@ -132,7 +142,7 @@ class Router:
             else:
                 self._exact.setdefault(route.match, route)
         self._match_cache: dict[str, RouteConfig | None] = {}
-        self._plans: dict[tuple[str, str], Plan | None] = {}
+        self._plans: dict[tuple[str, str, bool], Plan | None] = {}
 
     def match(self, model: str) -> RouteConfig | None:
         try:
@@ -146,13 +156,14 @@ class Router:
             self._match_cache[model] = route
         return route
 
-    def plan(self, model: str, dialect: str) -> Plan:
-        """The cached plan for a public name in one dialect; raises the 404s."""
-        key = (model, dialect)
+    def plan(self, model: str, dialect: str, translate: bool = False) -> Plan:
+        """The cached plan for a public name in one dialect (with ``translate``, deployments
+        of the other dialect too); raises the 404s."""
+        key = (model, dialect, translate)
         try:
             plan = self._plans[key]
         except KeyError:
-            plan = self._resolve(model, dialect)
+            plan = self._resolve(model, dialect, translate)
             if len(self._plans) < 10_000:
                 self._plans[key] = plan
         if plan is None:
@@ -161,38 +172,44 @@ class Router:
             raise GatewayError(ErrorKind.NOT_FOUND, f"model: '{model}' is not served in this API's format here.")
         return plan
 
-    def candidates(self, model: str, dialect: str) -> tuple[RouteConfig, list[Deployment]]:
-        """Deployments to try, in order; only those speaking the path's dialect."""
-        plan = self.plan(model, dialect)
+    def candidates(self, model: str, dialect: str, translate: bool = False) -> tuple[RouteConfig, list[Deployment]]:
+        """Deployments to try, in order; only those speaking the path's dialect unless ``translate``."""
+        plan = self.plan(model, dialect, translate)
         ordered = order(plan.route.strategy, plan.primary) if len(plan.primary) > 1 else list(plan.primary)
         ordered.extend(plan.rest)
         return plan.route, ordered
 
     # -- resolution (once per public name) ---------------------------------
 
-    def _resolve(self, model: str, dialect: str) -> Plan | None:
+    def _resolve(self, model: str, dialect: str, translate: bool = False) -> Plan | None:
         route = self.match(model)
         if route is None:
             return None
-        primary = [d for d in self._own(route, model) if d.dialect == dialect]
+        own, fallbacks = self._own(route, model), self._fallbacks(route, model)
+        if translate:
+            kept = {id(d) for d in _speaking(dialect, own + fallbacks)}
+            own = [d for d in own if id(d) in kept]
+            fallbacks = [d for d in fallbacks if id(d) in kept]
+        primary = [d for d in own if translate or d.dialect == dialect]
         rest: list[Deployment] = []
         seen = {(d.name, d.model) for d in primary}
 
         def add(deps: Iterable[Deployment], into: list[Deployment], seen: set[tuple[str, str]]) -> None:
             for d in deps:
-                if d.dialect == dialect and (d.name, d.model) not in seen:
+                if (translate or d.dialect == dialect) and (d.name, d.model) not in seen:
                     seen.add((d.name, d.model))
                     into.append(d)
 
-        add(self._fallbacks(route, model), rest, seen)
+        keep = (lambda deps: _speaking(dialect, deps)) if translate else None
+        add(fallbacks, rest, seen)
         visited = {id(route)}
         for name in route.fallback_models:
-            add(self._chain(name, visited), rest, seen)
+            add(self._chain(name, visited, keep), rest, seen)
         context: list[Deployment] = []
         context_seen: set[tuple[str, str]] = set()
         visited = {id(route)}
         for name in route.context_fallback_models:
-            add(self._chain(name, visited), context, context_seen)
+            add(self._chain(name, visited, keep), context, context_seen)
         return Plan(route, tuple(primary), tuple(rest), tuple(context))
 
     def _own(self, route: RouteConfig, model: str) -> list[Deployment]:
@@ -207,15 +224,20 @@ class Router:
             out.append(Deployment(up, (same.model if same is not None and same.model else model)))
         return out
 
-    def _chain(self, name: str, visited: set[int]) -> list[Deployment]:
-        """A fallback route's whole plan (its deployments, fallbacks, its own fallback_models)."""
+    def _chain(
+        self, name: str, visited: set[int], keep: Callable[[list[Deployment]], list[Deployment]] | None = None
+    ) -> list[Deployment]:
+        """A fallback route's whole plan (its deployments, fallbacks, its own fallback_models);
+        ``keep`` picks from each route's deployments and fallbacks (translation)."""
         route = self.match(name)
         if route is None or id(route) in visited:
             return []
         visited.add(id(route))
         out = self._own(route, name) + self._fallbacks(route, name)
+        if keep is not None:
+            out = keep(out)
         for nxt in route.fallback_models:
-            out.extend(self._chain(nxt, visited))
+            out.extend(self._chain(nxt, visited, keep))
         return out
 
     def listed_models(self, known: Iterable[str] = ()) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import aiohttp
@@ -22,6 +23,9 @@ from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
+
+if TYPE_CHECKING:
+    from gateway.translate.attempt import StreamTranslator, Translation
 
 _SKIP_RESPONSE = HOP_BY_HOP | UPSTREAM_ONLY
 _EVENT_END = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")  # a line end, then a blank line
@@ -55,7 +59,8 @@ def served_headers(out: CIMultiDict[str] | dict[str, str], ctx: RequestContext) 
 
 
 async def relay_body(
-    dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestContext, extra: dict[str, str]
+    dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestContext, extra: dict[str, str],
+    translation: Translation | None = None,
 ) -> tuple[web.Response, Usage]:
     t0 = time.perf_counter()
     try:
@@ -87,8 +92,13 @@ async def relay_body(
     usage = from_body(dep.provider.name, body) if resp.status < 400 else Usage()
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
+    status = resp.status
+    if translation is not None:
+        # The other dialect's answer (or error) in the client's: a new JSON body.
+        status, body = translation.response(status, body, headers.pop("content-encoding", None))
+        headers["content-type"] = "application/json"
     headers["server-timing"] = ctx.server_timing()
-    return web.Response(status=resp.status, body=body, headers=headers), usage
+    return web.Response(status=status, body=body, headers=headers), usage
 
 
 async def relay_stream(
@@ -98,8 +108,13 @@ async def relay_stream(
     ctx: RequestContext,
     extra: dict[str, str],
     tap: StreamTap,
+    translator: StreamTranslator | None = None,
 ) -> web.StreamResponse:
-    """Relay SSE; the tap's usage is read by the caller, also when this raises."""
+    """Relay SSE; the tap's usage is read by the caller, also when this raises.
+
+    With a ``translator`` the tap reads the upstream's events and the client
+    gets the translator's (whole events of the client's dialect).
+    """
     ctx.streamed = True
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
@@ -113,7 +128,7 @@ async def relay_stream(
     except BaseException:
         resp.close()  # the client is gone before the first byte: free the upstream now
         raise
-    dialect = dep.provider.name
+    dialect = dep.provider.name if translator is None else translator.dialect
     loop = asyncio.get_running_loop()
     idle = dep.cfg.idle_timeout
     read = resp.content.readany
@@ -140,6 +155,8 @@ async def relay_stream(
                 if ctx.ttft_s is None:
                     ctx.ttft_s = time.perf_counter() - ctx.start
                 data = tap.feed(chunk)
+                if translator is not None:
+                    data = translator.feed(data)
                 if data:
                     if pending:
                         data = pending + data
@@ -177,6 +194,8 @@ async def relay_stream(
         lead = b"\n" if last and not last.endswith(_EVENT_END) else b""
         await out.write(lead + stream_error_event(failure[0], failure[1], dialect))
     else:
+        if translator is not None:
+            rest = translator.feed(rest) + translator.finish()
         if pending or rest:
             await out.write(pending + rest)
         if tap.errored:

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import OPENAI
 from gateway.translate.bodies import chat_usage
 from gateway.translate.common import finish_reason
 from gateway.translate.errors import openai_error_of_anthropic
@@ -27,6 +28,8 @@ DONE = b"data: [DONE]\n\n"
 
 class AnthropicToChatStream:
     __slots__ = ("_base", "_created", "_decoder", "_include_usage", "_tool_index", "_tools", "_usage", "done")
+
+    dialect = OPENAI  # the client's
 
     def __init__(self, *, include_usage: bool) -> None:
         self._decoder = SSEDecoder()

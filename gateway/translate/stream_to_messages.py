@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import ANTHROPIC
 from gateway.translate.bodies import messages_usage
 from gateway.translate.common import stop_reason
 from gateway.translate.errors import anthropic_error_of_openai
@@ -31,6 +32,8 @@ _STOP = sse_event(b"message_stop", {"type": "message_stop"})
 
 class ChatToAnthropicStream:
     __slots__ = ("_decoder", "_kind", "_next", "_open", "_stop", "_tools", "_usage", "done", "started")
+
+    dialect = ANTHROPIC  # the client's
 
     def __init__(self) -> None:
         self._decoder = SSEDecoder()
