@@ -27,7 +27,7 @@ DONE = b"data: [DONE]\n\n"
 
 
 class AnthropicToChatStream:
-    __slots__ = ("_base", "_created", "_decoder", "_include_usage", "_tool_index", "_tools", "_usage", "done")
+    __slots__ = ("_base", "_decoder", "_head", "_include_usage", "_tool_index", "_tools", "_usage", "done")
 
     dialect = OPENAI  # the client's
 
@@ -38,6 +38,7 @@ class AnthropicToChatStream:
         self._usage: dict[str, Any] = {}
         self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
         self._tool_index = 0
+        self._head = b""  # 'data: {"id":...,"choices":[{"index":0,"delta":' once the id is known
         self.done = False  # the terminal [DONE] was sent
 
     def feed(self, chunk: bytes) -> bytes:
@@ -57,6 +58,12 @@ class AnthropicToChatStream:
         doc = {**self._base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         return b"data: " + orjson.dumps(doc) + b"\n\n"
 
+    def _text(self, text: str) -> bytes:
+        """The hot chunk, assembled from bytes: a prefix made once, the text, a fixed tail."""
+        if not self._head:
+            self._head = b"data: " + orjson.dumps(self._base)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        return self._head + orjson.dumps(text) + b'},"finish_reason":null,"logprobs":null}]}\n\n'
+
     def _event(self, event: bytes, data: bytes, out: list[bytes]) -> None:
         if event == b"ping":
             return
@@ -71,7 +78,7 @@ class AnthropicToChatStream:
             delta = doc.get("delta") or {}
             dk = delta.get("type")
             if dk == "text_delta":
-                out.append(self._chunk({"content": delta.get("text", "")}))
+                out.append(self._text(delta.get("text", "")))
             elif dk == "input_json_delta":
                 i = self._tools.get(doc.get("index", -1))
                 if i is not None:
@@ -91,6 +98,7 @@ class AnthropicToChatStream:
             msg = doc.get("message") or {}
             self._base["id"] = msg.get("id", "")
             self._base["model"] = msg.get("model", "")
+            self._head = b""
             self._usage = dict(msg.get("usage") or {})
             out.append(self._chunk({"role": "assistant", "content": ""}))
         elif kind == "message_delta":

@@ -28,6 +28,11 @@ def sse_event(name: bytes, doc: dict[str, Any]) -> bytes:
 
 
 _STOP = sse_event(b"message_stop", {"type": "message_stop"})
+# The hot event, assembled from bytes (no dict, no whole-document dumps per delta).
+_TEXT_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_TEXT_MID = b',"delta":{"type":"text_delta","text":'
+_JSON_MID = b',"delta":{"type":"input_json_delta","partial_json":'
+_TAIL = b"}}\n\n"
 
 
 class ChatToAnthropicStream:
@@ -105,12 +110,7 @@ class ChatToAnthropicStream:
             if isinstance(text, str) and text:
                 if self._kind != "text":
                     self._open_block({"type": "text", "text": ""}, "text", out)
-                out.append(
-                    sse_event(
-                        b"content_block_delta",
-                        {"type": "content_block_delta", "index": self._open, "delta": {"type": "text_delta", "text": text}},
-                    )
-                )
+                out.append(_TEXT_HEAD + str(self._open).encode() + _TEXT_MID + orjson.dumps(text) + _TAIL)
             for call in delta.get("tool_calls") or ():
                 if isinstance(call, dict):
                     self._tool_call(call, out)
@@ -133,12 +133,7 @@ class ChatToAnthropicStream:
             self._tools[oi] = block
         args = fn.get("arguments")
         if isinstance(args, str) and args:
-            out.append(
-                sse_event(
-                    b"content_block_delta",
-                    {"type": "content_block_delta", "index": block, "delta": {"type": "input_json_delta", "partial_json": args}},
-                )
-            )
+            out.append(_TEXT_HEAD + str(block).encode() + _JSON_MID + orjson.dumps(args) + _TAIL)
 
     def _open_block(self, block: dict[str, Any], kind: str, out: list[bytes]) -> int:
         self._close(out)
