@@ -22,6 +22,7 @@ from gateway.errors import ErrorKind, GatewayError
 from gateway.providers import PROVIDERS, Provider
 from gateway.proxy.strategies import UpstreamStats, order
 from gateway.resilience.breaker import Breaker
+from gateway.resilience.retry import Budget
 
 
 @dataclass(slots=True)
@@ -37,6 +38,8 @@ class Upstream:
     base: str
     _urls: dict[str, URL]
     stats: UpstreamStats = field(default_factory=UpstreamStats)
+    retry_budget: Budget = field(default_factory=Budget)  # extra attempts on this upstream (per worker)
+    hedge_budget: Budget = field(default_factory=Budget)  # hedges sent to this upstream (per worker)
 
     def url(self, path_qs: str) -> URL:
         # URL objects are cached: parsing one costs more than the lookup.
@@ -164,9 +167,14 @@ class Router:
     def candidates(self, model: str, dialect: str) -> tuple[RouteConfig, list[Deployment]]:
         """Deployments to try, in order; only those speaking the path's dialect."""
         plan = self.plan(model, dialect)
+        return plan.route, self.order(plan)
+
+    @staticmethod
+    def order(plan: Plan) -> list[Deployment]:
+        """This request's order: the route's own deployments by its strategy, then the rest as planned."""
         ordered = order(plan.route.strategy, plan.primary) if len(plan.primary) > 1 else list(plan.primary)
         ordered.extend(plan.rest)
-        return plan.route, ordered
+        return ordered
 
     # -- resolution (once per public name) ---------------------------------
 
