@@ -132,6 +132,10 @@ class UpstreamConfig:
     idle_timeout: float = 60.0
     total_timeout: float = 900.0
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    retries: int = 2  # extra attempts on this upstream (connection error, 429, 500, 502, 503, 529)
+    retry_base_ms: float = 200.0  # exponential backoff with full jitter from this
+    max_retry_wait: float = 10.0  # honour retry-after up to this; longer: fail over at once
+    ttft_timeout: float = 120.0  # streams: the first content event within this (from the attempt's start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +398,13 @@ def _check(cfg: Config, errors: list[str]) -> None:
                 errors.append(f"{p}.{t}: must be positive")
         if up.max_connections <= 0:
             errors.append(f"{p}.max_connections: must be positive")
+        if up.retries < 0:
+            errors.append(f"{p}.retries: must not be negative")
+        for t in ("retry_base_ms", "max_retry_wait"):
+            if getattr(up, t) < 0:
+                errors.append(f"{p}.{t}: must not be negative")
+        if up.ttft_timeout <= 0:
+            errors.append(f"{p}.ttft_timeout: must be positive")
         if up.breaker.failure_threshold <= 0:
             errors.append(f"{p}.breaker.failure_threshold: must be positive")
         if up.breaker.half_open_probes <= 0:

@@ -274,11 +274,13 @@ FAILOVER = """
     provider = "openai"
     base_url = "{base}/_mock/status/503"
     api_key_env = "TEST_OPENAI_KEY"
+    retries = 0
 
     [upstreams.broken-anthropic]
     provider = "anthropic"
     base_url = "{base}/_mock/status/529"
     api_key_env = "TEST_ANTHROPIC_KEY"
+    retries = 0
 
     [[routes]]
     match = "gpt-first"

@@ -83,6 +83,6 @@ async def responses(request: web.Request) -> web.StreamResponse:
         events.append(ev("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text, logprobs=[]))
         events.append(ev("response.content_part.done", item_id=item_id, output_index=0, content_index=0, part=item["content"][0]))
     events.append(ev("response.output_item.done", output_index=0, item=item))
-    if "x-mock-no-done" not in request.headers:
+    if mock._sw(request, "x-mock-no-done") is None:
         events.append(ev("response.completed", response=_envelope(rid, body["model"], body, "completed", [item], usage)))
     return await mock._stream(request, events, first_delta=first, headers=headers)

@@ -22,6 +22,7 @@ from gateway.errors import ErrorKind, GatewayError
 from gateway.providers import PROVIDERS, Provider
 from gateway.proxy.strategies import UpstreamStats, order
 from gateway.resilience.breaker import Breaker
+from gateway.resilience.retry import Budget
 
 
 @dataclass(slots=True)
@@ -37,6 +38,8 @@ class Upstream:
     base: str
     _urls: dict[str, URL]
     stats: UpstreamStats = field(default_factory=UpstreamStats)
+    retry_budget: Budget = field(default_factory=Budget)  # extra attempts on this upstream (per worker)
+    hedge_budget: Budget = field(default_factory=Budget)  # hedges sent to this upstream (per worker)
 
     def url(self, path_qs: str) -> URL:
         # URL objects are cached: parsing one costs more than the lookup.
@@ -175,9 +178,14 @@ class Router:
     def candidates(self, model: str, dialect: str, translate: bool = False) -> tuple[RouteConfig, list[Deployment]]:
         """Deployments to try, in order; only those speaking the path's dialect unless ``translate``."""
         plan = self.plan(model, dialect, translate)
+        return plan.route, self.order(plan)
+
+    @staticmethod
+    def order(plan: Plan) -> list[Deployment]:
+        """This request's order: the route's own deployments by its strategy, then the rest as planned."""
         ordered = order(plan.route.strategy, plan.primary) if len(plan.primary) > 1 else list(plan.primary)
         ordered.extend(plan.rest)
-        return plan.route, ordered
+        return ordered
 
     # -- resolution (once per public name) ---------------------------------
 

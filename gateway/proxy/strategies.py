@@ -28,8 +28,14 @@ EWMA_ALPHA = 0.2  # weight of the newest sample
 class UpstreamStats:
     """Live per-worker figures of one upstream, fed by attempts."""
 
-    inflight: int = 0  # attempts open now (headers awaited or body being read)
+    inflight: int = 0  # attempts open now (headers awaited or answer being relayed)
     ttft_ewma: float = 0.0  # seconds; 0.0 = no sample yet
+    # Counters for metrics (deltas are published once a second).
+    attempts: int = 0
+    retries: int = 0
+    hedges: int = 0
+    wins: int = 0  # requests this upstream served
+    hedge_wins: int = 0  # ... as the hedge (second) attempt
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft_ewma = seconds if self.ttft_ewma == 0.0 else self.ttft_ewma + EWMA_ALPHA * (seconds - self.ttft_ewma)

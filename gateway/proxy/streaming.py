@@ -18,8 +18,9 @@ from multidict import CIMultiDict
 
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage, from_body
-from gateway.errors import ErrorKind, GatewayError, stream_error_event
+from gateway.errors import ErrorKind, stream_error_event
 from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
+from gateway.proxy.attempts import Opened
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
@@ -58,43 +59,18 @@ def served_headers(out: CIMultiDict[str] | dict[str, str], ctx: RequestContext) 
     out["x-gateway-attempts"] = str(ctx.attempts)
 
 
-async def relay_body(
-    dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestContext, extra: dict[str, str],
-    translation: Translation | None = None,
+def relay_body(
+    opened: Opened, ctx: RequestContext, extra: dict[str, str], translation: Translation | None = None
 ) -> tuple[web.Response, Usage]:
-    t0 = time.perf_counter()
-    try:
-        if resp.content.is_eof():
-            body = await resp.read()  # it came with the headers (the usual case): no timer needed
-        else:
-            # The idle bound stops a stalled upstream from holding the request until total_timeout.
-            async with asyncio.timeout(dep.cfg.idle_timeout):
-                body = await resp.read()
-    except TimeoutError:
-        resp.close()
-        dep.breaker.record_failure()
-        raise GatewayError(ErrorKind.UPSTREAM_TIMEOUT, "The upstream stalled while sending its answer.") from None
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
-        resp.close()
-        dep.breaker.record_failure()
-        raise GatewayError(
-            ErrorKind.UPSTREAM_ERROR, "The upstream connection failed while sending its answer."
-        ) from None
-    except asyncio.CancelledError:
-        resp.close()
-        dep.breaker.release_probe()  # no verdict: a half-open probe must not stay taken
-        raise
-    finally:
-        ctx.upstream_s += time.perf_counter() - t0
-        resp.release()
-    if resp.status < 400:
-        dep.breaker.record_success()
-    usage = from_body(dep.provider.name, body) if resp.status < 400 else Usage()
+    """A whole answer (read in full by its attempt): success, or an upstream error passed on as it is
+    (with a ``translation``: either one in the client's dialect)."""
+    dep, resp = opened.dep, opened.resp
+    body = opened.body or b""
+    usage = from_body(dep.dialect, body) if resp.status < 400 else Usage()
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
     status = resp.status
     if translation is not None:
-        # The other dialect's answer (or error) in the client's: a new JSON body.
         status, body = translation.response(status, body, headers.pop("content-encoding", None))
         headers["content-type"] = "application/json"
     headers["server-timing"] = ctx.server_timing()
@@ -103,18 +79,18 @@ async def relay_body(
 
 async def relay_stream(
     request: web.Request,
-    dep: Deployment,
-    resp: aiohttp.ClientResponse,
+    opened: Opened,
     ctx: RequestContext,
     extra: dict[str, str],
     tap: StreamTap,
     translator: StreamTranslator | None = None,
 ) -> web.StreamResponse:
-    """Relay SSE; the tap's usage is read by the caller, also when this raises.
+    """Relay SSE, the bytes read ahead first; the tap's usage is read by the caller, also when this raises.
 
     With a ``translator`` the tap reads the upstream's events and the client
     gets the translator's (whole events of the client's dialect).
     """
+    dep, resp = opened.dep, opened.resp
     ctx.streamed = True
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
@@ -143,12 +119,17 @@ async def relay_stream(
     pending = b""
     last = b""  # the last bytes written: is the client at an event boundary?
     ended = False  # the upstream ended the body cleanly (EOF)
+    ahead = opened.ahead  # read before the commit: goes first, through the same tap
     try:
         async with asyncio.timeout(idle + slack) as deadline:
             while True:
-                t0 = time.perf_counter()
-                chunk = await read()
-                ctx.upstream_s += time.perf_counter() - t0
+                if ahead:
+                    chunk = ahead
+                    ahead = b""
+                else:
+                    t0 = time.perf_counter()
+                    chunk = await read()
+                    ctx.upstream_s += time.perf_counter() - t0
                 if not chunk:
                     ended = True
                     break
