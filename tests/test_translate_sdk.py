@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests import test_sdk
-from tests.conftest import gateway_toml
+from tests.conftest import gateway_toml, sha
 from tests.test_ledger_gateway import cost, ledger_toml, mock_input_tokens, wait_rows
 from tests.test_sdk import claude, gpt
 
@@ -352,3 +352,38 @@ async def test_translated_requests_give_one_ledger_row_each_priced_by_the_served
         assert (public, served, streamed, False, 200) == (row["model"], row["served_model"], row["streamed"], row["partial"], row["status"])
         assert (inp, 5, 30) == (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]), rid
         assert cost(inp, 5, 0, 30, price) == row["cost_micros"]
+
+
+async def test_translated_default_max_tokens_respects_the_keys_max_tokens_limit(make_gateway, mock_upstream, http):
+    """An OpenAI client that sends no max_tokens to an Anthropic deployment: the route's default,
+    capped by the key's max_tokens limit (never a refusal for a number the client did not send)."""
+    capped = "gwk_test_" + "c" * 32
+    gw = await make_gateway(gateway_toml(mock_upstream.base_url, extra=ROUTES + f"""
+        [[keys]]
+        name = "capped"
+        key_sha256 = "{sha(capped)}"
+        limits = {{ max_tokens = 100 }}
+        """))
+    resp = await gpt(gw, http, capped).chat.completions.create(model="gpt-on-claude", messages=USER)
+    assert "lorem " * 5 == resp.choices[0].message.content
+    assert 100 == (await last_upstream_request(mock_upstream))["body"]["max_tokens"]
+    with pytest.raises(openai.BadRequestError):  # what the client itself asks is still checked
+        await gpt(gw, http, capped).chat.completions.create(model="gpt-on-claude", messages=USER, max_tokens=500)
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+async def test_an_upstream_error_event_mid_stream_reaches_the_client_in_its_dialect(gw, http, sdk):
+    """The upstream's own in-stream error (after 2 deltas) is translated: each SDK raises its API error."""
+    headers = {"x-mock-error-after": "2"}
+    if sdk == "openai":
+        stream = await gpt(gw, http).chat.completions.create(model="gpt-on-claude", messages=USER, stream=True, extra_headers=headers)
+        with pytest.raises(openai.APIError) as info:
+            async for _ in stream:
+                pass
+        assert "mock overloaded mid-stream" == info.value.message
+    else:
+        with pytest.raises(anthropic.APIStatusError) as ainfo:
+            async with claude(gw, http).messages.stream(model="claude-on-gpt", max_tokens=10, messages=USER, extra_headers=headers) as s:
+                async for _ in s.text_stream:
+                    pass
+        assert "mock overloaded mid-stream" in str(ainfo.value)
