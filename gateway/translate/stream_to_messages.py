@@ -80,7 +80,7 @@ class ChatToAnthropicStream:
             return
         if not isinstance(doc, dict):
             return
-        if "error" in doc:
+        if doc.get("error"):
             out.append(sse_event(b"error", anthropic_error_of_openai(doc, 0)))
             return
         if not self.started:
