@@ -387,3 +387,25 @@ async def test_an_upstream_error_event_mid_stream_reaches_the_client_in_its_dial
                 async for _ in s.text_stream:
                     pass
         assert "mock overloaded mid-stream" in str(ainfo.value)
+
+
+@pytest.mark.slow
+async def test_both_sdks_through_a_real_serve_to_the_other_dialect(serve, mock_upstream, http):
+    """``llm-gateway serve`` (2 workers): the openai SDK answered by Anthropic and the anthropic SDK by
+    OpenAI, JSON and streamed, with a tool call each way."""
+    gw = serve(gateway_toml(mock_upstream.base_url, extra=ROUTES), workers=2)
+    oai = openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key=test_sdk.TEST_KEY, http_client=http[0], max_retries=0)
+    ant = anthropic.AsyncAnthropic(base_url=gw.base_url, api_key=test_sdk.TEST_KEY, http_client=http[0], max_retries=0)
+    r = await oai.chat.completions.create(model="gpt-on-claude", messages=USER)
+    assert "lorem " * 5 == r.choices[0].message.content
+    stream = await oai.chat.completions.create(model="gpt-on-claude", messages=USER, stream=True)
+    assert "lorem " * 5 == "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    call = (await oai.chat.completions.create(model="gpt-on-claude", messages=USER, tools=OAI_TOOLS)).choices[0].message.tool_calls
+    assert call is not None and '{"city":"mock-city"}' == call[0].function.arguments  # type: ignore[union-attr]
+    m = await ant.messages.create(model="claude-on-gpt", max_tokens=10, messages=USER)
+    assert "lorem " * 5 == m.content[0].text  # type: ignore[union-attr]
+    async with ant.messages.stream(model="claude-on-gpt", max_tokens=10, messages=USER) as s:
+        assert "lorem " * 5 == "".join([t async for t in s.text_stream])
+    use = (await ant.messages.create(model="claude-on-gpt", max_tokens=10, messages=USER, tools=ANT_TOOLS)).content[0]
+    assert ("tool_use", {"city": "mock-city"}) == (use.type, use.input)  # type: ignore[union-attr]
+    assert ["/v1/messages"] * 3 + ["/v1/chat/completions"] * 3 == [x["path"] for x in await mock_upstream.requests()]
