@@ -87,6 +87,7 @@ def test_anthropic_error_event_as_openai_stream_error() -> None:
     t.feed(START)
     (_, doc), = decode(t.feed(ev("error", {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})))
     assert {"error": {"message": "busy", "type": "server_error", "param": None, "code": "service_unavailable"}} == doc
+    assert b"" == t.feed(ev("message_stop", {"type": "message_stop"})) + t.finish()  # nothing terminal after an error
     assert not t.done
 
 
@@ -139,8 +140,11 @@ def test_openai_stream_cut_before_finish_gives_no_terminal_event() -> None:
 def test_openai_stream_error_as_anthropic_error_event() -> None:
     t = ChatToAnthropicStream()
     t.feed(choice({"content": "x"}))
+    t.feed(choice({}, "stop"))
     out = decode(t.feed(chunk({"error": {"message": "overloaded", "type": "server_error"}})))
     assert [("error", {"type": "error", "error": {"type": "api_error", "message": "overloaded"}})] == out
+    assert b"" == t.feed(b"data: [DONE]\n\n") + t.finish()  # nothing terminal after an error
+    assert not t.done
 
 
 # ---------------------------------------------------------------- properties

@@ -27,7 +27,7 @@ DONE = b"data: [DONE]\n\n"
 
 
 class AnthropicToChatStream:
-    __slots__ = ("_base", "_decoder", "_head", "_include_usage", "_tool_index", "_tools", "_usage", "done")
+    __slots__ = ("_base", "_decoder", "_head", "_include_usage", "_tool_index", "_tools", "_usage", "done", "failed")
 
     dialect = OPENAI  # the client's
 
@@ -40,6 +40,7 @@ class AnthropicToChatStream:
         self._tool_index = 0
         self._head = b""  # 'data: {"id":...,"choices":[{"index":0,"delta":' once the id is known
         self.done = False  # the terminal [DONE] was sent
+        self.failed = False  # the upstream sent its error: nothing after it, never a [DONE]
 
     def feed(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
@@ -65,7 +66,7 @@ class AnthropicToChatStream:
         return self._head + orjson.dumps(text) + b'},"finish_reason":null,"logprobs":null}]}\n\n'
 
     def _event(self, event: bytes, data: bytes, out: list[bytes]) -> None:
-        if event == b"ping":
+        if event == b"ping" or self.failed:
             return
         try:
             doc = orjson.loads(data)
@@ -116,3 +117,4 @@ class AnthropicToChatStream:
             self.done = True
         elif kind == "error":
             out.append(b"data: " + orjson.dumps(openai_error_of_anthropic(doc)) + b"\n\n")
+            self.failed = True

@@ -36,7 +36,7 @@ _TAIL = b"}}\n\n"
 
 
 class ChatToAnthropicStream:
-    __slots__ = ("_decoder", "_kind", "_next", "_open", "_stop", "_tools", "_usage", "done", "started")
+    __slots__ = ("_decoder", "_kind", "_next", "_open", "_stop", "_tools", "_usage", "done", "failed", "started")
 
     dialect = ANTHROPIC  # the client's
 
@@ -44,6 +44,7 @@ class ChatToAnthropicStream:
         self._decoder = SSEDecoder()
         self.started = False
         self.done = False  # message_stop was sent
+        self.failed = False  # the upstream sent its error: nothing after it, never a message_stop
         self._open: int | None = None  # Anthropic index of the open block
         self._kind = ""  # "text" | "tool_use" (the open block's)
         self._next = 0
@@ -62,14 +63,14 @@ class ChatToAnthropicStream:
         out: list[bytes] = []
         for _, data in self._decoder.flush():
             self._data(data, out)
-        if not self.done and self._stop is not None:
+        if not self.done and not self.failed and self._stop is not None:
             self._end(out)
         return b"".join(out)
 
     # ------------------------------------------------------------------
 
     def _data(self, data: bytes, out: list[bytes]) -> None:
-        if self.done:
+        if self.done or self.failed:
             return
         if data == b"[DONE]":
             self._end(out)
@@ -82,6 +83,7 @@ class ChatToAnthropicStream:
             return
         if doc.get("error"):
             out.append(sse_event(b"error", anthropic_error_of_openai(doc, 0)))
+            self.failed = True
             return
         if not self.started:
             self._start(doc, out)
