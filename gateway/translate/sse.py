@@ -13,6 +13,22 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         """Return the events this chunk completes (event name may be b"")."""
+        if not self._tail and not self._data and chunk[-2:] == b"\n\n" and b"\r" not in chunk:
+            # The usual case: whole events, each one optional event line and one data line.
+            out: list[tuple[bytes, bytes]] = []
+            for block in chunk[:-2].split(b"\n\n"):
+                if block[:6] == b"data: " and b"\n" not in block:
+                    out.append((b"", block[6:]))
+                    continue
+                name, _, rest = block.partition(b"\n")
+                if name[:7] == b"event: " and rest[:6] == b"data: " and b"\n" not in rest:
+                    out.append((name[7:].strip(), rest[6:]))
+                    continue
+                out.extend(self._lines(block + b"\n\n"))
+            return out
+        return self._lines(chunk)
+
+    def _lines(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         data = self._tail + chunk if self._tail else chunk
         end = data.rfind(b"\n")
         if end < 0:
@@ -38,7 +54,7 @@ class SSEDecoder:
 
     def flush(self) -> list[tuple[bytes, bytes]]:
         """The stream ended: an event not closed by a blank line still counts."""
-        rest = self.feed(b"\n") if self._tail else []
+        rest = self._lines(b"\n") if self._tail else []
         if self._data:
             rest.append((self._event, b"\n".join(self._data)))
             self._data = []
