@@ -393,7 +393,7 @@ def meaning(req: dict[str, Any]) -> dict[str, Any]:
         "user": req.get("user"),
         "stream": bool(req.get("stream")),
         "tools": [(t["function"]["name"], t["function"].get("description"), t["function"].get("parameters")) for t in tools],
-        "tool_choice": req.get("tool_choice") if tools or req.get("tool_choice") == "none" else None,
+        "tool_choice": req.get("tool_choice") if tools else None,
     }
 
 

@@ -270,7 +270,7 @@ def _tools(doc: dict[str, Any], out: dict[str, Any], opts: Options) -> None:
         choice = choice or {"type": "auto"}
         if choice["type"] != "none":
             choice["disable_parallel_tool_use"] = True
-    if choice is not None and (out.get("tools") or choice["type"] == "none"):
+    if choice is not None and out.get("tools"):  # both APIs refuse a tool_choice without tools
         out["tool_choice"] = choice
 
 

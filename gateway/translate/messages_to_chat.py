@@ -229,7 +229,7 @@ def _tools(doc: dict[str, Any], out: dict[str, Any], opts: Options) -> None:
     else:
         opts.refuse("tool_choice", "this tool_choice has no equivalent")
         return
-    if "tools" in out or mapped == "none":
+    if "tools" in out:  # both APIs refuse a tool_choice without tools
         out["tool_choice"] = mapped
-        if choice.get("disable_parallel_tool_use") is True and "tools" in out:
+        if choice.get("disable_parallel_tool_use") is True:
             out["parallel_tool_calls"] = False
