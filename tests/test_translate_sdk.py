@@ -409,3 +409,29 @@ async def test_both_sdks_through_a_real_serve_to_the_other_dialect(serve, mock_u
     use = (await ant.messages.create(model="claude-on-gpt", max_tokens=10, messages=USER, tools=ANT_TOOLS)).content[0]
     assert ("tool_use", {"city": "mock-city"}) == (use.type, use.input)  # type: ignore[union-attr]
     assert ["/v1/messages"] * 3 + ["/v1/chat/completions"] * 3 == [x["path"] for x in await mock_upstream.requests()]
+
+
+async def test_a_context_length_error_falls_back_to_a_longer_model_of_the_other_dialect(make_gateway, mock_upstream, http):
+    """OpenAI says context_length_exceeded; context_fallback_models names a Claude route: the openai SDK
+    gets Claude's answer, translated."""
+    import aiohttp
+
+    gw = await make_gateway(gateway_toml(mock_upstream.base_url, extra="""
+        [[routes]]
+        match = "gpt-short"
+        deployments = [{ upstream = "mock-openai", model = "gpt-4o" }]
+        context_fallback_models = ["claude-long"]
+
+        [[routes]]
+        match = "claude-long"
+        deployments = [{ upstream = "mock-anthropic", model = "claude-sonnet-4-5" }]
+        """))
+    async with aiohttp.ClientSession() as s, s.post(
+        mock_upstream.base_url + "/_mock/faults",
+        json={"steps": [{"x-mock-status": "400", "x-mock-error": "context_length"}], "then": {}},
+    ) as r:
+        assert 204 == r.status
+    raw = await gpt(gw, http, retries=0).chat.completions.with_raw_response.create(model="gpt-short", messages=USER)
+    assert "lorem " * 5 == raw.parse().choices[0].message.content
+    assert "claude-sonnet-4-5" == raw.headers["x-gateway-model"]
+    assert ["/v1/chat/completions", "/v1/messages"] == [x["path"] for x in await mock_upstream.requests()]

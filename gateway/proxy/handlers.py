@@ -123,7 +123,9 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     route = plan.route
     ctx.route = route.match
     translation: Translation | None = None
-    if translatable and any(d.dialect != dialect for d in candidates):
+    if translatable and (
+        any(d.dialect != dialect for d in candidates) or any(d.dialect != dialect for d in plan.context)
+    ):
         # A deployment of the other dialect: translated now when it is the first
         # choice (its max_tokens and size are what the reservation counts), else
         # only if the request fails over that far.

@@ -135,7 +135,7 @@ def _decode(body: bytes, encoding: str) -> bytes:
 def prepare(
     route: RouteConfig, doc: dict[str, Any], client: str, candidates: list[Deployment], facts: RequestFacts,
     max_tokens_cap: int | None, *, include_usage: bool, client_path: str,
-) -> tuple[Translation | None, list[Deployment]]:
+) -> tuple[Translation, list[Deployment]]:
     """A request on a route with deployments of the other dialect.
 
     When the first choice is translated, the translation is made now: a
@@ -157,7 +157,9 @@ def prepare(
     except GatewayError:
         own = [d for d in candidates if d.dialect == client]
         if own:
-            return None, own
+            # Served in its own dialect; should it reach a translated deployment all the
+            # same (a context fallback), that attempt fails with the reason (``body``).
+            return translation, own
         raise
     if facts.max_tokens is None:
         facts.max_tokens = translation.max_tokens
