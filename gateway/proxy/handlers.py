@@ -117,15 +117,12 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     body = await read_body(request)
     doc, facts = parse_facts(body, request, ctx)
     router = app[keys.ROUTER]
-    translatable = path in TRANSLATABLE
-    plan = router.plan(facts.model, dialect, translatable)
+    plan = router.plan(facts.model, dialect, path in TRANSLATABLE)
     candidates = router.order(plan)
     route = plan.route
     ctx.route = route.match
     translation: Translation | None = None
-    if translatable and (
-        any(d.dialect != dialect for d in candidates) or any(d.dialect != dialect for d in plan.context)
-    ):
+    if plan.translates:
         # A deployment of the other dialect: translated now when it is the first
         # choice (its max_tokens and size are what the reservation counts), else
         # only if the request fails over that far.

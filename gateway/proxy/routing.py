@@ -98,6 +98,7 @@ class Plan:
     primary: tuple[Deployment, ...]  # the route's own deployments, ordered per request by its strategy
     rest: tuple[Deployment, ...]  # fallbacks, then fallback_models' plans, in that order
     context: tuple[Deployment, ...]  # context_fallback_models' plans (a context-length 400 only)
+    translates: bool = False  # some deployment speaks the other dialect (translating paths only)
 
 
 def build_upstreams(cfg: Config, previous: dict[str, Upstream] | None = None) -> dict[str, Upstream]:
@@ -218,7 +219,8 @@ class Router:
         visited = {id(route)}
         for name in route.context_fallback_models:
             add(self._chain(name, visited, keep), context, context_seen)
-        return Plan(route, tuple(primary), tuple(rest), tuple(context))
+        translates = any(d.dialect != dialect for d in (*primary, *rest, *context))
+        return Plan(route, tuple(primary), tuple(rest), tuple(context), translates)
 
     def _own(self, route: RouteConfig, model: str) -> list[Deployment]:
         return [Deployment(self.upstreams[d.upstream], d.model or model, d.weight) for d in route.deployments]
