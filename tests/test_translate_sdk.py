@@ -435,3 +435,17 @@ async def test_a_context_length_error_falls_back_to_a_longer_model_of_the_other_
     assert "lorem " * 5 == raw.parse().choices[0].message.content
     assert "claude-sonnet-4-5" == raw.headers["x-gateway-model"]
     assert ["/v1/chat/completions", "/v1/messages"] == [x["path"] for x in await mock_upstream.requests()]
+
+
+async def test_thinking_and_its_signatures_pass_untouched_on_a_same_dialect_route(gw, http, mock_upstream):
+    """Only a translated request refuses thinking: to an Anthropic deployment it goes as sent."""
+    history: list[Any] = [
+        {"role": "user", "content": "think"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "sig-abc"}, {"type": "text", "text": "ok"}]},
+        {"role": "user", "content": "again"},
+    ]
+    await claude(gw, http).messages.create(
+        model="demo-claude", max_tokens=2000, messages=history, thinking={"type": "enabled", "budget_tokens": 1024}
+    )
+    seen = (await last_upstream_request(mock_upstream))["body"]
+    assert ({"type": "enabled", "budget_tokens": 1024}, history) == (seen["thinking"], seen["messages"])
