@@ -126,6 +126,18 @@ class Attempt:
     async def _read_ahead(self, resp: aiohttp.ClientResponse) -> Opened:
         dep = self.dep
         scan = FirstContent(dep.dialect)
+        try:
+            # What came with the headers (often the whole answer): no timer needed for it.
+            chunk = resp.content.read_nowait()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
+            raise AttemptFailed(cut_failure(dep.name, "cut its stream before any content")) from None
+        if chunk:
+            self.ahead.append(chunk)
+            seen = scan.feed(chunk)
+            if seen is Seen.CONTENT or seen is Seen.END:
+                return Opened(dep, resp, None, chunk, time.perf_counter() - self.t0)
+            if seen is Seen.ERROR:
+                raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
         read = resp.content.readany
         left = dep.cfg.ttft_timeout - (time.perf_counter() - self.t0)
         try:
