@@ -41,7 +41,7 @@ class UpstreamRequest:
     path_qs: str
     body_for: Callable[[Deployment], bytes]
     headers_for: Callable[[Deployment], CIMultiDict[str]]
-    stream: bool  # the client asked for a stream: read ahead to the first content event
+    stream: bool  # the client asked for a stream (an SSE answer is read ahead whatever this says)
 
 
 @dataclass(slots=True, eq=False)
@@ -92,7 +92,7 @@ class Attempt:
                 raise AttemptFailed(timeout_failure(dep.name, "no response within first_byte_timeout")) from None
             except (aiohttp.ClientError, OSError):
                 raise AttemptFailed(connection_failure(dep.name)) from None
-            if resp.status == 200 and req.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+            if resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
                 opened = await self._read_ahead(resp)
             else:
                 opened = await self._read_whole(resp)
