@@ -41,7 +41,7 @@ class UpstreamRequest:
     path_qs: str
     body_for: Callable[[Deployment], bytes]
     headers_for: Callable[[Deployment], CIMultiDict[str]]
-    stream: bool  # the client asked for a stream: read ahead to the first content event
+    stream: bool  # the client asked for a stream (an SSE answer is read ahead whatever this says)
     path_for: Callable[[Deployment], str] | None = None  # translation: the path per deployment
 
 
@@ -94,7 +94,7 @@ class Attempt:
                 raise AttemptFailed(timeout_failure(dep.name, "no response within first_byte_timeout")) from None
             except (aiohttp.ClientError, OSError):
                 raise AttemptFailed(connection_failure(dep.name)) from None
-            if resp.status == 200 and req.stream and resp.headers.get("content-type", "").startswith("text/event-stream"):
+            if resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
                 opened = await self._read_ahead(resp)
             else:
                 opened = await self._read_whole(resp)
@@ -128,6 +128,18 @@ class Attempt:
     async def _read_ahead(self, resp: aiohttp.ClientResponse) -> Opened:
         dep = self.dep
         scan = FirstContent(dep.dialect)
+        try:
+            # What came with the headers (often the whole answer): no timer needed for it.
+            chunk = resp.content.read_nowait()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
+            raise AttemptFailed(cut_failure(dep.name, "cut its stream before any content")) from None
+        if chunk:
+            self.ahead.append(chunk)
+            seen = scan.feed(chunk)
+            if seen is Seen.CONTENT or seen is Seen.END:
+                return Opened(dep, resp, None, chunk, time.perf_counter() - self.t0)
+            if seen is Seen.ERROR:
+                raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
         read = resp.content.readany
         left = dep.cfg.ttft_timeout - (time.perf_counter() - self.t0)
         try:

@@ -26,6 +26,8 @@ _OPENAI_CONTENT = ("content", "tool_calls", "function_call", "refusal", "reasoni
 
 
 class FirstContent:
+    """Incremental: feed the chunks as they arrive; any split of the bytes gives the same answer."""
+
     __slots__ = ("_event", "_tail", "dialect")
 
     def __init__(self, dialect: str) -> None:
@@ -34,48 +36,55 @@ class FirstContent:
         self._event = b""
 
     def feed(self, chunk: bytes) -> Seen:
-        data = self._tail + chunk if self._tail else chunk
-        end = data.rfind(b"\n")
-        if end < 0:
-            self._tail = data
-            return Seen.NOTHING
-        self._tail = data[end + 1 :]
-        for raw in data[:end].split(b"\n"):
-            line = raw[:-1] if raw.endswith(b"\r") else raw
-            seen = self._line(line)
-            if seen is not Seen.NOTHING:
-                return seen
-        return Seen.NOTHING
-
-    def _line(self, line: bytes) -> Seen:
-        if not line:
-            self._event = b""
-            return Seen.NOTHING
-        if line.startswith(b"event:"):
-            self._event = line[6:].strip()
-            return Seen.NOTHING
-        if not line.startswith(b"data:"):
-            return Seen.NOTHING
-        payload = line[5:].strip()
         if self.dialect == "anthropic":
-            return self._anthropic(payload)
+            return self._anthropic(chunk)
         if self.dialect == "openai":
-            # Named events are the Responses API's (Chat Completions streams have none).
-            return _responses(self._event) if self._event else _openai(payload)
-        return Seen.CONTENT  # a format this scanner does not know: commit on its first event
+            return self._openai(chunk)
+        return Seen.CONTENT  # a format this scanner does not know: commit on its first bytes
 
-    def _anthropic(self, payload: bytes) -> Seen:
-        event = self._event
-        if not event:  # no event line: the data's own "type" names it
-            doc = _load(payload)
-            event = str(doc.get("type", "")).encode() if doc is not None else b""
-        if event == b"content_block_delta":
-            return Seen.CONTENT
-        if event in (b"message_delta", b"message_stop"):
-            return Seen.END
-        if event == b"error":
-            return Seen.ERROR
-        return Seen.NOTHING
+    def _anthropic(self, chunk: bytes) -> Seen:
+        # Event names are enough, and they cannot occur inside an earlier event's JSON: the
+        # earliest of these markers says what came first.  The tail keeps a marker cut in two.
+        data = self._tail + chunk if self._tail else chunk
+        self._tail = data[-_ANTHROPIC_KEEP:]
+        best, seen = len(data), Seen.NOTHING
+        for marker, what in _ANTHROPIC_MARKERS:
+            i = data.find(marker, 0, best)
+            if i >= 0:
+                best, seen = i, what
+        return seen
+
+    def _openai(self, chunk: bytes) -> Seen:
+        data = self._tail + chunk if self._tail else chunk
+        pos = 0
+        while True:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._tail = data[pos:]
+                return Seen.NOTHING
+            line = data[pos:nl]
+            pos = nl + 1
+            if line[:5] == b"data:":
+                seen = _openai(line[5:].strip())
+            elif line[:6] == b"event:":  # named events are the Responses API's (chat streams have none)
+                seen = _responses(line[6:].strip())
+            else:
+                continue
+            if seen is not Seen.NOTHING:
+                self._tail = b""
+                return seen
+
+
+# Anthropic events that decide a commit, by name (``event: x`` lines, or ``"type":"x"`` without them).
+_ANTHROPIC_MARKERS = (
+    (b"content_block_delta", Seen.CONTENT),
+    (b"message_delta", Seen.END),
+    (b"message_stop", Seen.END),
+    (b"event: error", Seen.ERROR),
+    (b"event:error", Seen.ERROR),
+    (b'"type":"error"', Seen.ERROR),
+)
+_ANTHROPIC_KEEP = max(len(m) for m, _ in _ANTHROPIC_MARKERS) - 1
 
 
 def _responses(event: bytes) -> Seen:
@@ -99,6 +108,11 @@ def _load(payload: bytes) -> dict[str, Any] | None:
 def _openai(payload: bytes) -> Seen:
     if payload == b"[DONE]":
         return Seen.END
+    # The common case without a parse: a non-empty text delta.  (A quote inside a string value
+    # is escaped, so this key pattern only matches a key.)
+    i = payload.find(b'"content":"')
+    if i >= 0 and payload[i + 11 : i + 12] not in (b'"', b""):
+        return Seen.CONTENT
     doc = _load(payload)
     if doc is None:
         return Seen.NOTHING
@@ -113,6 +127,8 @@ def _openai(payload: bytes) -> Seen:
         if choice.get("finish_reason") is not None:
             return Seen.CONTENT
         delta = choice.get("delta")
-        if isinstance(delta, dict) and any(delta.get(k) for k in _OPENAI_CONTENT):
-            return Seen.CONTENT
+        if isinstance(delta, dict):
+            for key in _OPENAI_CONTENT:
+                if delta.get(key):
+                    return Seen.CONTENT
     return Seen.NOTHING
