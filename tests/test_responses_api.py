@@ -106,3 +106,26 @@ async def test_responses_usage_is_one_ledger_row_per_request(make_gateway, mock_
         assert row["cost_micros"] > 0
     assert {False, True} == {row["streamed"] for row in got.values()}
     assert r1.headers["x-request-id"] in got
+
+
+@pytest.mark.parametrize(
+    ("events", "seen"),
+    [
+        (b"event: response.created\ndata: {}\n\nevent: response.in_progress\ndata: {}\n\n", "NOTHING"),
+        (b"event: response.created\ndata: {}\n\nevent: response.output_text.delta\ndata: {\"delta\":\"x\"}\n\n", "CONTENT"),
+        (b"event: response.function_call_arguments.delta\ndata: {}\n\n", "CONTENT"),
+        (b"event: response.completed\ndata: {}\n\n", "END"),
+        (b"event: response.failed\ndata: {}\n\n", "ERROR"),
+        (b"event: error\ndata: {\"type\":\"error\"}\n\n", "ERROR"),
+    ],
+)
+def test_read_ahead_commits_a_responses_stream_on_its_first_delta(events: bytes, seen: str) -> None:
+    """Responses streams name their events; the first *.delta is the first token (split anywhere)."""
+    from gateway.proxy.readahead import FirstContent, Seen
+
+    for cut in range(len(events) + 1):
+        scan = FirstContent("openai")
+        got = scan.feed(events[:cut])
+        if got is Seen.NOTHING:
+            got = scan.feed(events[cut:])
+        assert Seen[seen] is got, cut
