@@ -409,6 +409,18 @@ async def test_both_sdks_through_a_real_serve_to_the_other_dialect(serve, mock_u
     use = (await ant.messages.create(model="claude-on-gpt", max_tokens=10, messages=USER, tools=ANT_TOOLS)).content[0]
     assert ("tool_use", {"city": "mock-city"}) == (use.type, use.input)  # type: ignore[union-attr]
     assert ["/v1/messages"] * 3 + ["/v1/chat/completions"] * 3 == [x["path"] for x in await mock_upstream.requests()]
+    # images and errors, each way
+    image: Any = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]
+    await oai.chat.completions.create(model="gpt-on-claude", messages=[{"role": "user", "content": image}])
+    assert "base64" == (await last_upstream_request(mock_upstream))["body"]["messages"][0]["content"][0]["source"]["type"]
+    no_retry = {"x-mock-retry-after": "0"}
+    for status, exc in ((429, openai.RateLimitError), (400, openai.BadRequestError), (529, openai.InternalServerError)):
+        with pytest.raises(exc):
+            await oai.chat.completions.create(model="gpt-on-claude", messages=USER, extra_headers={"x-mock-status": str(status), **no_retry})
+    for status, aexc in ((429, anthropic.RateLimitError), (400, anthropic.BadRequestError), (503, anthropic.InternalServerError)):
+        with pytest.raises(aexc) as info:
+            await ant.messages.create(model="claude-on-gpt", max_tokens=10, messages=USER, extra_headers={"x-mock-status": str(status), **no_retry})
+        assert (529 if status == 503 else status) == info.value.status_code
 
 
 async def test_a_context_length_error_falls_back_to_a_longer_model_of_the_other_dialect(make_gateway, mock_upstream, http):
