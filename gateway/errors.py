@@ -17,6 +17,7 @@ from aiohttp import web
 Dialect = str  # "anthropic" | "openai"
 ANTHROPIC = "anthropic"
 OPENAI = "openai"
+RESPONSES = "responses"  # OpenAI's Responses API: OpenAI's envelope, its own stream error event
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,4 +123,11 @@ def stream_error_event(kind: ErrorKind, message: str, dialect: Dialect) -> bytes
     body = envelope(kind, message, dialect)
     if dialect == ANTHROPIC:
         return b"event: error\ndata: " + body + b"\n\n"
+    if dialect == RESPONSES:
+        # The Responses API's error event (type, code, message), with OpenAI's envelope
+        # alongside so that the openai SDK raises its APIError as for chat.
+        spec = kind.spec
+        doc = {"type": "error", "code": spec.openai_code, "message": message, "param": None,
+               "error": {"message": message, "type": spec.openai_type, "param": None, "code": spec.openai_code}}
+        return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
     return b"data: " + body + b"\n\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
 from tests import test_sdk
@@ -68,12 +69,22 @@ async def test_responses_upstream_errors_raise_the_sdk_exception(gateway, http, 
 
 
 async def test_responses_cut_stream_raises_in_the_sdk(gateway, http):
-    with pytest.raises(openai.APIError):
+    """A cut Responses stream ends with the Responses API's error event (the SDK raises APIError)."""
+    with pytest.raises(openai.APIError) as info:
         async with gpt(gateway, http).responses.stream(
             model="demo-gpt", input="hi", extra_headers={"x-mock-drop-after": "2"}
         ) as stream:
             async for _ in stream:
                 pass
+    assert "incomplete" in info.value.message
+    r = await gateway.post("/v1/responses", json={"model": "demo-gpt", "input": "hi", "stream": True},
+                           headers={"authorization": "Bearer " + test_sdk.TEST_KEY, "x-mock-drop-after": "2"})
+    raw = await r.read()
+    last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"event: error\ndata: ")
+    doc = orjson.loads(last.split(b"data: ", 1)[1])
+    assert ("error", "upstream_error") == (doc["type"], doc["code"]) and "incomplete" in doc["message"]
+    assert b"response.completed" not in raw
 
 
 async def test_responses_are_served_by_openai_upstreams_only(make_gateway, mock_upstream, http):

@@ -14,6 +14,7 @@ import orjson
 
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import apply_responses
+from gateway.errors import RESPONSES
 
 _COMPLETE = frozenset({b"response.completed", b"response.incomplete"})
 _FAILED = frozenset({b"response.failed", b"error"})
@@ -23,7 +24,7 @@ class ResponsesTap(StreamTap):
     __slots__ = ()
 
     def __init__(self) -> None:
-        super().__init__("responses")
+        super().__init__(RESPONSES)
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._tail + chunk if self._tail else chunk

@@ -104,7 +104,8 @@ async def relay_stream(
     except BaseException:
         resp.close()  # the client is gone before the first byte: free the upstream now
         raise
-    dialect = dep.provider.name if translator is None else translator.dialect
+    # The client's: the tap's (the Responses API has its own), or the translator's.
+    dialect = tap.dialect if translator is None else translator.dialect
     loop = asyncio.get_running_loop()
     idle = dep.cfg.idle_timeout
     read = resp.content.readany
