@@ -156,8 +156,9 @@ async def test_openai_parameters_without_equivalent_are_refused_or_dropped(gw, h
         await gpt(gw, http).chat.completions.create(model="gpt-on-claude", messages=USER, n=2)
     assert "n: " in info.value.message and "drop_unsupported" in info.value.message
     assert [] == await mock_upstream.requests()
-    resp = await gpt(gw, http).chat.completions.create(model="lenient", messages=USER, n=2, logprobs=True)
-    assert "lorem " * 5 == resp.choices[0].message.content
+    raw = await gpt(gw, http).chat.completions.with_raw_response.create(model="lenient", messages=USER, n=2, logprobs=True)
+    assert "lorem " * 5 == raw.parse().choices[0].message.content
+    assert "n,logprobs" == raw.headers["x-gateway-dropped"]
     seen = await last_upstream_request(mock_upstream)
     assert 321 == seen["body"]["max_tokens"] and "n" not in seen["body"]
 

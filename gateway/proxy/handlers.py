@@ -161,13 +161,14 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
         status = opened.resp.status
         if translation is not None and opened.dep.dialect == dialect:
             translation = None  # served in the client's own dialect: relayed as is
+        extra = reservation.headers if translation is None else translation.headers(reservation.headers)
         if opened.streaming:
             if translation is not None:
                 tap = StreamTap(opened.dep.dialect)  # usage from the upstream's own events
-                return await relay_stream(request, opened, ctx, reservation.headers, tap, translation.stream())
+                return await relay_stream(request, opened, ctx, extra, tap, translation.stream())
             tap = ResponsesTap() if path == RESPONSES_PATH else StreamTap(dialect, strip_usage=strip_usage)
-            return await relay_stream(request, opened, ctx, reservation.headers, tap)
-        response, usage = relay_body(opened, ctx, reservation.headers, translation)
+            return await relay_stream(request, opened, ctx, extra, tap)
+        response, usage = relay_body(opened, ctx, extra, translation)
         status = response.status
         return response
     except GatewayError as err:

@@ -71,6 +71,12 @@ class Translation:
         """The path an attempt goes to: the upstream's own for a translated one."""
         return self.upstream_path if dep.dialect == self.upstream else self.client_path
 
+    def headers(self, extra: dict[str, str]) -> dict[str, str]:
+        """The response's extra headers; ``x-gateway-dropped`` names what drop_unsupported dropped."""
+        if not self.opts.dropped:
+            return extra
+        return {**extra, "x-gateway-dropped": ",".join(self.opts.dropped)}
+
     @property
     def max_tokens(self) -> int | None:
         v = self.doc.get("max_tokens", self.doc.get("max_completion_tokens"))
