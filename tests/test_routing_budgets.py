@@ -135,6 +135,7 @@ async def test_a_500_storm_is_not_amplified_beyond_the_retry_budget(make_gateway
     assert [200] * n == statuses
     seen_a = await a.count()
     assert n == await b.count()
+    print(f"storm: {n} requests, upstream a saw {seen_a} attempts ({seen_a / n:.2f} per request) in {elapsed:.1f} s")
     assert n <= seen_a <= 1.2 * n + 3 + 3 * elapsed + 1, (seen_a, elapsed)
     assert seen_a < 2 * n  # far from the 3 x n of unbudgeted retries
 
@@ -168,5 +169,6 @@ async def test_hedges_under_a_slow_outage_stay_within_the_hedge_budget(make_gate
     assert all(status == 200 for status, _ in got)
     hedged = await b.count()
     assert n == await a.count()
+    print(f"hedges: {n} slow requests, {hedged} hedges in {elapsed:.1f} s")
     assert 1 <= hedged <= 0.2 * n + 3 + 3 * elapsed + 1, (hedged, elapsed)
     assert hedged == sum(1 for _, up in got if up == "b-openai")  # every hedge won: b is fast

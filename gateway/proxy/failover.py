@@ -47,6 +47,7 @@ Sleep = Callable[[float], Awaitable[None]]
 class Failover:
     __slots__ = (
         "_context",
+        "_first",
         "_hedge_after",
         "_lanes",
         "_last",
@@ -84,6 +85,7 @@ class Failover:
         self._open_retry: list[float] = []
         self._winner: Opened | None = None
         self._lanes = 0
+        self._first: Deployment | None = None  # the first deployment attempted (the one a hedge backs up)
         # Usage reported by attempts that were not relayed (a hedge that lost, a
         # stream dropped after message_start), with the model each was sent:
         # recorded against the same request so that spend stays honest.
@@ -136,6 +138,8 @@ class Failover:
             if retry == 0:
                 up.retry_budget.deposit()
                 up.hedge_budget.deposit()
+                if self._first is None:
+                    self._first = dep
             ctx.attempts += 1
             ctx.upstream = dep.name
             ctx.served_model = dep.model
@@ -202,7 +206,10 @@ class Failover:
         if not nxt.breaker.allow():
             return False  # the lane would skip it anyway; no hedge into an open circuit
         nxt.breaker.release_probe()
-        if not nxt.upstream.hedge_budget.withdraw():
+        # The budget of the slow upstream being backed up: hedges stay at most 20 % of its
+        # requests (plus 3 a second), so a slow provider does not double the traffic.
+        slow = self._first or nxt
+        if not slow.upstream.hedge_budget.withdraw():
             return False
         if self._reserve_hedge is not None and not await self._reserve_hedge():
             return False
