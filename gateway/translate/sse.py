@@ -11,6 +11,11 @@ class SSEDecoder:
         self._event = b""
         self._data: list[bytes] = []
 
+    @property
+    def idle(self) -> bool:
+        """Nothing held: the next chunk starts at an event boundary."""
+        return not self._tail and not self._data
+
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         """Return the events this chunk completes (event name may be b"")."""
         if not self._tail and not self._data and chunk[-2:] == b"\n\n" and b"\r" not in chunk:

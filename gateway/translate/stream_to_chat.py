@@ -44,6 +44,15 @@ class AnthropicToChatStream:
 
     def feed(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
+        if (
+            chunk[:7] == b"event: " and chunk[-2:] == b"\n\n" and self._decoder.idle
+            and chunk.count(b"\n") == 3 and b"\r" not in chunk
+        ):
+            # The usual read: one whole event (an event line and a data line).
+            name, _, rest = chunk[7:-2].partition(b"\n")
+            if rest[:6] == b"data: ":
+                self._event(name.strip(), rest[6:], out)
+                return b"".join(out)
         for event, data in self._decoder.feed(chunk):
             self._event(event, data, out)
         return b"".join(out)

@@ -54,8 +54,12 @@ class ChatToAnthropicStream:
 
     def feed(self, chunk: bytes) -> bytes:
         out: list[bytes] = []
-        for _, data in self._decoder.feed(chunk):
-            self._data(data, out)
+        if chunk[:6] == b"data: " and chunk[-2:] == b"\n\n" and self._decoder.idle and chunk.count(b"\n") == 2:
+            data = chunk[6:-2]  # the usual read: one whole chunk of one data line
+            self._data(data[:-1] if data[-1:] == b"\r" else data, out)
+        else:
+            for _, data in self._decoder.feed(chunk):
+                self._data(data, out)
         return b"".join(out)
 
     def finish(self) -> bytes:
