@@ -97,7 +97,8 @@ BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "mo
 
 
 def choice(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    return chunk({**BASE, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    # OpenAI's own field order (the translator has a parse-free path for a plain text delta).
+    return chunk({**BASE, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
 
 def test_openai_chunks_as_anthropic_events() -> None:
@@ -340,3 +341,13 @@ def test_chat_stream_cut_before_its_finish_never_sends_message_stop(a: dict[str,
     t = ChatToAnthropicStream()
     out = b"".join(t.feed(p) for p in split_bytes(upstream, cuts)) + t.finish()
     assert b"message_stop" not in out and not t.done
+
+
+@pytest.mark.parametrize("literal", [rb'"plain"', rb'"quote \" and backslash \\ and newline \n"', rb'"\u00e9\ud83d\ude00 caf\u00e9"', '"é 😀"'.encode()])
+def test_a_plain_text_delta_crosses_as_its_json_string(literal: bytes) -> None:
+    """The parse-free path copies the JSON string as sent: the Anthropic event decodes to the same text."""
+    t = ChatToAnthropicStream()
+    t.feed(choice({"role": "assistant", "content": ""}) + choice({"content": "x"}))
+    raw = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":' + literal + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+    (name, doc), = decode(t.feed(raw))
+    assert ("content_block_delta", {"type": "text_delta", "text": orjson.loads(literal)}) == (name, doc["delta"])

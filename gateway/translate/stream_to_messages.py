@@ -12,6 +12,7 @@ in-stream ``{"error": ...}`` becomes Anthropic's ``event: error``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -33,6 +34,13 @@ _TEXT_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","
 _TEXT_MID = b',"delta":{"type":"text_delta","text":'
 _JSON_MID = b',"delta":{"type":"input_json_delta","partial_json":'
 _TAIL = b"}}\n\n"
+# A chunk whose only choice is a plain text delta, nothing else to note (OpenAI's field order).
+# Anchored at the end: the top-level choices, never a quoted look-alike (quotes inside
+# strings are escaped).
+_PLAIN_TEXT = re.compile(
+    rb'"choices":\[\{"index":0,"delta":\{"content":("(?:[^"\\]|\\.)*")\},"logprobs":null,'
+    rb'"finish_reason":null\}\](?:,"usage":null)?\}$'
+)
 
 
 class ChatToAnthropicStream:
@@ -79,6 +87,13 @@ class ChatToAnthropicStream:
         if data == b"[DONE]":
             self._end(out)
             return
+        if self._kind == "text":
+            m = _PLAIN_TEXT.search(data)
+            if m is not None and len(m.group(1)) > 2:
+                # A text delta of the usual shape: its JSON string goes across as it is
+                # (valid JSON in, valid JSON out; no parse, no re-encode).
+                out.append(_TEXT_HEAD + str(self._open).encode() + _TEXT_MID + m.group(1) + _TAIL)
+                return
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError:
