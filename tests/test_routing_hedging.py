@@ -217,3 +217,27 @@ def test_ewma_of_time_to_first_token():
     assert 1.0 == stats.ttft_ewma
     stats.observe_ttft(2.0)
     assert abs(1.2 - stats.ttft_ewma) < 1e-9
+
+
+@pytest.mark.parametrize("store", ["redis", "local"])
+async def test_a_hedges_hold_is_released_when_the_request_settles(
+        make_gateway, mocks, tmp_path, store, request, monkeypatch):  # noqa: F811
+    """max_concurrency = 2: a hedged request holds two slots (its own and the hedge's) while in flight.
+    Both are given back when it ends, or the next hedged request would be refused at admission."""
+    if store == "redis":
+        monkeypatch.setenv("GATEWAY_REDIS_URL", request.getfixturevalue("redis_url"))
+    a, b = await mocks(), await mocks()
+    await a.faults(then={"x-mock-first-delta-ms": "500"})
+    text = hedge_toml(a.base_url, b.base_url, tmp_path, hedge_ms=50).replace(
+        'name = "test"\n', 'name = "test"\nlimits = { max_concurrency = 2 }\n', 1,
+    ).replace("port = 0\n", "port = 0\nworkers = 1\n", 1)
+    gw = await make_gateway(text)
+    url = str(gw.make_url("/v1/chat/completions"))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            body = {"model": "demo-h", "stream": True, "messages": []}
+            async with s.post(url, headers=AUTH["openai"], json=body) as r:
+                await r.read()
+                assert 200 == r.status
+                assert ("b-openai", "2") == (r.headers["x-gateway-upstream"], r.headers["x-gateway-attempts"])
+    assert (4, 4) == (await a.count(), await b.count())
