@@ -62,14 +62,23 @@ async def open_upstream(
         if not dep.breaker.allow():
             open_retry.append(dep.breaker.retry_after())
             continue
+        headers = upstream_headers(incoming_headers, dep)
+        url, data = dep.url(path_qs), body
+        if dep.cloud is not None:
+            # The cloud kind's URL, body and auth (signed over the final bytes, after the header filter).
+            try:
+                url, data = await dep.cloud.prepare(path_qs, body, headers)
+            except GatewayError as err:
+                dep.breaker.release_probe()  # no attempt made: not the upstream's failure
+                last_exc = err
+                continue
         ctx.attempts += 1
         ctx.upstream = dep.name
-        headers = upstream_headers(incoming_headers, dep)
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(dep.cfg.first_byte_timeout):
                 resp = await session.request(
-                    method, dep.url(path_qs), data=body, headers=headers, timeout=dep.timeout,
+                    method, url, data=data, headers=headers, timeout=dep.timeout,
                     allow_redirects=False,
                 )
         except TimeoutError:
@@ -87,7 +96,8 @@ async def open_upstream(
             dep.breaker.release_probe()
             raise
         ctx.upstream_s += time.perf_counter() - t0
-        verdict = classify_status(resp.status)
+        status = resp.status if dep.cloud is None else dep.cloud.upstream_status(resp.status, resp.headers)
+        verdict = classify_status(status)
         if verdict is Verdict.OK:
             # Success is recorded when the body or stream completes (streaming.py).
             return dep, resp
@@ -95,7 +105,7 @@ async def open_upstream(
             dep.breaker.record_failure()
         else:
             dep.breaker.release_probe()
-        if resp.status == 401:
+        if status == 401:
             # The provider refused the gateway's own key, not the caller's: never
             # relay that 401 (the SDK would blame its key, and the provider's
             # message may quote part of ours).

@@ -15,6 +15,7 @@ from gateway.accounting.usage import Usage
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
 from gateway.policy.admit import RequestFacts, Reservation, model_allowed
 from gateway.policy.principals import Principal
+from gateway.providers.cloud import STREAM_TYPES
 from gateway.proxy.context import RequestContext
 from gateway.proxy.forward import open_upstream
 from gateway.proxy.streaming import relay_body, relay_stream
@@ -131,7 +132,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
         )
         status = resp.status
         ctype = resp.headers.get("content-type", "")
-        if resp.status == 200 and ctype.startswith("text/event-stream"):
+        if resp.status == 200 and ctype.startswith(STREAM_TYPES):
             tap = StreamTap(dialect, strip_usage=strip_usage)
             return await relay_stream(request, dep, resp, ctx, reservation.headers, tap)
         response, usage = await relay_body(dep, resp, ctx, reservation.headers)

@@ -11,7 +11,7 @@ from yarl import URL
 
 from gateway.config import Config, RouteConfig, UpstreamConfig, model_matches
 from gateway.errors import ErrorKind, GatewayError
-from gateway.providers import PROVIDERS, Provider
+from gateway.providers import PROVIDERS, CloudAdapter, Provider, make_cloud
 from gateway.resilience.breaker import Breaker
 
 
@@ -27,6 +27,8 @@ class Deployment:
     timeout: aiohttp.ClientTimeout
     base: str
     _urls: dict[str, URL]
+    cloud: CloudAdapter | None = None  # cloud kinds: URL, credentials, signing, stream framing
+
 
     def url(self, path_qs: str) -> URL:
         # URL objects are cached: parsing one costs more than the lookup.
@@ -58,6 +60,8 @@ def build_deployments(cfg: Config, previous: dict[str, Deployment] | None = None
             timeout=aiohttp.ClientTimeout(total=up.total_timeout, sock_connect=up.connect_timeout),
             base=up.base_url,
             _urls={},
+            # A reload keeps a cloud adapter (its credential cache and refresh loop) when unchanged.
+            cloud=old.cloud if old is not None and old.cfg == up else make_cloud(name, up),
         )
     return out
 

@@ -18,6 +18,7 @@ from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage, from_body
 from gateway.errors import ErrorKind, GatewayError, stream_error_event
 from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
+from gateway.providers.cloud import Reader
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
@@ -71,13 +72,16 @@ async def relay_body(
     finally:
         ctx.upstream_s += time.perf_counter() - t0
         resp.release()
-    if resp.status < 400:
+    status = resp.status
+    if status < 400:
         dep.breaker.record_success()
-    usage = from_body(dep.provider.name, body) if resp.status < 400 else Usage()
+    elif dep.cloud is not None:
+        status, body = dep.cloud.error_body(status, resp.headers, body)  # into the provider's dialect
+    usage = from_body(dep.provider.name, body) if status < 400 else Usage()
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
     headers["server-timing"] = ctx.server_timing()
-    return web.Response(status=resp.status, body=body, headers=headers), usage
+    return web.Response(status=status, body=body, headers=headers), usage
 
 
 async def relay_stream(
@@ -93,6 +97,10 @@ async def relay_stream(
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
     headers["server-timing"] = ctx.server_timing()
+    read: Reader = resp.content.readany
+    if dep.cloud is not None:
+        # A cloud that frames its stream otherwise (Bedrock's event stream) hands out SSE bytes.
+        read = dep.cloud.stream_reader(resp, headers) or read
     out = web.StreamResponse(status=resp.status, headers=headers)
     if dep.breaker.state is State.HALF_OPEN:
         # The probe answered: a long stream must not hold the circuit half-open.
@@ -105,7 +113,6 @@ async def relay_stream(
     dialect = dep.provider.name
     loop = asyncio.get_running_loop()
     idle = dep.cfg.idle_timeout
-    read = resp.content.readany
     failure: tuple[ErrorKind, str] | None = None
     # Re-arming the idle timer costs a timer cancel + insert (~3 us): do it at
     # most every `slack` seconds, not per chunk.  The deadline is always
