@@ -5,7 +5,7 @@ variables, the shared credentials and config files (profiles, assume-role,
 SSO), the container role, the instance role through IMDSv2.  It is resolved
 once; botocore's refreshable credentials then renew themselves when asked
 inside their advisory window (15 minutes before expiry), which the
-background loop of ``CredentialCache`` does 14 minutes before expiry.
+background loop of ``CredentialCache`` does just after that window opens.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from botocore.exceptions import BotoCoreError
 
 from gateway.providers.credentials import CredentialCache, CredentialError, Fetched
 
-# Inside botocore's advisory refresh window (15 min), well before its mandatory one (10 min).
-REFRESH_MARGIN_S = 14 * 60
+# Just inside botocore's advisory refresh window (15 min before expiry), well before its
+# mandatory one (10 min): asked then, botocore renews them.  (Instance-role credentials
+# get an expiry botocore itself may extend; it then renews when that comes near.)
+REFRESH_MARGIN_S = 15 * 60 - 5
 
 
 class AwsChain:
