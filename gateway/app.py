@@ -28,7 +28,7 @@ from gateway.policy.limits import LocalLimiter, RedisLimiter
 from gateway.policy.principals import PrincipalResolver, StandaloneResolver
 from gateway.providers.cloud import clouds_ctx
 from gateway.proxy import handlers
-from gateway.proxy.routing import Router, build_deployments
+from gateway.proxy.routing import Router, build_upstreams
 from gateway.stores.postgres import postgres_ctx
 from gateway.stores.redis import RedisStore
 from gateway.tasks import TaskTracker
@@ -153,8 +153,7 @@ def create_app(cfg: Config) -> web.Application:
     app[keys.EXTRA] = {}
     app[keys.PRICES] = prices
     app[keys.METRICS] = metrics
-    deployments = build_deployments(cfg)
-    app[keys.ROUTER] = Router(cfg, deployments)
+    app[keys.ROUTER] = Router(cfg, build_upstreams(cfg))
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
     # Torn down in reverse: requests' tasks settle, the ledger writer flushes (and
     # applies committed costs through the limiter), then the limiter closes.

@@ -142,12 +142,17 @@ class UpstreamConfig:
     idle_timeout: float = 60.0
     total_timeout: float = 900.0
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    retries: int = 2  # extra attempts on this upstream (connection error, 429, 500, 502, 503, 529)
+    retry_base_ms: float = 200.0  # exponential backoff with full jitter from this
+    max_retry_wait: float = 10.0  # honour retry-after up to this; longer: fail over at once
+    ttft_timeout: float = 120.0  # streams: the first content event within this (from the attempt's start)
 
 
 @dataclass(frozen=True, slots=True)
 class DeploymentConfig:
     upstream: str
     weight: int = 1
+    model: str = ""  # the upstream's model name; "" = the name the client sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,10 @@ class RouteConfig:
     match: str
     deployments: tuple[DeploymentConfig, ...]
     fallbacks: tuple[str, ...] = ()
+    fallback_models: tuple[str, ...] = ()  # other routes by public name, after deployments and fallbacks
+    context_fallback_models: tuple[str, ...] = ()  # routes tried on a context-length 400 only
+    strategy: Literal["weighted", "least_busy", "latency"] = "weighted"
+    hedge_after_ms: int = 0  # >0: a second attempt when the first has no first token by then
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +432,13 @@ def _check(cfg: Config, errors: list[str]) -> None:
                 errors.append(f"{p}.{t}: must be positive")
         if up.max_connections <= 0:
             errors.append(f"{p}.max_connections: must be positive")
+        if up.retries < 0:
+            errors.append(f"{p}.retries: must not be negative")
+        for t in ("retry_base_ms", "max_retry_wait"):
+            if getattr(up, t) < 0:
+                errors.append(f"{p}.{t}: must not be negative")
+        if up.ttft_timeout <= 0:
+            errors.append(f"{p}.ttft_timeout: must be positive")
         if up.breaker.failure_threshold <= 0:
             errors.append(f"{p}.breaker.failure_threshold: must be positive")
         if up.breaker.half_open_probes <= 0:
@@ -447,6 +463,9 @@ def _check(cfg: Config, errors: list[str]) -> None:
         for j, fb in enumerate(route.fallbacks):
             if fb not in cfg.upstreams:
                 errors.append(f"{p}.fallbacks[{j}]: unknown upstream {fb!r}")
+        if route.hedge_after_ms < 0:
+            errors.append(f"{p}.hedge_after_ms: must not be negative")
+    _check_route_graph(cfg, errors)
     seen: set[str] = set()
     for i, key in enumerate(cfg.keys):
         p = f"keys[{i}]"
@@ -470,6 +489,52 @@ def _check(cfg: Config, errors: list[str]) -> None:
     for i, user in enumerate(cfg.users):
         if user is not None:
             _check_limits(user.limits, f"users[{i}].limits", errors)
+
+
+def route_for(routes: typing.Sequence[RouteConfig], model: str) -> int | None:
+    """Index of the route serving a public model name: an exact match first, then the first glob."""
+    for i, r in enumerate(routes):
+        if r is not None and r.match == model:
+            return i
+    for i, r in enumerate(routes):
+        if r is not None and model_matches(r.match, model):
+            return i
+    return None
+
+
+def _check_route_graph(cfg: Config, errors: list[str]) -> None:
+    """fallback_models and context_fallback_models name routes that exist, without a cycle."""
+    routes = cfg.routes
+    edges: dict[int, list[int]] = {}
+    for i, route in enumerate(routes):
+        if route is None:
+            continue
+        for field_name in ("fallback_models", "context_fallback_models"):
+            for j, name in enumerate(getattr(route, field_name)):
+                target = route_for(routes, name)
+                if target is None:
+                    errors.append(f"routes[{i}].{field_name}[{j}]: no route serves model {name!r}")
+                elif target == i:
+                    errors.append(f"routes[{i}].{field_name}[{j}]: {name!r} is this route itself")
+                elif field_name == "fallback_models":
+                    edges.setdefault(i, []).append(target)
+    # A cycle through fallback_models would send a failing request round in circles.
+    state: dict[int, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: int, path: list[int]) -> None:
+        state[node] = 1
+        for nxt in edges.get(node, ()):
+            if state.get(nxt) == 1:
+                loop = [*path[path.index(nxt):], nxt] if nxt in path else [node, nxt]
+                names = " -> ".join(repr(routes[k].match) for k in loop)
+                errors.append(f"routes[{nxt}].fallback_models: cycle {names}")
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for start in edges:
+        if start not in state:
+            visit(start, [start])
 
 
 # --------------------------------------------------------------------------- env

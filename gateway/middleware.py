@@ -128,6 +128,8 @@ def make_middleware(
                     key=ctx.key_prefix,
                     user=ctx.user_id,
                     upstream=ctx.upstream,
+                    served_model=ctx.served_model,
+                    attempts=ctx.attempts,
                     status=status,
                     error=ctx.error_kind or ("client_closed" if status == CLIENT_CLOSED else None),
                     streamed=ctx.streamed,

@@ -41,6 +41,7 @@ provider = "azure-openai"
 base_url = "{url}"
 api_version = "2024-10-21"
 {auth}
+retries = 0
 first_byte_timeout = 5
 idle_timeout = 2
 {extra}"""

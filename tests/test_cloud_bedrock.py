@@ -103,7 +103,8 @@ async def test_bedrock_errors_reach_the_client_as_anthropic_errors(make_gateway:
 
 
 async def test_throttling_is_a_429_the_sdk_retries(sdk: Any, make_gateway: Any, bedrock: Any, aws_keys: None) -> None:
-    """ThrottlingException answers 429 rate_limit_error: the SDK raises RateLimitError (and may retry)."""
+    """ThrottlingException answers 429 rate_limit_error when nothing is left to try: the SDK raises
+    RateLimitError, and its own retry then succeeds."""
     fake, url = bedrock
     fake.faults[:] = ["ThrottlingException"]
     gw = await make_gateway(cloud_toml(bedrock_upstream("bedrock", url), ROUTE))
@@ -114,11 +115,35 @@ async def test_throttling_is_a_429_the_sdk_retries(sdk: Any, make_gateway: Any, 
     assert msg.content
 
 
+@pytest.mark.parametrize("fault", ["ThrottlingException", "ServiceUnavailableException", "InternalServerException"])
+async def test_the_gateway_retries_bedrock_per_routing_rules(sdk: Any, make_gateway: Any, bedrock: Any,
+                                                             aws_keys: None, fault: str) -> None:
+    """retries = 2: throttling (429), 503 and 500 from Bedrock are retried on the same upstream, invisibly."""
+    fake, url = bedrock
+    fake.faults[:] = [fault, fault]
+    gw = await make_gateway(cloud_toml(bedrock_upstream("bedrock", url, retries=2, retry_base_ms=1), ROUTE))
+    r = await gw.post("/v1/messages", headers=AV, json={"model": BEDROCK_MODEL, "max_tokens": 5, "messages": MESSAGES})
+    await r.read()
+    assert 200 == r.status
+    assert "3" == r.headers["x-gateway-attempts"]
+    assert 3 == len(fake.seen)
+
+
+async def test_model_not_ready_and_validation_are_not_retried(make_gateway: Any, bedrock: Any, aws_keys: None) -> None:
+    """A ValidationException is the caller's: relayed at once, never retried or failed over."""
+    fake, url = bedrock
+    fake.faults[:] = ["ValidationException"]
+    gw = await make_gateway(cloud_toml(bedrock_upstream("bedrock", url, retries=2, retry_base_ms=1), ROUTE))
+    r = await gw.post("/v1/messages", headers=AV, json={"model": BEDROCK_MODEL, "max_tokens": 5, "messages": MESSAGES})
+    assert 400 == r.status
+    assert 1 == len(fake.seen)
+
+
 async def test_throttled_bedrock_fails_over_to_the_next_deployment(make_gateway: Any, bedrock: Any,
                                                                    aws_keys: None, mock_upstream: Any) -> None:
     """A 429 from Bedrock is the failure classifier's THROTTLED: the next deployment answers."""
     fake, url = bedrock
-    fake.faults[:] = ["ThrottlingException", "ServiceUnavailableException"]
+    fake.faults[:] = ["ThrottlingException", "ServiceUnavailableException"]  # retries = 0: fail over at once
     ups = bedrock_upstream("bedrock", url) + bedrock_upstream("bedrock-2", url) + f"""
 [upstreams.native]
 provider = "anthropic"
@@ -157,15 +182,18 @@ async def test_mid_stream_throttling_ends_with_an_error_event(sdk: Any, make_gat
 
 
 async def test_corrupt_frame_is_a_cut_stream(make_gateway: Any, bedrock: Any, aws_keys: None) -> None:
-    """A frame whose CRC does not match ends the answer with an error event (botocore's decoder checks it)."""
+    """A frame whose CRC does not match (botocore's decoder checks it) after content has started: the
+    good frames before it are relayed, then the answer ends with an error event, never message_stop."""
     fake, url = bedrock
     fake.stream_fault = "crc"
     gw = await make_gateway(cloud_toml(bedrock_upstream("bedrock", url), ROUTE))
     r = await gw.post("/v1/messages", headers=AV,
                       json={"model": BEDROCK_MODEL, "max_tokens": 20, "messages": MESSAGES, "stream": True})
     raw = await r.read()
-    assert b"event: error\n" in raw
-    assert b"upstream_error" in raw or b"api_error" in raw
+    assert 200 == r.status
+    assert b'"text":"Hello"' in raw  # the first delta, before the corrupt frame
+    assert raw.endswith(b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":'
+                        b'"The upstream connection failed mid-stream; the answer is incomplete."}}\n\n')
     assert b"message_stop" not in raw
 
 

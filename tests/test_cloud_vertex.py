@@ -38,6 +38,7 @@ project = "{project}"
 region = "us-east5"
 base_url = "{url}"
 credentials_file = "{creds}"
+retries = 0
 first_byte_timeout = 5
 idle_timeout = 2
 """

@@ -143,7 +143,7 @@ def test_every_error_is_reported_at_once_with_its_path():
     [
         ("colour = 1\n", "colour"),
         ("[server]\nprot = 1\n", "server.prot"),
-        (UPSTREAM + "retries = 3\n", "upstreams.u.retries"),
+        (UPSTREAM + "retrys = 3\n", "upstreams.u.retrys"),
         (UPSTREAM + "breaker = { threshold = 3 }\n", "upstreams.u.breaker.threshold"),
         (UPSTREAM + '[[routes]]\nmatch = "m"\ndeployments = [{ upstream = "u", wieght = 2 }]\n',
          "routes[0].deployments[0].wieght"),

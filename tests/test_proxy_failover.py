@@ -41,6 +41,7 @@ def failover_toml(bad: str, good: str | None, *, threshold: int = 5, cooldown: f
             base_url = "{bad}"
             api_key_env = "TEST_{dialect.upper()}_KEY"
             first_byte_timeout = {first_byte}
+            retries = 0  # failover and breakers alone (same-upstream retries: tests/test_routing_scenarios.py)
             breaker = {{ failure_threshold = {threshold}, cooldown_seconds = {cooldown} }}
             """)
         if good:

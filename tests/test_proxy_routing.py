@@ -9,7 +9,7 @@ import pytest
 
 from gateway.config import parse
 from gateway.errors import ErrorKind, GatewayError
-from gateway.proxy.routing import Router, build_deployments
+from gateway.proxy.routing import Router, build_upstreams
 from tests.conftest import TEST_KEY, sha
 
 UPSTREAMS = "".join(
@@ -39,7 +39,7 @@ deployments = [{ upstream = "o1" }]
 @pytest.fixture
 def router() -> Router:
     cfg = parse(UPSTREAMS + ROUTES, environ={})
-    return Router(cfg, build_deployments(cfg))
+    return Router(cfg, build_upstreams(cfg))
 
 
 def names(router: Router, model: str, dialect: str = "anthropic") -> list[str]:

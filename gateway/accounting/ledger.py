@@ -59,10 +59,12 @@ _COLUMNS = (
     "request_id", "ts", "key_id", "user_id", "model", "route", "upstream", "status", "streamed", "partial",
     "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens", "cost_micros", "priced",
     "upstream_ms", "ttft_ms", "gateway_ms", "error_kind",
+    "served_model",
 )
 _TYPES = (
     "text", "timestamptz", "text", "text", "text", "text", "text", "int4", "bool", "bool",
     "int8", "int8", "int8", "int8", "int8", "bool", "float4", "float4", "float4", "text",
+    "text",
 )
 
 # One statement: insert what is new, then roll up exactly those rows (daily and hourly).
@@ -152,6 +154,7 @@ def columns(batch: list[UsageRecord]) -> list[list[Any]]:
         [r.ttft_ms for r in batch],
         [r.gateway_ms for r in batch],
         [r.error_kind for r in batch],
+        [r.served_model for r in batch],
     ]
 
 

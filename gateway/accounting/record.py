@@ -28,6 +28,7 @@ class UsageRecord:
     ttft_ms: float | None
     gateway_ms: float
     error_kind: str | None = None
+    served_model: str = ""  # the upstream's model name (``model`` is the public name the client sent)
     # Not a ledger column: the Redis budget counters this cost is applied to
     # once the record is committed (kept in the journal for replays).
     budget_keys: tuple[str, ...] = ()

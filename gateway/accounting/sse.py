@@ -21,6 +21,7 @@ class StreamTap:
         "_drop",
         "_event",
         "_held",
+        "_last",
         "_tail",
         "completed",
         "deltas",
@@ -36,6 +37,7 @@ class StreamTap:
         self.usage = Usage()
         self.completed = False  # saw message_stop / [DONE]
         self.errored = False  # saw an error event from upstream
+        self._last = b""  # OpenAI: the last content chunk's payload (its finish_reason ends the answer)
         self.deltas = 0  # content events seen: the output estimate of a cut stream
         self._tail = b""  # an incomplete last line
         self._event = b""
@@ -59,6 +61,7 @@ class StreamTap:
             self._anthropic_lines(data[:end].split(b"\n"))
         else:
             deltas = 0
+            last = None
             for line in data[:end].split(b"\n"):
                 if line[:5] == b"data:":
                     payload = line[5:].strip()
@@ -66,7 +69,10 @@ class StreamTap:
                         self._openai(payload)
                     else:
                         deltas += 1
+                        last = payload
             self.deltas += deltas
+            if last is not None:
+                self._last = last
         return chunk
 
     def _anthropic_lines(self, lines: list[bytes]) -> None:
@@ -114,6 +120,7 @@ class StreamTap:
                         self._openai(payload)
                     else:
                         self.deltas += 1
+                        self._last = payload
             else:
                 self._line(line[:-1] if line.endswith(b"\r") else line)
             pos = nxt
@@ -186,11 +193,13 @@ class StreamTap:
             return
         if b'"usage"' not in payload and b'"error"' not in payload:
             self.deltas += 1
+            self._last = payload
             return
         if b'"usage":null' in payload and payload.count(b'"usage"') == 1:
             # OpenAI sends "usage":null in every chunk once include_usage is
             # on: a content chunk, no need to parse it.
             self.deltas += 1
+            self._last = payload
             return
         try:
             doc = orjson.loads(payload)
@@ -204,14 +213,45 @@ class StreamTap:
         u = doc.get("usage")
         if u is None:
             self.deltas += 1
+            self._last = payload
             return
         apply_openai(self.usage, u)
-        if self.strip_usage and not doc.get("choices"):
+        if doc.get("choices"):
+            self._last = payload  # a content chunk that also carries the usage (some servers)
+        elif self.strip_usage:
             self._drop = True
+
+    def end_clean(self) -> bool:
+        """The upstream closed the stream cleanly: is the answer complete?
+
+        An OpenAI stream is whole once a chunk carried a ``finish_reason``,
+        even when the server closes without ``data: [DONE]`` (several
+        OpenAI-compatible servers do); only a stream without a terminal
+        event is cut.  Call after ``flush``.
+        """
+        if not self.completed and not self.errored and self.dialect != "anthropic" and finish_reason_set(self._last):
+            self.completed = True
+        return self.completed
 
     @property
     def output_estimate(self) -> int:
         """Output tokens of a stream: as reported once complete, else at least the deltas seen."""
-        if self.completed:
+        if self.completed and self.usage.found:
             return self.usage.output_tokens
         return max(self.usage.output_tokens, self.deltas)
+
+
+def finish_reason_set(payload: bytes) -> bool:
+    """An OpenAI chunk whose ``finish_reason`` is a string, not null (bytes only, no JSON parse).
+
+    A ``"finish_reason"`` inside a string value is escaped (``\\"``) and never matches.
+    """
+    i = payload.find(b'"finish_reason"')
+    while i >= 0:
+        j = i + 15
+        while j < len(payload) and payload[j] in b" \t:":
+            j += 1
+        if payload[j : j + 1] == b'"':
+            return True
+        i = payload.find(b'"finish_reason"', j)
+    return False

@@ -18,6 +18,8 @@ whole server by its config:
 - ``x-mock-error-after``: send the provider's in-stream error event after N
   content events, then end the stream (no terminal success event)
 - ``x-mock-cache-read`` / ``x-mock-cache-write``: cache tokens to report
+- ``x-mock-no-done``: end a stream without its terminal event (OpenAI's
+  ``data: [DONE]``, Anthropic's ``message_stop``), closing cleanly
 
 ``/_mock/status/{code}/...`` always answers ``code`` in the provider's shape
 (point a deployment's base_url there to make it fail).  ``GET /_mock/requests`` returns the last requests seen (path, headers, body)
@@ -184,6 +186,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         ),
         ("message_stop", {"type": "message_stop"}),
     ]
+    if "x-mock-no-done" in request.headers:
+        tail.pop()
     encoded = [b"event: " + e.encode() + b"\ndata: " + orjson.dumps(d) + b"\n\n" for e, d in events + deltas + tail]
     return await _stream(request, encoded, first_delta=len(events), headers={"request-id": "req_mock_" + msg_id})
 
@@ -244,7 +248,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     encoded.append(chunk({}, "stop"))
     if include:
         encoded.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
-    encoded.append(b"data: [DONE]\n\n")
+    if "x-mock-no-done" not in request.headers:
+        encoded.append(b"data: [DONE]\n\n")
     return await _stream(request, encoded, first_delta=1, headers={"x-request-id": "req_mock_" + cid})
 
 

@@ -328,7 +328,7 @@ class Metrics:
             self.usage_events.labels(name).inc(delta)
 
     def refresh_circuits(self, app: web.Application) -> None:
-        for name, dep in app[keys.ROUTER].deployments.items():
+        for name, dep in app[keys.ROUTER].upstreams.items():
             state = dep.breaker.state
             old = self._circuits.get(name)
             if old is state:

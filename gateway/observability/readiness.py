@@ -113,7 +113,7 @@ class Readiness:
 
     @staticmethod
     def _circuits(app: web.Application) -> dict[str, Any]:
-        deployments = app[keys.ROUTER].deployments
+        deployments = app[keys.ROUTER].upstreams
         states: dict[str, str] = {}
         open_now = 0
         for name, dep in deployments.items():

@@ -76,6 +76,6 @@ class AzureOpenAI:
     def error_body(self, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]:
         return status, body  # OpenAI's shape already
 
-    def stream_reader(self, resp: aiohttp.ClientResponse, headers: CIMultiDict[str]) -> Reader | None:
+    def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None:
         return None
 

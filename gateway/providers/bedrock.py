@@ -13,6 +13,7 @@ Anthropic error it corresponds to.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -30,7 +31,6 @@ from gateway.providers.credentials import CredentialCache
 from gateway.providers.eventstream import EventStreamToSSE
 
 ANTHROPIC_VERSION = "bedrock-2023-05-31"
-SSE_TYPE = "text/event-stream; charset=utf-8"
 
 # AWS error type -> (status the classifier sees, status and Anthropic type the client gets).
 # Access errors are the gateway's credentials failing: a 401 to the classifier,
@@ -111,20 +111,7 @@ class Bedrock:
         text = f"Bedrock {code}: {message}" if code else (message or f"Bedrock answered {status}")
         return anthropic_error(client_status, etype, text)
 
-    def stream_reader(self, resp: aiohttp.ClientResponse, headers: CIMultiDict[str]) -> Reader | None:
+    def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None:
         if not resp.headers.get("content-type", "").startswith("application/vnd.amazon.eventstream"):
             return None
-        headers["content-type"] = SSE_TYPE
-        convert = EventStreamToSSE().feed
-        readany = resp.content.readany
-
-        async def read() -> bytes:
-            while True:
-                raw = await readany()
-                if not raw:
-                    return b""
-                out = convert(raw)
-                if out:
-                    return out
-
-        return read
+        return functools.partial(EventStreamToSSE().read_from, resp.content.readany)

@@ -12,7 +12,8 @@ asks it at four points only:
   cloud's "access denied" is the gateway's credential failing, like a 401).
 - ``error_body``: an error answer in the provider's dialect (status, body).
 - ``stream_reader``: a reader of SSE bytes for a stream the cloud sends in
-  another framing (Bedrock's event stream), or None.
+  another framing (Bedrock's event stream), or None; the client then gets
+  ``content-type: text/event-stream``.
 
 Credentials live in a ``CredentialCache`` per upstream, started and stopped
 with the app (``clouds_ctx``) and reported by /readyz.
@@ -50,7 +51,7 @@ class CloudAdapter(Protocol):
 
     def error_body(self, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]: ...
 
-    def stream_reader(self, resp: aiohttp.ClientResponse, headers: CIMultiDict[str]) -> Reader | None: ...
+    def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None: ...
 
 
 async def credential(upstream: str, cache: CredentialCache[Any]) -> Any:
@@ -93,8 +94,8 @@ def anthropic_error(status: int, etype: str, message: str) -> tuple[int, bytes]:
 def credential_checks(app: web.Application) -> dict[str, Any] | None:
     """The readiness check of the cloud credentials (None: no cloud upstream)."""
     states: dict[str, Any] = {}
-    for name, dep in app[keys.ROUTER].deployments.items():
-        cloud = dep.cloud
+    for name, up in app[keys.ROUTER].upstreams.items():
+        cloud = up.cloud
         if cloud is not None and cloud.credential is not None:
             states[name] = cloud.credential.status()
     if not states:
@@ -107,8 +108,8 @@ async def clouds_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: fetch every cloud credential once (bounded), keep them fresh, stop at shutdown."""
     caches = [
         cloud.credential
-        for dep in app[keys.ROUTER].deployments.values()
-        if (cloud := dep.cloud) is not None and cloud.credential is not None
+        for up in app[keys.ROUTER].upstreams.values()
+        if (cloud := up.cloud) is not None and cloud.credential is not None
     ]
     # In parallel, each bounded: a missing credential must not hold the worker's start.
     await asyncio.gather(*(c.start(first_wait=5.0) for c in caches))

@@ -9,13 +9,15 @@ sends.  Bedrock's extra ``amazon-bedrock-invocationMetrics`` on the last
 event is removed so that the event is the Anthropic one.  An exception frame
 (throttling mid-stream, a model error) becomes the Anthropic ``error`` event:
 the answer is cut and must not look complete.  A checksum mismatch is a
-broken connection (ClientPayloadError), ended the same way.
+broken connection (ClientPayloadError, after the good frames before it),
+ended the same way.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -43,12 +45,16 @@ def _error_event(etype: str, message: str) -> bytes:
 class EventStreamToSSE:
     """Feed raw bytes as they arrive; get the SSE bytes of every frame completed."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "broken")
 
     def __init__(self) -> None:
         self._buf = EventStreamBuffer()
+        self.broken = ""  # why the stream cannot be read further (a corrupt frame)
 
     def feed(self, raw: bytes) -> bytes:
+        """The SSE of the frames completed; after a corrupt frame, the good ones before it (then ``broken``)."""
+        if self.broken:
+            return b""
         self._buf.add_data(raw)
         out: list[bytes] = []
         try:
@@ -56,8 +62,20 @@ class EventStreamToSSE:
                 out.append(self._convert(message.headers, message.payload))
         except ParserError as exc:
             # A corrupt frame: the bytes after it cannot be trusted either.
-            raise aiohttp.ClientPayloadError(f"Bedrock event stream: {type(exc).__name__}") from None
+            self.broken = f"Bedrock event stream: {type(exc).__name__}"
         return b"".join(out)
+
+    async def read_from(self, readany: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The next SSE bytes from a response's raw reads; b"" at the end; a corrupt frame is a cut connection."""
+        while True:
+            if self.broken:
+                raise aiohttp.ClientPayloadError(self.broken)
+            raw = await readany()
+            if not raw:
+                return b""
+            out = self.feed(raw)
+            if out:
+                return out
 
     @staticmethod
     def _convert(headers: dict[str, object], payload: bytes) -> bytes:

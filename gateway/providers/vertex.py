@@ -102,5 +102,5 @@ class Vertex:
         message = str(err.get("message") or "")
         return anthropic_error(client_status, etype, f"Vertex AI {gstatus}: {message}" if gstatus else message)
 
-    def stream_reader(self, resp: aiohttp.ClientResponse, headers: CIMultiDict[str]) -> Reader | None:
+    def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None:
         return None  # already Anthropic SSE

@@ -37,6 +37,9 @@ class RequestContext:
     output_tokens: int = 0
     cost_micros: int = 0
     attempts: int = 0
+    served_model: str = ""  # the model name the serving upstream received
+    retries: int = 0  # attempts repeated on the same upstream
+    hedges: int = 0  # second attempts raced against a slow first one
 
     @classmethod
     def start_now(cls) -> RequestContext:

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway import keys
+from gateway.accounting.pricing import PriceTable
 from gateway.accounting.record import UsageRecord
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
-from gateway.policy.admit import RequestFacts, Reservation, model_allowed
+from gateway.policy.admit import Admitter, RequestFacts, Reservation, model_allowed
 from gateway.policy.principals import Principal
-from gateway.providers.cloud import STREAM_TYPES
+from gateway.proxy.attempts import UpstreamRequest
 from gateway.proxy.context import RequestContext
-from gateway.proxy.forward import open_upstream
-from gateway.proxy.streaming import relay_body, relay_stream
+from gateway.proxy.failover import Failover
+from gateway.proxy.forward import upstream_headers
+from gateway.proxy.routing import Deployment
+from gateway.proxy.streaming import relay_body, relay_stream, served_headers
 
 
 def access_key(request: web.Request) -> str:
@@ -106,9 +112,12 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     principal = await authenticate(request, ctx)
     body = await read_body(request)
     doc, facts = parse_facts(body, request, ctx)
-    route, candidates = app[keys.ROUTER].candidates(facts.model, dialect)
+    router = app[keys.ROUTER]
+    plan = router.plan(facts.model, dialect)
+    candidates = router.order(plan)
+    route = plan.route
     ctx.route = route.match
-    if charge and app[keys.PRICES].refuses(facts.model):
+    if charge and app[keys.PRICES].refuses(facts.model) and all(app[keys.PRICES].refuses(d.model) for d in candidates):
         # pricing.unknown_model = "refuse": an unpriced model is as unavailable as an unrouted one.
         raise GatewayError(ErrorKind.NOT_FOUND, f"The model {facts.model!r} has no price configured on this gateway.")
     admitter = app[keys.ADMITTER]
@@ -125,31 +134,91 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     usage = Usage()
     tap: StreamTap | None = None
     status = 0
+    hedges: list[Reservation] = []
+    failover = Failover(
+        app[keys.CLIENT], ctx,
+        UpstreamRequest(request.method, _upstream_path(request, path), BodyFor(facts.model, body, doc),
+                        HeadersFor(request.headers), facts.stream),
+        candidates, plan.context, route.hedge_after_ms,
+        _hedge_reserver(admitter, principal, facts, hedges) if route.hedge_after_ms > 0 else None,
+    )
     try:
-        dep, resp = await open_upstream(
-            app[keys.CLIENT], ctx, candidates, request.method, _upstream_path(request, path),
-            request.headers, body,
-        )
-        status = resp.status
-        ctype = resp.headers.get("content-type", "")
-        if resp.status == 200 and ctype.startswith(STREAM_TYPES):
+        opened = await failover.open()
+        status = opened.status or opened.resp.status
+        if opened.streaming:
             tap = StreamTap(dialect, strip_usage=strip_usage)
-            return await relay_stream(request, dep, resp, ctx, reservation.headers, tap)
-        response, usage = await relay_body(dep, resp, ctx, reservation.headers)
+            return await relay_stream(request, opened, ctx, reservation.headers, tap)
+        response, usage = relay_body(opened, ctx, reservation.headers)
         return response
     except GatewayError as err:
         status = err.kind.status_for(dialect)
         err.headers.update(reservation.headers)
+        if ctx.attempts:
+            served_headers(err.headers, ctx)
         raise
     except BaseException:
         ctx.partial = True
         raise
     finally:
+        failover.close()
         if tap is not None:
             usage = tap.usage
             usage.output_tokens = tap.output_estimate
             ctx.partial = ctx.partial or not tap.completed
-        _finish(request, ctx, principal, facts, reservation, usage, status, charge)
+        _finish(request, ctx, principal, facts, reservation, usage, status, charge, failover.abandoned, hedges)
+
+
+def _hedge_reserver(
+    admitter: Admitter, principal: Principal, facts: RequestFacts, held: list[Reservation]
+) -> Callable[[], Awaitable[bool]]:
+    """A hedge is reserved against the limits and budgets like a request of its own (refused: no hedge)."""
+
+    async def reserve() -> bool:
+        try:
+            res = await admitter.admit(principal, dataclasses.replace(facts, request_id=facts.request_id + "-hedge"))
+        except GatewayError:
+            return False
+        held.append(res)
+        return True
+
+    return reserve
+
+
+class HeadersFor:
+    """The headers each upstream receives (built once per upstream, reused by retries)."""
+
+    __slots__ = ("_built", "_incoming")
+
+    def __init__(self, incoming: Mapping[str, str]) -> None:
+        self._incoming = incoming
+        self._built: dict[str, CIMultiDict[str]] = {}
+
+    def __call__(self, dep: Deployment) -> CIMultiDict[str]:
+        try:
+            return self._built[dep.name]
+        except KeyError:
+            headers = self._built[dep.name] = upstream_headers(self._incoming, dep)
+            return headers
+
+
+class BodyFor:
+    """The bytes each deployment receives: the client's body, with ``model`` rewritten when the
+    deployment names another model (serialised once per model, reused by retries)."""
+
+    __slots__ = ("_bodies", "_doc", "_model")
+
+    def __init__(self, model: str, body: bytes, doc: dict[str, Any]) -> None:
+        self._model = model
+        self._doc = doc
+        self._bodies = {model: body}
+
+    def __call__(self, dep: Deployment) -> bytes:
+        try:
+            return self._bodies[dep.model]
+        except KeyError:
+            body = orjson.dumps({**self._doc, "model": dep.model})
+            self._bodies[dep.model] = body
+            return body
 
 
 def _upstream_path(request: web.Request, path: str) -> str:
@@ -167,19 +236,30 @@ def _finish(
     usage: Usage,
     status: int,
     charge: bool,
+    abandoned: list[tuple[Usage, str]],
+    hedges: list[Reservation],
 ) -> None:
     """Record usage once and settle the reservation off the hot path."""
     app = request.app
     cost = 0
     priced = True
     if charge and (usage.found or usage.output_tokens):
-        price = app[keys.PRICES].lookup(facts.model)
-        if price is None:
-            priced = False
-            price = app[keys.PRICES].default
-        cost = price.cost_micros(usage) if price is not None else 0
+        cost, priced = _cost(app[keys.PRICES], usage, ctx.served_model, facts.model)
     elif not charge:
         usage = Usage()
+    if charge and abandoned:
+        # Attempts that were not relayed but reported usage (a hedge that lost, a stream
+        # dropped after its first event): the same request's record, so spend stays honest.
+        usage = Usage(usage.input_tokens, usage.output_tokens, usage.cache_write_tokens, usage.cache_read_tokens,
+                      usage.found)
+        for extra, model in abandoned:
+            extra_cost, extra_priced = _cost(app[keys.PRICES], extra, model, facts.model)
+            cost += extra_cost
+            priced = priced and extra_priced
+            usage.input_tokens += extra.input_tokens
+            usage.output_tokens += extra.output_tokens
+            usage.cache_write_tokens += extra.cache_write_tokens
+            usage.cache_read_tokens += extra.cache_read_tokens
     ctx.input_tokens = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
     ctx.output_tokens = usage.output_tokens
     ctx.cost_micros = cost
@@ -206,6 +286,7 @@ def _finish(
             ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000.0,
             gateway_ms=ctx.gateway_ms(now),
             error_kind=ctx.error_kind,
+            served_model=ctx.served_model,
             budget_keys=reservation.budget_keys,
         )
     )
@@ -213,6 +294,21 @@ def _finish(
         app[keys.TASKS].spawn(
             app[keys.ADMITTER].settle(principal, facts, reservation, usage.total_tokens, cost)
         )
+    for held in hedges:
+        # The hedge's cost is in the request's own settlement above: release its hold.
+        if held.state is not None:
+            app[keys.TASKS].spawn(app[keys.ADMITTER].settle(principal, facts, held, 0, 0))
+
+
+def _cost(prices: PriceTable, usage: Usage, served: str, public: str) -> tuple[int, bool]:
+    """Priced by the model that served it; the public name's price when it has none; else the default."""
+    price = prices.lookup(served) if served else None
+    if price is None:
+        price = prices.lookup(public)
+    if price is None:
+        price = prices.default
+        return (price.cost_micros(usage) if price is not None else 0), False
+    return price.cost_micros(usage), True
 
 
 async def messages(request: web.Request) -> web.StreamResponse:

@@ -1,10 +1,18 @@
-"""Model name -> ordered upstream deployments (weighted pick, then fallbacks)."""
+"""Public model name -> the ordered deployments that may serve it.
+
+An ``Upstream`` is one configured provider endpoint at run time (credentials,
+breaker, timeouts, its live figures); a ``Deployment`` is an upstream plus the
+model name that upstream receives.  A route's plan is, in order: its own
+deployments (ordered by the route's strategy), its ``fallbacks`` (upstreams
+given the route's model), then the routes named in ``fallback_models``.
+Plans are resolved once per public name and cached; per request only the
+strategy's ordering of the route's own deployments runs.
+"""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from yarl import URL
@@ -12,12 +20,14 @@ from yarl import URL
 from gateway.config import Config, RouteConfig, UpstreamConfig, model_matches
 from gateway.errors import ErrorKind, GatewayError
 from gateway.providers import PROVIDERS, CloudAdapter, Provider, make_cloud
+from gateway.proxy.strategies import UpstreamStats, order
 from gateway.resilience.breaker import Breaker
+from gateway.resilience.retry import Budget
 
 
 @dataclass(slots=True)
-class Deployment:
-    """One upstream at run time: its provider, credentials, breaker, timeouts."""
+class Upstream:
+    """One upstream at run time: its provider, credentials, breaker, timeouts, live figures."""
 
     name: str
     cfg: UpstreamConfig
@@ -27,8 +37,10 @@ class Deployment:
     timeout: aiohttp.ClientTimeout
     base: str
     _urls: dict[str, URL]
+    stats: UpstreamStats = field(default_factory=UpstreamStats)
+    retry_budget: Budget = field(default_factory=Budget)  # extra attempts on this upstream (per worker)
+    hedge_budget: Budget = field(default_factory=Budget)  # hedges sent to this upstream (per worker)
     cloud: CloudAdapter | None = None  # cloud kinds: URL, credentials, signing, stream framing
-
 
     def url(self, path_qs: str) -> URL:
         # URL objects are cached: parsing one costs more than the lookup.
@@ -40,15 +52,64 @@ class Deployment:
         return u
 
 
-def build_deployments(cfg: Config, previous: dict[str, Deployment] | None = None) -> dict[str, Deployment]:
-    out: dict[str, Deployment] = {}
+@dataclass(frozen=True, slots=True, eq=False)
+class Deployment:
+    """An upstream and the model name it receives: one thing an attempt can be sent to."""
+
+    upstream: Upstream
+    model: str  # what the upstream receives as the body's "model"
+    weight: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.upstream.name
+
+    @property
+    def kind(self) -> str:
+        """The provider kind (config ``provider``)."""
+        return self.upstream.cfg.provider
+
+    @property
+    def provider(self) -> Provider:
+        return self.upstream.provider
+
+    @property
+    def dialect(self) -> str:
+        """The API format the upstream speaks: "anthropic" | "openai"."""
+        return self.upstream.provider.name
+
+    @property
+    def breaker(self) -> Breaker:
+        return self.upstream.breaker
+
+    @property
+    def cfg(self) -> UpstreamConfig:
+        return self.upstream.cfg
+
+    @property
+    def auth_value(self) -> str:
+        return self.upstream.auth_value
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a public model name resolves to (one dialect's view of it)."""
+
+    route: RouteConfig
+    primary: tuple[Deployment, ...]  # the route's own deployments, ordered per request by its strategy
+    rest: tuple[Deployment, ...]  # fallbacks, then fallback_models' plans, in that order
+    context: tuple[Deployment, ...]  # context_fallback_models' plans (a context-length 400 only)
+
+
+def build_upstreams(cfg: Config, previous: dict[str, Upstream] | None = None) -> dict[str, Upstream]:
+    out: dict[str, Upstream] = {}
     for name, up in cfg.upstreams.items():
         old = (previous or {}).get(name)
         # Keep the breaker's state across a reload when the upstream is unchanged.
         breaker = old.breaker if old is not None and old.cfg == up else Breaker(up.breaker)
         key = cfg.env(up.api_key_env)
         provider = PROVIDERS[up.provider]
-        out[name] = Deployment(
+        out[name] = Upstream(
             name=name,
             cfg=up,
             provider=provider,
@@ -67,8 +128,8 @@ def build_deployments(cfg: Config, previous: dict[str, Deployment] | None = None
 
 
 class Router:
-    def __init__(self, cfg: Config, deployments: dict[str, Deployment]) -> None:
-        self.deployments = deployments
+    def __init__(self, cfg: Config, upstreams: dict[str, Upstream]) -> None:
+        self.upstreams = upstreams
         self._exact: dict[str, RouteConfig] = {}
         self._globs: list[RouteConfig] = []
         for route in cfg.routes:
@@ -77,6 +138,7 @@ class Router:
             else:
                 self._exact.setdefault(route.match, route)
         self._match_cache: dict[str, RouteConfig | None] = {}
+        self._plans: dict[tuple[str, str], Plan | None] = {}
 
     def match(self, model: str) -> RouteConfig | None:
         try:
@@ -90,45 +152,82 @@ class Router:
             self._match_cache[model] = route
         return route
 
+    def plan(self, model: str, dialect: str) -> Plan:
+        """The cached plan for a public name in one dialect; raises the 404s."""
+        key = (model, dialect)
+        try:
+            plan = self._plans[key]
+        except KeyError:
+            plan = self._resolve(model, dialect)
+            if len(self._plans) < 10_000:
+                self._plans[key] = plan
+        if plan is None:
+            raise GatewayError(ErrorKind.NOT_FOUND, f"model: no route for model '{model}'.")
+        if not plan.primary and not plan.rest:
+            raise GatewayError(ErrorKind.NOT_FOUND, f"model: '{model}' is not served in this API's format here.")
+        return plan
+
     def candidates(self, model: str, dialect: str) -> tuple[RouteConfig, list[Deployment]]:
         """Deployments to try, in order; only those speaking the path's dialect."""
+        plan = self.plan(model, dialect)
+        return plan.route, self.order(plan)
+
+    @staticmethod
+    def order(plan: Plan) -> list[Deployment]:
+        """This request's order: the route's own deployments by its strategy, then the rest as planned."""
+        ordered = order(plan.route.strategy, plan.primary) if len(plan.primary) > 1 else list(plan.primary)
+        ordered.extend(plan.rest)
+        return ordered
+
+    # -- resolution (once per public name) ---------------------------------
+
+    def _resolve(self, model: str, dialect: str) -> Plan | None:
         route = self.match(model)
         if route is None:
-            raise GatewayError(ErrorKind.NOT_FOUND, f"model: no route for model '{model}'.")
-        primary = [
-            (self.deployments[d.upstream], d.weight)
-            for d in route.deployments
-            if self.deployments[d.upstream].provider.name == dialect
-        ]
-        ordered: list[Deployment] = []
-        if len(primary) == 1:
-            ordered.append(primary[0][0])
-        elif primary:
-            # Weighted order without replacement: the first pick is weighted,
-            # the rest follow as later choices.
-            pool = list(primary)
-            while pool:
-                total = sum(w for _, w in pool)
-                r = random.random() * total
-                for i, (dep, w) in enumerate(pool):
-                    r -= w
-                    if r < 0:
-                        ordered.append(dep)
-                        pool.pop(i)
-                        break
-                else:  # pragma: no cover - float edge
-                    ordered.append(pool.pop()[0])
+            return None
+        primary = [d for d in self._own(route, model) if d.dialect == dialect]
+        rest: list[Deployment] = []
+        seen = {(d.name, d.model) for d in primary}
+
+        def add(deps: Iterable[Deployment], into: list[Deployment], seen: set[tuple[str, str]]) -> None:
+            for d in deps:
+                if d.dialect == dialect and (d.name, d.model) not in seen:
+                    seen.add((d.name, d.model))
+                    into.append(d)
+
+        add(self._fallbacks(route, model), rest, seen)
+        visited = {id(route)}
+        for name in route.fallback_models:
+            add(self._chain(name, visited), rest, seen)
+        context: list[Deployment] = []
+        context_seen: set[tuple[str, str]] = set()
+        visited = {id(route)}
+        for name in route.context_fallback_models:
+            add(self._chain(name, visited), context, context_seen)
+        return Plan(route, tuple(primary), tuple(rest), tuple(context))
+
+    def _own(self, route: RouteConfig, model: str) -> list[Deployment]:
+        return [Deployment(self.upstreams[d.upstream], d.model or model, d.weight) for d in route.deployments]
+
+    def _fallbacks(self, route: RouteConfig, model: str) -> list[Deployment]:
+        """Fallback upstreams get the model of the route's first deployment of the same provider kind."""
+        out = []
         for name in route.fallbacks:
-            dep = self.deployments[name]
-            # Identity, not ==: dataclass equality would compare every field.
-            if dep.provider.name == dialect and all(dep is not o for o in ordered):
-                ordered.append(dep)
-        if not ordered:
-            raise GatewayError(
-                ErrorKind.NOT_FOUND,
-                f"model: '{model}' is not served in this API's format here.",
-            )
-        return route, ordered
+            up = self.upstreams[name]
+            same = next((d for d in route.deployments if self.upstreams[d.upstream].cfg.provider == up.cfg.provider), None)
+            out.append(Deployment(up, (same.model if same is not None and same.model else model)))
+        return out
+
+    def _chain(self, name: str, visited: set[int]) -> list[Deployment]:
+        """A fallback route's whole plan (its deployments, fallbacks, its own fallback_models)."""
+        route = self.match(name)
+        if route is None or id(route) in visited:
+            return []
+        visited.add(id(route))
+        out = self._own(route, name) + self._fallbacks(route, name)
+        for nxt in route.fallback_models:
+            out.extend(self._chain(nxt, visited))
+        return out
 
     def listed_models(self, known: Iterable[str] = ()) -> list[str]:
         """Exact route names, plus known model names (the price table's) that a route serves."""

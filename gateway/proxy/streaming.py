@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -16,9 +17,10 @@ from multidict import CIMultiDict
 
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage, from_body
-from gateway.errors import ErrorKind, GatewayError, stream_error_event
+from gateway.errors import ErrorKind, stream_error_event
 from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
 from gateway.providers.cloud import Reader
+from gateway.proxy.attempts import Opened
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
@@ -41,43 +43,25 @@ def client_headers(dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestCo
             continue
         out.add(name, value)
     out["x-request-id"] = ctx.request_id
+    served_headers(out, ctx)
     return out
 
 
-async def relay_body(
-    dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestContext, extra: dict[str, str]
-) -> tuple[web.Response, Usage]:
-    t0 = time.perf_counter()
-    try:
-        if resp.content.is_eof():
-            body = await resp.read()  # it came with the headers (the usual case): no timer needed
-        else:
-            # The idle bound stops a stalled upstream from holding the request until total_timeout.
-            async with asyncio.timeout(dep.cfg.idle_timeout):
-                body = await resp.read()
-    except TimeoutError:
-        resp.close()
-        dep.breaker.record_failure()
-        raise GatewayError(ErrorKind.UPSTREAM_TIMEOUT, "The upstream stalled while sending its answer.") from None
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
-        resp.close()
-        dep.breaker.record_failure()
-        raise GatewayError(
-            ErrorKind.UPSTREAM_ERROR, "The upstream connection failed while sending its answer."
-        ) from None
-    except asyncio.CancelledError:
-        resp.close()
-        dep.breaker.release_probe()  # no verdict: a half-open probe must not stay taken
-        raise
-    finally:
-        ctx.upstream_s += time.perf_counter() - t0
-        resp.release()
-    status = resp.status
-    if status < 400:
-        dep.breaker.record_success()
-    elif dep.cloud is not None:
-        status, body = dep.cloud.error_body(status, resp.headers, body)  # into the provider's dialect
-    usage = from_body(dep.provider.name, body) if status < 400 else Usage()
+def served_headers(out: CIMultiDict[str] | dict[str, str], ctx: RequestContext) -> None:
+    """Tell the client what served it: the upstream, its model name, the attempts made."""
+    out["x-gateway-upstream"] = ctx.upstream
+    model = ctx.served_model
+    # The client's own model name when no mapping applies: never let it break a header.
+    out["x-gateway-model"] = model if model.isascii() and model.isprintable() else quote(model, safe="")
+    out["x-gateway-attempts"] = str(ctx.attempts)
+
+
+def relay_body(opened: Opened, ctx: RequestContext, extra: dict[str, str]) -> tuple[web.Response, Usage]:
+    """A whole answer (read in full by its attempt): success, or an upstream error passed on as it is."""
+    dep, resp = opened.dep, opened.resp
+    body = opened.body or b""
+    status = opened.status or resp.status
+    usage = from_body(dep.dialect, body) if status < 400 else Usage()
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
     headers["server-timing"] = ctx.server_timing()
@@ -86,21 +70,19 @@ async def relay_body(
 
 async def relay_stream(
     request: web.Request,
-    dep: Deployment,
-    resp: aiohttp.ClientResponse,
+    opened: Opened,
     ctx: RequestContext,
     extra: dict[str, str],
     tap: StreamTap,
 ) -> web.StreamResponse:
-    """Relay SSE; the tap's usage is read by the caller, also when this raises."""
+    """Relay SSE, the bytes read ahead first; the tap's usage is read by the caller, also when this raises."""
+    dep, resp = opened.dep, opened.resp
     ctx.streamed = True
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
     headers["server-timing"] = ctx.server_timing()
-    read: Reader = resp.content.readany
-    if dep.cloud is not None:
-        # A cloud that frames its stream otherwise (Bedrock's event stream) hands out SSE bytes.
-        read = dep.cloud.stream_reader(resp, headers) or read
+    if opened.read is not None:
+        headers["content-type"] = "text/event-stream; charset=utf-8"  # a cloud's stream, turned into SSE
     out = web.StreamResponse(status=resp.status, headers=headers)
     if dep.breaker.state is State.HALF_OPEN:
         # The probe answered: a long stream must not hold the circuit half-open.
@@ -113,6 +95,7 @@ async def relay_stream(
     dialect = dep.provider.name
     loop = asyncio.get_running_loop()
     idle = dep.cfg.idle_timeout
+    read: Reader = opened.read or resp.content.readany
     failure: tuple[ErrorKind, str] | None = None
     # Re-arming the idle timer costs a timer cancel + insert (~3 us): do it at
     # most every `slack` seconds, not per chunk.  The deadline is always
@@ -123,13 +106,20 @@ async def relay_stream(
     # the client must not get half a line glued to our error event.
     pending = b""
     last = b""  # the last bytes written: is the client at an event boundary?
+    ended = False  # the upstream ended the body cleanly (EOF)
+    ahead = opened.ahead  # read before the commit: goes first, through the same tap
     try:
         async with asyncio.timeout(idle + slack) as deadline:
             while True:
-                t0 = time.perf_counter()
-                chunk = await read()
-                ctx.upstream_s += time.perf_counter() - t0
+                if ahead:
+                    chunk = ahead
+                    ahead = b""
+                else:
+                    t0 = time.perf_counter()
+                    chunk = await read()
+                    ctx.upstream_s += time.perf_counter() - t0
                 if not chunk:
+                    ended = True
                     break
                 if ctx.ttft_s is None:
                     ctx.ttft_s = time.perf_counter() - ctx.start
@@ -158,9 +148,9 @@ async def relay_stream(
             raise
         failure = (ErrorKind.UPSTREAM_ERROR, "The upstream connection failed mid-stream; the answer is incomplete.")
     finally:
-        resp.release() if failure is None and tap.completed else resp.close()
+        resp.release() if ended else resp.close()
     rest = tap.flush()
-    if failure is None and not tap.completed and not tap.errored:
+    if failure is None and not tap.end_clean() and not tap.errored:
         failure = (ErrorKind.UPSTREAM_ERROR, "The upstream ended the stream early; the answer is incomplete.")
     if failure is not None:
         ctx.partial = True

@@ -1,0 +1,179 @@
+"""One attempt: a request to one deployment, taken as far as it can go before the commit.
+
+Nothing of an attempt reaches the client until it is chosen: a whole answer
+(JSON body, or an error status) is read in full, a stream is read ahead
+until its first content event (``readahead.py``).  An attempt that fails on
+the way raises ``AttemptFailed`` with the classifier's ``Failure``; a
+cancelled one (a hedge that lost, a client that left) closes its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict
+
+from gateway.accounting.sse import StreamTap
+from gateway.accounting.usage import Usage
+from gateway.errors import GatewayError
+from gateway.providers.cloud import STREAM_TYPES, Reader
+from gateway.proxy.failures import (
+    Failure,
+    Verdict,
+    connection_failure,
+    cut_failure,
+    is_context_length,
+    status_failure,
+    timeout_failure,
+)
+from gateway.proxy.readahead import FirstContent, Seen
+from gateway.proxy.routing import Deployment
+from gateway.resilience.retry import retry_after
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """What every attempt of one client request sends (per deployment: its body and headers)."""
+
+    method: str
+    path_qs: str
+    body_for: Callable[[Deployment], bytes]
+    headers_for: Callable[[Deployment], CIMultiDict[str]]
+    stream: bool  # the client asked for a stream: read ahead to the first content event
+
+
+@dataclass(slots=True, eq=False)
+class Opened:
+    """An attempt ready to be relayed: a whole answer (``body``) or a stream with its first events read."""
+
+    dep: Deployment
+    resp: aiohttp.ClientResponse
+    body: bytes | None  # a whole answer, read in full; None for a stream
+    ahead: bytes  # a stream's bytes read before the commit: relayed first, byte for byte
+    ttft_s: float | None  # attempt start -> first content event (streams)
+    lane: int = 1  # hedging: 1 = the first lane, 2 = the hedge
+    status: int = 0  # the status to relay when it is not the upstream's (a cloud's error mapped to the dialect)
+    read: Reader | None = None  # a cloud's reader of SSE bytes (Bedrock's event stream); None: the body as is
+
+    @property
+    def streaming(self) -> bool:
+        return self.body is None
+
+
+class AttemptFailed(Exception):
+    def __init__(self, failure: Failure, answer: Opened | None = None) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        self.answer = answer  # the upstream's error answer (read in full), relayable as the final one
+
+
+class Attempt:
+    __slots__ = ("ahead", "dep", "resp", "t0")
+
+    def __init__(self, dep: Deployment) -> None:
+        self.dep = dep
+        self.resp: aiohttp.ClientResponse | None = None
+        self.ahead: list[bytes] = []
+        self.t0 = time.perf_counter()
+
+    async def open(self, session: aiohttp.ClientSession, req: UpstreamRequest) -> Opened:
+        """Send the request; return what can be relayed, or raise AttemptFailed.  Closes on any failure."""
+        dep = self.dep
+        cfg = dep.cfg
+        cloud = dep.upstream.cloud
+        url, data, headers = dep.upstream.url(req.path_qs), req.body_for(dep), req.headers_for(dep)
+        if cloud is not None:
+            # The cloud kind's URL, body and auth (signed over the final bytes, after the header filter).
+            try:
+                url, data = await cloud.prepare(req.path_qs, data, headers)
+            except GatewayError as err:  # no credential, or a path this cloud does not serve: the next one may
+                raise AttemptFailed(Failure(Verdict.THROTTLED, err.kind, err.message, retry_same=False)) from None
+        done = False
+        try:
+            try:
+                async with asyncio.timeout(cfg.first_byte_timeout):
+                    self.resp = resp = await session.request(
+                        req.method, url, data=data,
+                        headers=headers, timeout=dep.upstream.timeout, allow_redirects=False,
+                    )
+            except TimeoutError:
+                raise AttemptFailed(timeout_failure(dep.name, "no response within first_byte_timeout")) from None
+            except (aiohttp.ClientError, OSError):
+                raise AttemptFailed(connection_failure(dep.name)) from None
+            if resp.status == 200 and req.stream and resp.headers.get("content-type", "").startswith(STREAM_TYPES):
+                opened = await self._read_ahead(resp)
+            else:
+                opened = await self._read_whole(resp)
+            done = True
+            return opened
+        finally:
+            if not done and self.resp is not None:
+                self.resp.close()
+
+    async def _read_whole(self, resp: aiohttp.ClientResponse) -> Opened:
+        dep = self.dep
+        try:
+            if resp.content.is_eof():
+                body = await resp.read()  # it came with the headers (the usual case): no timer needed
+            else:
+                # The idle bound stops a stalled upstream from holding the request until total_timeout.
+                async with asyncio.timeout(dep.cfg.idle_timeout):
+                    body = await resp.read()
+        except TimeoutError:
+            raise AttemptFailed(timeout_failure(dep.name, "stalled while sending its answer")) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
+            raise AttemptFailed(cut_failure(dep.name, "failed while sending its answer")) from None
+        answer = Opened(dep, resp, body, b"", None)
+        status = resp.status
+        cloud = dep.upstream.cloud
+        if status >= 400 and cloud is not None:
+            # Classified as the cloud means it (an AWS access error is the gateway's 401), relayed in the dialect.
+            status = cloud.upstream_status(status, resp.headers)
+            answer.status, answer.body = cloud.error_body(resp.status, resp.headers, body)
+        if status >= 400:
+            failure = status_failure(status, dep.name, retry_after(resp.headers))
+            if failure.verdict is Verdict.CALLER and is_context_length(resp.status, body):
+                failure.verdict = Verdict.CONTEXT
+            raise AttemptFailed(failure, answer if failure.relayable else None)
+        return answer
+
+    async def _read_ahead(self, resp: aiohttp.ClientResponse) -> Opened:
+        dep = self.dep
+        scan = FirstContent(dep.dialect)
+        cloud = dep.upstream.cloud
+        reader = cloud.stream_reader(resp) if cloud is not None else None
+        read = reader or resp.content.readany
+        left = dep.cfg.ttft_timeout - (time.perf_counter() - self.t0)
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                while True:
+                    chunk = await read()
+                    if not chunk:
+                        raise AttemptFailed(cut_failure(dep.name, "ended its stream before any content"))
+                    self.ahead.append(chunk)
+                    seen = scan.feed(chunk)
+                    if seen is Seen.CONTENT or seen is Seen.END:
+                        break
+                    if seen is Seen.ERROR:
+                        raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
+        except TimeoutError:
+            raise AttemptFailed(timeout_failure(dep.name, "no first token within ttft_timeout")) from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
+            raise AttemptFailed(cut_failure(dep.name, "cut its stream before any content")) from None
+        ahead = self.ahead[0] if len(self.ahead) == 1 else b"".join(self.ahead)
+        return Opened(dep, resp, None, ahead, time.perf_counter() - self.t0, read=reader)
+
+    def reported_usage(self) -> Usage | None:
+        """Usage an abandoned stream reported before it was dropped (e.g. message_start's input tokens)."""
+        if not self.ahead:
+            return None
+        tap = StreamTap(self.dep.dialect)
+        tap.feed(b"".join(self.ahead))
+        tap.flush()
+        usage = tap.usage
+        return usage if usage.found else None
+
