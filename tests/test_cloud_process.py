@@ -100,7 +100,7 @@ deployments = [{{ upstream = "azure", model = "gpt-4o" }}]
     assert 9 <= log.count('"request"')
     secrets = [AWS_SECRET, AWS_TOKEN, afake.api_key, *vfake.issued_tokens]
     private_key = Path(creds).read_text()
-    secrets += [line for line in private_key.split("\\n")[1:4]]  # lines of the PEM body
+    secrets += private_key.split("\\n")[1:4]  # lines of the PEM body
     assert secrets and all(len(x) > 10 for x in secrets)
     for secret in secrets:
         assert secret not in log
