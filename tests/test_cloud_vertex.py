@@ -178,3 +178,32 @@ async def test_a_key_the_token_endpoint_rejects_is_reported(sdk: Any, make_gatew
     assert ["assertion: InvalidSignatureError"] == fake.refused
     with pytest.raises(anthropic.InternalServerError):
         await sdk.claude(gw).messages.create(model=MODEL, max_tokens=5, messages=MESSAGES)
+
+
+async def test_a_revoked_token_is_replaced_after_the_first_refusal(sdk: Any, make_gateway: Any, vertex: Any) -> None:
+    """Vertex stops accepting the token before its expiry: that request gets the gateway's 502 (never
+    Google's 401), a new token is fetched in the background, and the next requests use it.  Further
+    refusals within 30 s fetch nothing more."""
+    fake, url, creds = vertex
+    gw = await make_gateway(cloud_toml(vertex_upstream(url, creds), ROUTE))
+    await sdk.claude(gw).messages.create(model=MODEL, max_tokens=5, messages=MESSAGES)
+    fake.tokens.clear()  # revoked
+    r = await gw.post("/v1/messages", headers=AV, json={"model": MODEL, "max_tokens": 5, "messages": MESSAGES})
+    assert 502 == r.status
+    deadline = time.monotonic() + 10
+    while fake.token_requests < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert 2 == fake.token_requests
+    deadline = time.monotonic() + 10
+    while True:  # the new token is handed over once its fetch completes
+        r = await gw.post("/v1/messages", headers=AV, json={"model": MODEL, "max_tokens": 5, "messages": MESSAGES})
+        await r.read()
+        if r.status == 200 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert 200 == r.status
+    fake.tokens.clear()
+    for _ in range(3):
+        r = await gw.post("/v1/messages", headers=AV, json={"model": MODEL, "max_tokens": 5, "messages": MESSAGES})
+        assert 502 == r.status
+    assert 2 == fake.token_requests

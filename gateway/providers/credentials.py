@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from gateway.tasks import stop
 
 T = TypeVar("T")
+REFUSED_EVERY_S = 30.0
 
 
 class CredentialError(Exception):
@@ -66,6 +67,7 @@ class CredentialCache(Generic[T]):
         self._failed_at: float | None = None  # monotonic time of the last failed fetch
         self._failures = 0
         self.fetches = 0  # successful fetches (the first one and refreshes)
+        self._refused_at = -1e9  # monotonic time of the last refusal that started a fetch
         self._inflight: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -111,6 +113,17 @@ class CredentialCache(Generic[T]):
             self.fetches += 1
         finally:
             self._inflight = None
+
+    def refused(self) -> None:
+        """The service refused the credential (revoked early?): fetch a new one now, in the background.
+
+        Requests keep the current one meanwhile; at most one such fetch per ``REFUSED_EVERY_S``, so a
+        storm of refusals never becomes a storm of fetches.
+        """
+        now = time.monotonic()
+        if self._inflight is None and now - self._refused_at > REFUSED_EVERY_S:
+            self._refused_at = now
+            self._refresh()
 
     def _fail(self, reason: str) -> None:
         self._reason = reason

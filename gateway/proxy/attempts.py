@@ -134,6 +134,8 @@ class Attempt:
             # Classified as the cloud means it (an AWS access error is the gateway's 401), relayed in the dialect.
             status = cloud.upstream_status(status, resp.headers)
             answer.status, answer.body = cloud.error_body(resp.status, resp.headers, body)
+            if status == 401 and cloud.credential is not None:
+                cloud.credential.refused()  # a token revoked before its expiry: get a new one
         if status >= 400:
             failure = status_failure(status, dep.name, retry_after(resp.headers))
             if failure.verdict is Verdict.CALLER and is_context_length(resp.status, body):
