@@ -130,6 +130,8 @@ def make_middleware(
                     upstream=ctx.upstream,
                     served_model=ctx.served_model,
                     attempts=ctx.attempts,
+                    retries=ctx.retries,
+                    hedges=ctx.hedges,
                     status=status,
                     error=ctx.error_kind or ("client_closed" if status == CLIENT_CLOSED else None),
                     streamed=ctx.streamed,

@@ -68,7 +68,7 @@ async def test_circuit_state_gauge_follows_the_breaker(make_gateway: Any, mock_u
         [upstreams.mock-anthropic.breaker]
         failure_threshold = 2
         cooldown_seconds = 60
-    """))
+    """).replace("idle_timeout = 2\n", "idle_timeout = 2\nretries = 0\n"))  # the breaker alone, no retries
     for _ in range(2):
         await gw.post("/v1/messages", json=BODY, headers={**ANTHROPIC_HEADERS, "x-mock-status": "500"})
     text = await (await gw.get("/metrics")).text()

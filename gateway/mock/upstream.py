@@ -21,6 +21,22 @@ whole server by its config:
 - ``x-mock-no-done``: end a stream without its terminal event (OpenAI's
   ``data: [DONE]``, Anthropic's ``message_stop``), closing cleanly
 
+- ``x-mock-retry-after`` / ``x-mock-retry-after-ms``: sent with an error status
+- ``x-mock-error: context_length | content_filter``: with status 400, the
+  provider's context-length or content-filter error body
+- ``x-mock-reset``: reset the connection before answering
+- ``x-mock-first-delta-ms``: send a stream's opening events (headers,
+  ``message_start``, the role chunk, pings) at once, then wait this long
+  before the first content event
+
+Faults per server (several mocks in one test, each failing its own way):
+``POST /_mock/faults`` with ``{"steps": [{switch: value, ...}, ...],
+"then": {...}, "cycle": false}``: each data-plane request takes the next
+step's switches (header names as above, e.g. ``{"x-mock-status": "503"}``;
+``{}`` is a normal answer), then ``then`` for every later request (or the
+steps again with ``"cycle": true``: a flapping upstream).  ``DELETE
+/_mock/faults`` clears them.  A step overrides the request's own headers.
+
 ``/_mock/status/{code}/...`` always answers ``code`` in the provider's shape
 (point a deployment's base_url there to make it fail).  ``GET /_mock/requests`` returns the last requests seen (path, headers, body)
 and ``GET /_mock/stats`` the counters; ``POST /_mock/reset`` clears both.
@@ -41,14 +57,25 @@ from aiohttp import web
 from gateway.config import MockUpstreamConfig
 
 STATS: web.AppKey[dict[str, int]] = web.AppKey("mock_stats")
+FAULTS: web.AppKey[dict[str, Any]] = web.AppKey("mock_faults")
+STEP: web.RequestKey[dict[str, Any]] = web.RequestKey("mock_step")
 SEEN: web.AppKey[collections.deque[dict[str, Any]]] = web.AppKey("mock_seen")
 CFG: web.AppKey[MockUpstreamConfig] = web.AppKey("mock_cfg")
 
 WORD = "lorem "
 
 
+def _sw(request: web.Request, name: str) -> str | None:
+    """A switch: the server's current fault step first, then the request's header."""
+    step = request.get(STEP)
+    if step is not None and name in step:
+        v = step[name]
+        return None if v is None else str(v)
+    return request.headers.get(name)
+
+
 def _num(request: web.Request, name: str, default: float) -> float:
-    v = request.headers.get(name)
+    v = _sw(request, name)
     if v is None:
         return default
     try:
@@ -62,27 +89,52 @@ async def _sleep_ms(ms: float) -> None:
         await asyncio.sleep(ms / 1000.0)
 
 
-def _error(dialect: str, status: int) -> web.Response:
+# 400 bodies as the providers send them for a prompt over the context window / a content filter.
+_KIND_400 = {
+    ("anthropic", "context_length"): ("invalid_request_error", "prompt is too long: 250123 tokens > 200000 maximum", None),
+    ("openai", "context_length"): (
+        "invalid_request_error",
+        "This model's maximum context length is 128000 tokens. However, your messages resulted in 250123 tokens.",
+        "context_length_exceeded",
+    ),
+    ("anthropic", "content_filter"): ("invalid_request_error", "Output blocked by content filtering policy", None),
+    ("openai", "content_filter"): (
+        "invalid_request_error", "The response was filtered due to the prompt triggering the content management policy.",
+        "content_filter",
+    ),
+}
+
+
+def _error(dialect: str, status: int, request: web.Request | None = None) -> web.Response:
+    kind = _sw(request, "x-mock-error") if request is not None else None
+    special = _KIND_400.get((dialect, kind or "")) if status == 400 else None
     if dialect == "anthropic":
         etype = {429: "rate_limit_error", 529: "overloaded_error", 400: "invalid_request_error"}.get(status, "api_error")
-        body = {"type": "error", "error": {"type": etype, "message": f"mock error {status}"}}
+        msg = special[1] if special else f"mock error {status}"
+        body: dict[str, Any] = {"type": "error", "error": {"type": etype, "message": msg}}
         headers = {"request-id": "req_mock_error"}
     else:
-        body = {"error": {"message": f"mock error {status}", "type": "server_error", "param": None, "code": None}}
+        etype, msg, code = special if special else ("server_error", f"mock error {status}", None)
+        body = {"error": {"message": msg, "type": etype, "param": "messages" if special else None, "code": code}}
         headers = {"x-request-id": "req_mock_error"}
     if status == 429:
         headers["retry-after"] = "1"
+    if request is not None:
+        for name in ("retry-after", "retry-after-ms"):
+            v = _sw(request, "x-mock-" + name)
+            if v is not None:
+                headers[name] = v
     return web.json_response(body, status=status, headers=headers, dumps=lambda o: orjson.dumps(o).decode())
 
 
 async def _body(request: web.Request, payload: bytes, headers: dict[str, str]) -> web.StreamResponse:
     """A JSON answer; with ``x-mock-drop-after`` the connection dies half-way through it,
     with ``x-mock-stall-after`` it stops sending half-way (and keeps the connection)."""
-    stall = "x-mock-stall-after" in request.headers
-    if "x-mock-gzip" in request.headers:  # a provider that compresses whatever was asked
+    stall = _sw(request, "x-mock-stall-after") is not None
+    if _sw(request, "x-mock-gzip") is not None:  # a provider that compresses whatever was asked
         payload = gzip.compress(payload)
         headers = {**headers, "content-encoding": "gzip"}
-    if not stall and "x-mock-drop-after" not in request.headers:
+    if not stall and _sw(request, "x-mock-drop-after") is None:
         return web.Response(body=payload, content_type="application/json", headers=headers)
     resp = web.StreamResponse(headers={"content-type": "application/json", **headers})
     resp.content_length = len(payload)
@@ -108,6 +160,10 @@ async def _common(request: web.Request, dialect: str) -> tuple[dict[str, Any], w
         body = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
         body = {}
+    step = _next_step(request.app)
+    if step is not None:
+        request[STEP] = step
+        stats["fault_steps"] += 1
     seen = request.app[SEEN]
     seen.append({"path": request.path_qs, "headers": {str(k).lower(): v for k, v in request.headers.items()}, "body": body, "ts": time.time()})
     cfg = request.app[CFG]
@@ -116,9 +172,15 @@ async def _common(request: web.Request, dialect: str) -> tuple[dict[str, Any], w
     except asyncio.CancelledError:
         stats["requests_cancelled"] += 1  # the caller went away before the answer
         raise
+    if _sw(request, "x-mock-reset") is not None:
+        stats["resets"] += 1
+        if request.transport is not None:
+            request.transport.abort()
+        return body, web.Response(status=500)  # never reaches the (reset) client
     status = int(_num(request, "x-mock-status", 0))
     if status:
-        return body, _error(dialect, status)
+        stats[f"answered_{status}"] += 1
+        return body, _error(dialect, status, request)
     if not isinstance(body, dict) or not body.get("model"):
         return body, _error(dialect, 400)
     return body, None
@@ -186,7 +248,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         ),
         ("message_stop", {"type": "message_stop"}),
     ]
-    if "x-mock-no-done" in request.headers:
+    if _sw(request, "x-mock-no-done") is not None:
         tail.pop()
     encoded = [b"event: " + e.encode() + b"\ndata: " + orjson.dumps(d) + b"\n\n" for e, d in events + deltas + tail]
     return await _stream(request, encoded, first_delta=len(events), headers={"request-id": "req_mock_" + msg_id})
@@ -248,7 +310,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     encoded.append(chunk({}, "stop"))
     if include:
         encoded.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
-    if "x-mock-no-done" not in request.headers:
+    if _sw(request, "x-mock-no-done") is None:
         encoded.append(b"data: [DONE]\n\n")
     return await _stream(request, encoded, first_delta=1, headers={"x-request-id": "req_mock_" + cid})
 
@@ -298,6 +360,7 @@ async def _stream(
     drop_after = int(_num(request, "x-mock-drop-after", -1))
     stall_after = int(_num(request, "x-mock-stall-after", -1))
     error_after = int(_num(request, "x-mock-error-after", -1))
+    delta_wait = _num(request, "x-mock-first-delta-ms", 0)
     # -1 disables a switch; event i is content event i - first_delta.
     drop_at = first_delta + drop_after if drop_after >= 0 else -1
     stall_at = first_delta + stall_after if stall_after >= 0 else -1
@@ -309,13 +372,19 @@ async def _stream(
     stats["streams_started"] += 1
     try:
         await _sleep_ms(ttft)
+        if delta_wait > 0:
+            await resp.write(b"".join(events[:first_delta]))  # the opening events at once
+            events = events[first_delta:]
+            drop_at, stall_at, error_at = (x - first_delta if x >= 0 else x for x in (drop_at, stall_at, error_at))
+            first_delta = 0
+            await _sleep_ms(delta_wait)
         if gap <= 0 and drop_after < 0 and stall_after < 0 and error_after < 0:
             await resp.write(b"".join(events))
         else:
             for i, ev in enumerate(events):
                 if i == drop_at:
                     stats["streams_dropped"] += 1
-                    if "x-mock-drop-mid-event" in request.headers:
+                    if _sw(request, "x-mock-drop-mid-event") is not None:
                         await resp.write(ev[: len(ev) // 2])  # cut inside the event's data line
                     if request.transport is not None:
                         request.transport.abort()
@@ -350,6 +419,34 @@ async def fixed_status(request: web.Request) -> web.Response:
 
 
 
+def _next_step(app: web.Application) -> dict[str, Any] | None:
+    faults = app[FAULTS]
+    steps: list[dict[str, Any]] = faults.get("steps") or []
+    i = faults.get("i", 0)
+    if i < len(steps):
+        faults["i"] = i + 1
+        if faults.get("cycle") and i + 1 == len(steps):
+            faults["i"] = 0
+        step: dict[str, Any] = steps[i]
+        return step
+    then = faults.get("then")
+    return then if isinstance(then, dict) else None
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    """``POST /_mock/faults``: switches for the next requests (see the module doc)."""
+    doc = orjson.loads(await request.read() or b"{}")
+    request.app[FAULTS].clear()
+    request.app[FAULTS].update({"steps": list(doc.get("steps") or []), "then": doc.get("then"),
+                                "cycle": bool(doc.get("cycle")), "i": 0})
+    return web.Response(status=204)
+
+
+async def clear_faults(request: web.Request) -> web.Response:
+    request.app[FAULTS].clear()
+    return web.Response(status=204)
+
+
 async def seen(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(list(request.app[SEEN].copy())), content_type="application/json")
 
@@ -368,6 +465,7 @@ def create_mock_app(cfg: MockUpstreamConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[CFG] = cfg or MockUpstreamConfig()
     app[STATS] = collections.defaultdict(int)
+    app[FAULTS] = {}
     app[SEEN] = collections.deque(maxlen=200)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
@@ -378,6 +476,8 @@ def create_mock_app(cfg: MockUpstreamConfig | None = None) -> web.Application:
     app.router.add_get("/_mock/requests", seen)
     app.router.add_get("/_mock/stats", stats)
     app.router.add_post("/_mock/reset", reset)
+    app.router.add_post("/_mock/faults", set_faults)
+    app.router.add_delete("/_mock/faults", clear_faults)
     return app
 
 

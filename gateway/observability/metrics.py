@@ -222,6 +222,11 @@ class Metrics:
             ["event"], registry=reg,
         )
         self._usage_seen: dict[str, int] = {}
+        self.upstream_events = Counter(
+            "gateway_upstream_events", "Per upstream: attempts, retries, hedges, wins (requests served), hedge_wins, "
+            "and extra attempts refused by the retry or hedge budget.", ["upstream", "event"], registry=reg,
+        )
+        self._upstream_seen: dict[tuple[str, str], int] = {}
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests (and streams) in flight.", multiprocess_mode="livesum", registry=reg,
         )
@@ -311,6 +316,21 @@ class Metrics:
         self.flush()
         self.refresh_circuits(app)
         self.refresh_limiter(app)
+        self.refresh_upstreams(app)
+
+    def refresh_upstreams(self, app: web.Application) -> None:
+        """Attempts, retries, hedges and wins per upstream, and extra attempts the budgets refused (deltas)."""
+        for name, up in app[keys.ROUTER].upstreams.items():
+            s = up.stats
+            for event, value in (
+                ("attempts", s.attempts), ("retries", s.retries), ("hedges", s.hedges), ("wins", s.wins),
+                ("hedge_wins", s.hedge_wins), ("retry_budget_denied", up.retry_budget.denied),
+                ("hedge_budget_denied", up.hedge_budget.denied),
+            ):
+                seen = self._upstream_seen.get((name, event), 0)
+                if value > seen:
+                    self.upstream_events.labels(name, event).inc(value - seen)
+                    self._upstream_seen[(name, event)] = value
 
     def refresh_limiter(self, app: web.Application) -> None:
         """The limiter's, key cache's and usage writer's counters (ints on a ``stats`` dataclass), as deltas."""

@@ -38,6 +38,7 @@ from gateway.proxy.context import RequestContext
 from gateway.proxy.failures import Failure, Verdict
 from gateway.proxy.hedging import Exhausted, race
 from gateway.proxy.routing import Deployment
+from gateway.resilience.breaker import State
 from gateway.resilience.retry import backoff
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -180,7 +181,7 @@ class Failover:
     def _retry_wait(self, dep: Deployment, failure: Failure, retry: int) -> float | None:
         """Seconds to wait before retrying on the same upstream, or None to fail over now."""
         cfg = dep.cfg
-        if not failure.retry_same or retry >= cfg.retries:
+        if not failure.retry_same or retry >= cfg.retries or dep.breaker.state is State.OPEN:
             return None
         if failure.retry_after is not None:
             if failure.retry_after > cfg.max_retry_wait:
