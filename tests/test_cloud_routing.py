@@ -169,3 +169,36 @@ deployments = [{ upstream = "azure", model = "gpt-4o" }]
     assert ("azure", "gpt-4o") == (r.headers["x-gateway-upstream"], r.headers["x-gateway-model"])
     assert "/openai/deployments/gpt-4o-prod/chat/completions" == fake.seen[0]["path"]
     assert "gpt-4o" == fake.seen[0]["body"]["model"]
+
+
+async def test_a_too_long_prompt_on_bedrock_takes_the_context_fallback(make_gateway: Any, bedrock: Any,
+                                                                      aws_keys: None, mock_upstream: Any) -> None:
+    """Bedrock's "Input is too long" ValidationException is a context-length error: with
+    context_fallback_models the bigger-context route answers; without, the 400 is relayed."""
+    fake, url = bedrock
+    ups = native("anthropic", mock_upstream.base_url) + bedrock_upstream("bedrock", url)
+    routes = f"""
+[[routes]]
+match = "smart"
+deployments = [{{ upstream = "bedrock", model = "{BEDROCK_MODEL}" }}]
+context_fallback_models = ["long"]
+
+[[routes]]
+match = "long"
+deployments = [{{ upstream = "anthropic", model = "claude-sonnet-4-5-1m" }}]
+
+[[routes]]
+match = "short"
+deployments = [{{ upstream = "bedrock", model = "{BEDROCK_MODEL}" }}]
+"""
+    gw = await make_gateway(cloud_toml(ups, routes))
+    too_long = [{"role": "user", "content": "TOO-LONG"}]
+    r = await gw.post("/v1/messages", headers=AV, json={"model": "smart", "max_tokens": 5, "messages": too_long})
+    await r.read()
+    assert 200 == r.status
+    assert ("anthropic", "claude-sonnet-4-5-1m") == (r.headers["x-gateway-upstream"], r.headers["x-gateway-model"])
+    r = await gw.post("/v1/messages", headers=AV, json={"model": "short", "max_tokens": 5, "messages": too_long})
+    body = await r.json()
+    assert 400 == r.status
+    assert "invalid_request_error" == body["error"]["type"]
+    assert body["error"]["message"].startswith("prompt is too long (Bedrock ValidationException: Input is too long")

@@ -57,6 +57,9 @@ ERRORS: dict[str, tuple[int, int, str]] = {
 _BY_STATUS = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
+_TOO_LONG = "too long"  # "Input is too long for requested model." / "prompt is too long: ..."
+
+
 def error_type(headers: Mapping[str, str]) -> str:
     # "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/"
     return headers.get("x-amzn-errortype", "").split(":", 1)[0]
@@ -109,6 +112,9 @@ class Bedrock:
         spec = ERRORS.get(code)
         client_status, etype = (spec[1], spec[2]) if spec else (status, _BY_STATUS.get(status, "api_error"))
         text = f"Bedrock {code}: {message}" if code else (message or f"Bedrock answered {status}")
+        if code == "ValidationException" and _TOO_LONG in message.lower():
+            # Anthropic's own words, so that context_fallback_models applies as for the native API.
+            text = f"prompt is too long ({text})"
         return anthropic_error(client_status, etype, text)
 
     def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None:

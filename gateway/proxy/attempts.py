@@ -138,7 +138,7 @@ class Attempt:
                 cloud.credential.refused()  # a token revoked before its expiry: get a new one
         if status >= 400:
             failure = status_failure(status, dep.name, retry_after(resp.headers))
-            if failure.verdict is Verdict.CALLER and is_context_length(resp.status, body):
+            if failure.verdict is Verdict.CALLER and is_context_length(status, answer.body or b""):
                 failure.verdict = Verdict.CONTEXT
             raise AttemptFailed(failure, answer if failure.relayable else None)
         return answer
