@@ -267,6 +267,31 @@ async def test_profile_credentials_are_refreshed_before_they_expire(sdk: Any, ma
     assert [] == fake.refused
 
 
+async def test_rotated_keys_are_picked_up_after_aws_refuses_the_old_ones(make_gateway: Any, bedrock: Any,
+                                                                         aws_keys: None,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keys in the environment were rotated and AWS refuses the old ones: that request is the
+    gateway's 502, the chain is resolved again in the background, the next requests sign with the new keys."""
+    fake, url = bedrock
+    gw = await make_gateway(cloud_toml(bedrock_upstream("bedrock", url), ROUTE))
+    fake.credentials = {"AKIDROTATED000002": ("rotated-secret-" + "r" * 20, None)}
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDROTATED000002")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rotated-secret-" + "r" * 20)
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    body = {"model": BEDROCK_MODEL, "max_tokens": 5, "messages": MESSAGES}
+    r = await gw.post("/v1/messages", headers=AV, json=body)
+    assert 502 == r.status
+    deadline = time.monotonic() + 10
+    while True:
+        r = await gw.post("/v1/messages", headers=AV, json=body)
+        await r.read()
+        if r.status == 200 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert 200 == r.status
+    assert fake.seen[-1]["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDROTATED000002/")
+
+
 async def test_missing_credentials_fail_readiness_and_answer_502_at_once(make_gateway: Any, bedrock: Any,
                                                                          aws_env: None) -> None:
     """No AWS credentials anywhere: /readyz says so (503), a request gets the gateway's 502, no hang."""

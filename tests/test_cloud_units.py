@@ -116,6 +116,8 @@ def test_vertex_urls_per_region() -> None:
         "https://aiplatform.googleapis.com/v1/projects/p/locations/global/")
     assert Vertex("v", _up(provider="vertex", region="europe-west1", project="p")).models.startswith(
         "https://europe-west1-aiplatform.googleapis.com/v1/projects/p/locations/europe-west1/")
+    assert Vertex("v", _up(provider="vertex", region="eu", project="p")).models.startswith(
+        "https://aiplatform.eu.rep.googleapis.com/v1/projects/p/locations/eu/")
     assert "https://bedrock-runtime.eu-west-3.amazonaws.com" == Bedrock("b", _up(provider="bedrock", region="eu-west-3")).base
 
 

@@ -35,10 +35,15 @@ class AwsChain:
         self._creds: Any = None
         self._lock = threading.Lock()
 
+    def forget(self) -> None:
+        """Resolve the chain again on the next fetch (AWS refused the credentials: rotated, revoked?)."""
+        self._creds = None  # fetch() reads it once under its lock: a fetch in flight keeps its own
+
     def fetch(self) -> Fetched[ReadOnlyCredentials]:
         with self._lock:
             try:
-                if self._creds is None:
+                creds = self._creds
+                if creds is None:
                     session = botocore.session.Session(profile=self._profile or None)
                     creds = session.get_credentials()
                     if creds is None:
@@ -46,16 +51,17 @@ class AwsChain:
                             "none found (environment, shared credentials/config files, container or instance role)"
                         )
                     self._creds = creds
-                frozen = self._creds.get_frozen_credentials()
+                frozen = creds.get_frozen_credentials()
             except BotoCoreError as exc:
                 # botocore's messages are templates (profile names, missing variable names), never secrets.
                 raise CredentialError(f"{type(exc).__name__}: {str(exc)[:300]}") from None
-            expiry = getattr(self._creds, "_expiry_time", None)
+            expiry = getattr(creds, "_expiry_time", None)
             return Fetched(frozen, expiry.timestamp() if expiry is not None else None)
 
 
 def aws_credentials(profile: str) -> CredentialCache[ReadOnlyCredentials]:
-    return CredentialCache("AWS credentials", AwsChain(profile).fetch, margin=REFRESH_MARGIN_S)
+    chain = AwsChain(profile)
+    return CredentialCache("AWS credentials", chain.fetch, forget=chain.forget, margin=REFRESH_MARGIN_S)
 
 
 def sigv4_headers(

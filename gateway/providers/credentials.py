@@ -48,6 +48,7 @@ class CredentialCache(Generic[T]):
         what: str,
         fetch: Callable[[], Fetched[T]],
         *,
+        forget: Callable[[], None] | None = None,
         margin: float = 300.0,
         refresh_every: float | None = None,
         fetch_timeout: float = 10.0,
@@ -56,6 +57,7 @@ class CredentialCache(Generic[T]):
     ) -> None:
         self.what = what  # e.g. "AWS credentials": names the credential in reasons
         self._fetch = fetch
+        self._forget = forget  # drop what the fetcher resolved once (a credential chain), so that it resolves again
         self._margin = margin
         self._refresh_every = refresh_every
         self._fetch_timeout = fetch_timeout
@@ -123,6 +125,8 @@ class CredentialCache(Generic[T]):
         now = time.monotonic()
         if self._inflight is None and now - self._refused_at > REFUSED_EVERY_S:
             self._refused_at = now
+            if self._forget is not None:
+                self._forget()
             self._refresh()
 
     def _fail(self, reason: str) -> None:

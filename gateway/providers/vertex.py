@@ -51,6 +51,8 @@ def base_url(up: UpstreamConfig) -> str:
         return up.base_url
     if up.region == "global":
         return "https://aiplatform.googleapis.com"
+    if up.region in ("us", "eu"):  # multi-region endpoints
+        return f"https://aiplatform.{up.region}.rep.googleapis.com"
     return f"https://{up.region}-aiplatform.googleapis.com"
 
 
