@@ -202,3 +202,23 @@ deployments = [{{ upstream = "bedrock", model = "{BEDROCK_MODEL}" }}]
     assert 400 == r.status
     assert "invalid_request_error" == body["error"]["type"]
     assert body["error"]["message"].startswith("prompt is too long (Bedrock ValidationException: Input is too long")
+
+
+async def test_a_slow_native_stream_is_hedged_to_bedrock(make_gateway: Any, bedrock: Any, aws_keys: None,
+                                                         mock_upstream: Any) -> None:
+    """hedge_after_ms: the native deployment has no first token after 100 ms; the hedge goes to Bedrock,
+    whose converted event stream wins; the client gets one clean Anthropic stream from Bedrock."""
+    fake, url = bedrock
+    ups = native("anthropic", mock_upstream.base_url) + bedrock_upstream("bedrock", url)
+    routes = smart("anthropic", "bedrock", "claude-sonnet-4-5", BEDROCK_MODEL).replace(
+        'fallback_models = ["smart-backup"]', 'fallback_models = ["smart-backup"]\nhedge_after_ms = 100')
+    gw = await make_gateway(cloud_toml(ups, routes))
+    r = await gw.post("/v1/messages", headers={**AV, "x-mock-ttft-ms": "3000"},
+                      json={"model": "smart", "max_tokens": 5, "messages": MESSAGES, "stream": True})
+    raw = await r.read()
+    assert 200 == r.status
+    assert ("bedrock", BEDROCK_MODEL, "2") == (r.headers["x-gateway-upstream"], r.headers["x-gateway-model"],
+                                               r.headers["x-gateway-attempts"])
+    assert raw.startswith(b"event: message_start\n") and raw.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert 1 == len(fake.seen)
