@@ -183,3 +183,26 @@ async def test_a_failing_token_command_fails_readiness_and_answers_502(make_gate
     assert 502 == r.status
     assert "secret-ish" not in str(body)
     assert [] == fake.seen
+
+
+async def test_entra_token_file_is_read_and_reread_when_it_nears_expiry(sdk: Any, make_gateway: Any, azure: Any,
+                                                                        tmp_path: Path) -> None:
+    """token_file: a sidecar keeps it fresh; the gateway re-reads it 5 min before the token's exp."""
+    fake, url = azure
+    path = tmp_path / "entra-token"
+    first = jwt.encode({"exp": int(time.time()) + 302, "n": 1}, "k" * 32)
+    second = jwt.encode({"exp": int(time.time()) + 3600, "n": 2}, "k" * 32)
+    path.write_text(first + "\n")
+    fake.tokens.update({first, second})
+    ups = azure_upstream(url, deployment="gpt-4o-prod", auth=f'token_file = "{path}"') + azure_upstream(url, name="azure-by-model")
+    gw = await make_gateway(cloud_toml(ups, ROUTES))
+    await sdk.gpt(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert "bearer:" + first == fake.seen[-1]["auth"]
+    path.write_text(second)  # the sidecar's renewal
+    deadline = time.monotonic() + 30
+    while True:
+        await sdk.gpt(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        if fake.seen[-1]["auth"] == "bearer:" + second or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert "bearer:" + second == fake.seen[-1]["auth"]
