@@ -26,6 +26,7 @@ from gateway.policy.budget_rebuild import rebuild_budgets
 from gateway.policy.cache import PostgresResolver
 from gateway.policy.limits import LocalLimiter, RedisLimiter
 from gateway.policy.principals import PrincipalResolver, StandaloneResolver
+from gateway.providers.cloud import clouds_ctx
 from gateway.proxy import handlers
 from gateway.proxy.routing import Router, build_upstreams
 from gateway.stores.postgres import postgres_ctx
@@ -159,6 +160,7 @@ def create_app(cfg: Config) -> web.Application:
     # applies committed costs through the limiter), then the limiter closes.
     app.cleanup_ctx.extend([postgres_ctx, _client_session, _principals, _limits, _accounting, _tasks])
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
+    app.cleanup_ctx.append(clouds_ctx)  # cloud credentials: fetched once, kept fresh
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)

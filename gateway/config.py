@@ -123,9 +123,19 @@ class BreakerConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    provider: Literal["anthropic", "openai"]
-    base_url: str
+    provider: Literal["anthropic", "openai", "azure-openai", "bedrock", "vertex"]
+    base_url: str = ""  # bedrock, vertex: derived from region when empty
     api_key_env: str = ""
+    # Cloud kinds (gateway/providers/): which fields each reads is checked below.
+    deployment: str = ""  # azure-openai: Azure's deployment name (default: the model sent upstream)
+    api_version: str = ""  # azure-openai: the api-version query parameter
+    token_command: str = ""  # azure-openai: prints a Microsoft Entra ID token (instead of api_key_env)
+    token_file: str = ""  # azure-openai: a file holding an Entra ID token, kept fresh by someone else
+    token_refresh_seconds: float = 300.0  # azure-openai: re-read a token without a readable expiry this often
+    region: str = ""  # bedrock, vertex
+    project: str = ""  # vertex: the Google Cloud project id
+    aws_profile: str = ""  # bedrock: a profile of the shared AWS config files (default: the standard chain)
+    credentials_file: str = ""  # vertex: an ADC/service-account JSON file (default: application default credentials)
     max_connections: int = 256
     connect_timeout: float = 5.0
     first_byte_timeout: float = 120.0
@@ -351,6 +361,32 @@ def _check_limits(limits: Limits, path: str, errors: list[str]) -> None:
             errors.append(f"{path}.allowed_ips[{i}]: not an IP network: {cidr!r}")
 
 
+def _check_cloud(up: UpstreamConfig, p: str, errors: list[str]) -> None:
+    """Each upstream kind's own fields: required ones set, other kinds' fields unset."""
+    own = {
+        "anthropic": ("base_url", "api_key_env"),
+        "openai": ("base_url", "api_key_env"),
+        "azure-openai": ("base_url", "api_key_env", "deployment", "api_version", "token_command", "token_file"),
+        "bedrock": ("base_url", "region", "aws_profile"),
+        "vertex": ("base_url", "region", "project", "credentials_file"),
+    }.get(up.provider, ())
+    for name in ("base_url", "api_key_env", "deployment", "api_version", "token_command", "token_file",
+                 "region", "project", "aws_profile", "credentials_file"):
+        if getattr(up, name) and name not in own:
+            errors.append(f"{p}.{name}: not used by provider {up.provider!r}")
+    needs = {"anthropic": ("base_url",), "openai": ("base_url",), "azure-openai": ("base_url", "api_version"),
+             "bedrock": ("region",), "vertex": ("region", "project")}.get(up.provider, ())
+    for name in needs:
+        if not getattr(up, name):
+            errors.append(f"{p}.{name}: required")
+    if up.provider == "azure-openai" and sum(bool(x) for x in (up.api_key_env, up.token_command, up.token_file)) != 1:
+        errors.append(f"{p}: set exactly one of api_key_env, token_command or token_file")
+    if up.token_refresh_seconds <= 0:
+        errors.append(f"{p}.token_refresh_seconds: must be positive")
+    if up.region and not all(c.isalnum() or c == "-" for c in up.region):
+        errors.append(f"{p}.region: not a region name: {up.region!r}")
+
+
 def _check(cfg: Config, errors: list[str]) -> None:
     s = cfg.server
     if not 0 <= s.port <= 65535:
@@ -389,8 +425,9 @@ def _check(cfg: Config, errors: list[str]) -> None:
         if up is None:
             continue
         base_url = up.base_url or ""  # None: already reported as required
-        if up.base_url is not None and not base_url.startswith(("http://", "https://")):
+        if base_url and not base_url.startswith(("http://", "https://")):
             errors.append(f"{p}.base_url: must start with http:// or https://")
+        _check_cloud(up, p, errors)
         if base_url.endswith("/"):
             errors.append(f"{p}.base_url: must not end with '/'")
         for t in ("connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout"):

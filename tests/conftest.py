@@ -276,5 +276,8 @@ def run_async(coro: Any) -> Any:
     return asyncio.get_event_loop().run_until_complete(coro)
 
 
+# Cloud kinds' fakes and credential environments (bedrock, vertex, azure-openai): tests/fixtures/clouds.py
+from tests.fixtures.clouds import aws_env, aws_keys, azure, bedrock, imds, sdk, vertex  # noqa: E402, F401
+
 # Control-plane fixtures (migrated database, gateway in database mode): tests/fixtures/control_plane.py
 from tests.fixtures.control_plane import cp, db_url, pg_env  # noqa: E402, F401

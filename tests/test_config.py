@@ -113,7 +113,7 @@ def test_every_error_is_reported_at_once_with_its_path():
     expected = [
         "server.max_body_bytes: must be an integer, got 'big'",
         "log.level: must be one of 'debug', 'info', 'warning', 'error', got 'loud'",
-        "upstreams.a.provider: must be one of 'anthropic', 'openai', got 'azure'",
+        "upstreams.a.provider: must be one of 'anthropic', 'openai', 'azure-openai', 'bedrock', 'vertex', got 'azure'",
         "upstreams.b.base_url: required",
         "server.port: must be 0..65535",
         "server.workers: must be 0 (one per core) or more",

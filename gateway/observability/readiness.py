@@ -25,6 +25,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.config import Config
+from gateway.providers.cloud import credential_checks
 from gateway.resilience.breaker import State
 
 _CACHE_S = 0.5
@@ -137,6 +138,9 @@ class Readiness:
                 return self._cached[1]
             pg, rd = await asyncio.gather(self._postgres(app), self._redis_probe(app))
             checks = {"postgres": pg, "redis": rd, "circuits": self._circuits(app)}
+            creds = credential_checks(app)
+            if creds is not None:
+                checks["credentials"] = creds  # cloud upstreams only: each one's credential, or why not
             metrics = app.get(keys.METRICS)
             # The Redis store reports its own outages to the metrics; Postgres has no such state.
             if metrics is not None and pg["status"] != "disabled":

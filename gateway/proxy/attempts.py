@@ -19,6 +19,8 @@ from multidict import CIMultiDict
 
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage
+from gateway.errors import GatewayError
+from gateway.providers.cloud import STREAM_TYPES, Reader
 from gateway.proxy.failures import (
     Failure,
     Verdict,
@@ -55,6 +57,8 @@ class Opened:
     ahead: bytes  # a stream's bytes read before the commit: relayed first, byte for byte
     ttft_s: float | None  # attempt start -> first content event (streams)
     lane: int = 1  # hedging: 1 = the first lane, 2 = the hedge
+    status: int = 0  # the status to relay when it is not the upstream's (a cloud's error mapped to the dialect)
+    read: Reader | None = None  # a cloud's reader of SSE bytes (Bedrock's event stream); None: the body as is
 
     @property
     def streaming(self) -> bool:
@@ -81,20 +85,28 @@ class Attempt:
         """Send the request; return what can be relayed, or raise AttemptFailed.  Closes on any failure."""
         dep = self.dep
         cfg = dep.cfg
+        cloud = dep.upstream.cloud
+        path_qs = req.path_qs if req.path_for is None else req.path_for(dep)
+        url, data, headers = dep.upstream.url(path_qs), req.body_for(dep), req.headers_for(dep)
+        if cloud is not None:
+            # The cloud kind's URL, body and auth (signed over the final bytes, after the header filter).
+            try:
+                url, data = await cloud.prepare(path_qs, data, headers)
+            except GatewayError as err:  # no credential, or a path this cloud does not serve: the next one may
+                raise AttemptFailed(Failure(Verdict.THROTTLED, err.kind, err.message, retry_same=False)) from None
         done = False
         try:
             try:
                 async with asyncio.timeout(cfg.first_byte_timeout):
                     self.resp = resp = await session.request(
-                        req.method, dep.upstream.url(req.path_qs if req.path_for is None else req.path_for(dep)),
-                        data=req.body_for(dep),
-                        headers=req.headers_for(dep), timeout=dep.upstream.timeout, allow_redirects=False,
+                        req.method, url, data=data,
+                        headers=headers, timeout=dep.upstream.timeout, allow_redirects=False,
                     )
             except TimeoutError:
                 raise AttemptFailed(timeout_failure(dep.name, "no response within first_byte_timeout")) from None
             except (aiohttp.ClientError, OSError):
                 raise AttemptFailed(connection_failure(dep.name)) from None
-            if resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream"):
+            if resp.status == 200 and resp.headers.get("content-type", "").startswith(STREAM_TYPES):
                 opened = await self._read_ahead(resp)
             else:
                 opened = await self._read_whole(resp)
@@ -118,9 +130,17 @@ class Attempt:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
             raise AttemptFailed(cut_failure(dep.name, "failed while sending its answer")) from None
         answer = Opened(dep, resp, body, b"", None)
-        if resp.status >= 400:
-            failure = status_failure(resp.status, dep.name, retry_after(resp.headers))
-            if failure.verdict is Verdict.CALLER and is_context_length(resp.status, body):
+        status = resp.status
+        cloud = dep.upstream.cloud
+        if status >= 400 and cloud is not None:
+            # Classified as the cloud means it (an AWS access error is the gateway's 401), relayed in the dialect.
+            status = cloud.upstream_status(status, resp.headers)
+            answer.status, answer.body = cloud.error_body(resp.status, resp.headers, body)
+            if status == 401 and cloud.credential is not None:
+                cloud.credential.refused()  # a token revoked before its expiry: get a new one
+        if status >= 400:
+            failure = status_failure(status, dep.name, retry_after(resp.headers))
+            if failure.verdict is Verdict.CALLER and is_context_length(status, answer.body or b""):
                 failure.verdict = Verdict.CONTEXT
             raise AttemptFailed(failure, answer if failure.relayable else None)
         return answer
@@ -128,19 +148,22 @@ class Attempt:
     async def _read_ahead(self, resp: aiohttp.ClientResponse) -> Opened:
         dep = self.dep
         scan = FirstContent(dep.dialect)
-        try:
-            # What came with the headers (often the whole answer): no timer needed for it.
-            chunk = resp.content.read_nowait()
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
-            raise AttemptFailed(cut_failure(dep.name, "cut its stream before any content")) from None
-        if chunk:
-            self.ahead.append(chunk)
-            seen = scan.feed(chunk)
-            if seen is Seen.CONTENT or seen is Seen.END:
-                return Opened(dep, resp, None, chunk, time.perf_counter() - self.t0)
-            if seen is Seen.ERROR:
-                raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
-        read = resp.content.readany
+        cloud = dep.upstream.cloud
+        reader = cloud.stream_reader(resp) if cloud is not None else None
+        if reader is None:
+            try:
+                # What came with the headers (often the whole answer): no timer needed for it.
+                chunk = resp.content.read_nowait()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
+                raise AttemptFailed(cut_failure(dep.name, "cut its stream before any content")) from None
+            if chunk:
+                self.ahead.append(chunk)
+                seen = scan.feed(chunk)
+                if seen is Seen.CONTENT or seen is Seen.END:
+                    return Opened(dep, resp, None, chunk, time.perf_counter() - self.t0)
+                if seen is Seen.ERROR:
+                    raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
+        read = reader or resp.content.readany
         left = dep.cfg.ttft_timeout - (time.perf_counter() - self.t0)
         try:
             async with asyncio.timeout(max(left, 0.0)):
@@ -159,7 +182,7 @@ class Attempt:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
             raise AttemptFailed(cut_failure(dep.name, "cut its stream before any content")) from None
         ahead = self.ahead[0] if len(self.ahead) == 1 else b"".join(self.ahead)
-        return Opened(dep, resp, None, ahead, time.perf_counter() - self.t0)
+        return Opened(dep, resp, None, ahead, time.perf_counter() - self.t0, read=reader)
 
     def reported_usage(self) -> Usage | None:
         """Usage an abandoned stream reported before it was dropped (e.g. message_start's input tokens)."""

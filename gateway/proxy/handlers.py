@@ -158,7 +158,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     )
     try:
         opened = await failover.open()
-        status = opened.resp.status
+        status = opened.status or opened.resp.status
         if translation is not None and opened.dep.dialect == dialect:
             translation = None  # served in the client's own dialect: relayed as is
         extra = reservation.headers if translation is None else translation.headers(reservation.headers)

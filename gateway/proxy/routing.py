@@ -19,7 +19,7 @@ from yarl import URL
 
 from gateway.config import Config, RouteConfig, UpstreamConfig, model_matches
 from gateway.errors import ErrorKind, GatewayError
-from gateway.providers import PROVIDERS, Provider
+from gateway.providers import PROVIDERS, CloudAdapter, Provider, make_cloud
 from gateway.proxy.strategies import UpstreamStats, order
 from gateway.resilience.breaker import Breaker
 from gateway.resilience.retry import Budget
@@ -40,6 +40,7 @@ class Upstream:
     stats: UpstreamStats = field(default_factory=UpstreamStats)
     retry_budget: Budget = field(default_factory=Budget)  # extra attempts on this upstream (per worker)
     hedge_budget: Budget = field(default_factory=Budget)  # hedges sent to this upstream (per worker)
+    cloud: CloudAdapter | None = None  # cloud kinds: URL, credentials, signing, stream framing
 
     def url(self, path_qs: str) -> URL:
         # URL objects are cached: parsing one costs more than the lookup.
@@ -121,6 +122,8 @@ def build_upstreams(cfg: Config, previous: dict[str, Upstream] | None = None) ->
             timeout=aiohttp.ClientTimeout(total=up.total_timeout, sock_connect=up.connect_timeout),
             base=up.base_url,
             _urls={},
+            # A reload keeps a cloud adapter (its credential cache and refresh loop) when unchanged.
+            cloud=old.cloud if old is not None and old.cfg == up else make_cloud(name, up),
         )
     return out
 

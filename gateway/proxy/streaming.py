@@ -20,6 +20,7 @@ from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage, from_body
 from gateway.errors import ErrorKind, stream_error_event
 from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
+from gateway.providers.cloud import Reader
 from gateway.proxy.attempts import Opened
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
@@ -66,7 +67,8 @@ def relay_body(
     (with a ``translation``: either one in the client's dialect)."""
     dep, resp = opened.dep, opened.resp
     body = opened.body or b""
-    usage = from_body(dep.dialect, body) if resp.status < 400 else Usage()
+    status = opened.status or resp.status
+    usage = from_body(dep.dialect, body) if status < 400 else Usage()
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
     status = resp.status
@@ -95,6 +97,8 @@ async def relay_stream(
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
     headers["server-timing"] = ctx.server_timing()
+    if opened.read is not None:
+        headers["content-type"] = "text/event-stream; charset=utf-8"  # a cloud's stream, turned into SSE
     out = web.StreamResponse(status=resp.status, headers=headers)
     if dep.breaker.state is State.HALF_OPEN:
         # The probe answered: a long stream must not hold the circuit half-open.
@@ -108,7 +112,7 @@ async def relay_stream(
     dialect = tap.dialect if translator is None else translator.dialect
     loop = asyncio.get_running_loop()
     idle = dep.cfg.idle_timeout
-    read = resp.content.readany
+    read: Reader = opened.read or resp.content.readany
     failure: tuple[ErrorKind, str] | None = None
     # Re-arming the idle timer costs a timer cancel + insert (~3 us): do it at
     # most every `slack` seconds, not per chunk.  The deadline is always
