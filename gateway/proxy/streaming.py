@@ -71,7 +71,6 @@ def relay_body(
     usage = from_body(dep.dialect, body) if status < 400 else Usage()
     headers = client_headers(dep, resp, ctx)
     headers.update(extra)
-    status = resp.status
     if translation is not None:
         status, body = translation.response(status, body, headers.pop("content-encoding", None))
         headers["content-type"] = "application/json"
