@@ -21,6 +21,17 @@ database so that two deployments sharing a directory never swap records.
 Outages: records stay in the journal; memory keeps at most
 ``max_memory_records`` of them (beyond that they are read back from the
 journal in batches when Postgres is back).
+
+Refusals: a batch Postgres refuses for its data (``ledger_errors.classify``:
+a NUL, an index row too large, a CHECK) is bisected to find the bad
+record(s); those are set aside in ``set-aside-<db>-<pid>.jsonl`` in the
+journal directory (with the SQLSTATE and reason), counted
+(``gateway_usage_events_total{event="set_aside"}``) and reported by
+``/readyz`` as degraded while such a file exists; the records behind them
+are written as usual.  A refusal is never retried, so a restarted worker
+never loops on a poisoned segment.  An operator inspects the file, fixes or
+drops the records, and removes it (or renames it to ``usage-<db>-0-fix-1.jsonl``
+to have it replayed).
 """
 
 from __future__ import annotations
@@ -32,7 +43,6 @@ import fcntl
 import hashlib
 import os
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,9 +54,10 @@ import asyncpg
 import orjson
 import structlog
 
+from gateway.accounting.ledger_errors import ENCODING_ERRORS, RecordRefused, Verdict, classify, sqlstate
 from gateway.accounting.record import _FIELDS, UsageRecord
 from gateway.config import AccountingConfig
-from gateway.stores.postgres import CONNECTIVITY_ERRORS, Database, DatabaseUnavailable
+from gateway.stores.postgres import Database, DatabaseUnavailable
 
 log = structlog.get_logger("ledger")
 
@@ -100,11 +111,9 @@ WITH ins AS (
 SELECT (SELECT array_agg(request_id) FROM ins) AS ids, pg_current_xact_id()::text AS xid
 """  # noqa: S608 - composed from constants only
 
-# Errors of the data itself (retrying the batch would never succeed).
-_DATA_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DataError,
-    asyncpg.exceptions.IntegrityConstraintViolationError,
-)
+SET_ASIDE_PREFIX = "set-aside-"
+_SET_ASIDE_IDS_MAX = 100_000
+_REASON_MAX = 300  # characters of Postgres's message kept with a set-aside record
 
 
 def db_fingerprint(dsn: str) -> str:
@@ -130,7 +139,14 @@ def decode(line: bytes) -> UsageRecord | None:
 
 
 def columns(batch: list[UsageRecord]) -> list[list[Any]]:
-    """Column arrays for INSERT_SQL's unnest."""
+    """Column arrays for INSERT_SQL's unnest (RecordRefused when a record cannot be encoded)."""
+    try:
+        return _columns(batch)
+    except ENCODING_ERRORS as exc:
+        raise RecordRefused(f"{type(exc).__name__}: {exc}") from None
+
+
+def _columns(batch: list[UsageRecord]) -> list[list[Any]]:
     return [
         [r.request_id for r in batch],
         [datetime.fromtimestamp(r.ts, UTC) for r in batch],
@@ -171,6 +187,27 @@ def read_segment(path: Path, batch_size: int) -> Iterator[list[UsageRecord]]:
         yield batch
 
 
+@dataclass(slots=True)
+class LedgerStats:
+    """The writer's counters (``gateway_usage_events_total{event=...}``)."""
+
+    recorded: int = 0
+    written: int = 0  # rows inserted (duplicates excluded)
+    set_aside: int = 0  # records Postgres refused, kept in the set-aside file
+    outages: int = 0  # batch writes that failed for an outage (retried with backoff)
+
+
+def set_aside_files(journal_dir: str | Path, dsn: str) -> list[Path]:
+    """Non-empty set-aside files of this database in the journal directory."""
+    prefix = f"{SET_ASIDE_PREFIX}{db_fingerprint(dsn)}-"
+    try:
+        with os.scandir(journal_dir) as it:
+            return [Path(e.path) for e in it
+                    if e.name.startswith(prefix) and e.name.endswith(".jsonl") and e.stat().st_size > 0]
+    except OSError:
+        return []
+
+
 @dataclass(eq=False)
 class _Segment:
     path: Path
@@ -189,6 +226,9 @@ class LedgerWriter:
         self.max_memory = max(cfg.max_memory_records, self.batch_size)
         self.dir = Path(cfg.journal_dir)
         self.prefix = f"usage-{db_fingerprint(db.dsn)}-"
+        self.set_aside_path = self.dir / f"{SET_ASIDE_PREFIX}{db_fingerprint(db.dsn)}-{os.getpid()}.jsonl"
+        self._set_aside_ids: set[str] = set()
+        self.last_outage = ""  # why the last batch could not be written ("" once Postgres took one)
         self.shard = os.getpid() % SHARDS
         self._seq = 0
         self._run_id = secrets.token_hex(4)
@@ -202,10 +242,7 @@ class LedgerWriter:
         self._last_scan = -ORPHAN_SCAN_S  # scan at start
         self._partitions: set[tuple[int, int]] = set()  # (year, month) known to exist
         self._lock = asyncio.Lock()  # one flush at a time (the flusher, flush(), close())
-        # Figures for tests, metrics and the benchmark.
-        self.written = 0  # rows this writer inserted (duplicates excluded)
-        self.recorded = 0
-        self.rejected = 0
+        self.stats = LedgerStats()  # figures for tests, metrics and the benchmark
         # Called with the records a batch newly committed (those carrying budget
         # keys and a cost) and the committing transaction id: the limiter moves
         # their cost into the Redis budget counters.  It must not raise.
@@ -213,8 +250,16 @@ class LedgerWriter:
 
     # ------------------------------------------------------------ hot path
 
+    @property
+    def written(self) -> int:
+        return self.stats.written
+
+    @property
+    def recorded(self) -> int:
+        return self.stats.recorded
+
     def record(self, rec: UsageRecord) -> None:
-        self.recorded += 1
+        self.stats.recorded += 1
         seg = self._active
         if seg is None:
             seg = self._active = self._open_segment()
@@ -305,19 +350,24 @@ class LedgerWriter:
                         ):
                             self._seal()
                         await self._flush_sealed()
-            except (DatabaseUnavailable, asyncpg.PostgresError, *CONNECTIVITY_ERRORS) as exc:
+            except Exception as exc:  # refusals never get here: _insert sets them aside
+                self.stats.outages += 1
+                self.last_outage = _outage_reason(exc)
                 if self._closing:
                     log.warning("ledger: postgres unavailable at shutdown; records left in the journal",
-                                pending=self.pending, error=type(exc).__name__)
+                                pending=self.pending, error=self.last_outage)
                     return
                 if self._down_since is None:
                     self._down_since = loop.time()
-                    log.warning("ledger: postgres unavailable; journaling until it is back",
-                                error=str(exc) if isinstance(exc, DatabaseUnavailable) else type(exc).__name__)
+                    if isinstance(exc, DatabaseUnavailable | asyncpg.PostgresError | OSError | asyncpg.InterfaceError):
+                        log.warning("ledger: postgres unavailable; journaling until it is back", error=self.last_outage)
+                    else:  # not a database error at all: a bug, retried like an outage but loud
+                        log.exception("ledger: batch write failed; journaling and retrying", error=self.last_outage)
                 delay = min(max(delay * 2, 0.25), 5.0)
                 next_flush = loop.time() + delay
                 self._wake.clear()
                 continue
+            self.last_outage = ""
             if self._down_since is not None and not self._sealed:
                 log.info("ledger: postgres back; journal replayed", outage_s=round(loop.time() - self._down_since, 1))
                 self._down_since = None
@@ -404,33 +454,39 @@ class LedgerWriter:
                 os.close(fd)
 
     async def _insert(self, batch: list[UsageRecord]) -> int:
-        """Insert a batch (duplicates skipped); rows whose data Postgres refuses are set aside."""
+        """Insert a batch (duplicates skipped); records Postgres refuses are set aside, the rest go in.
+
+        An outage raises (the caller retries the whole segment later; what went in
+        meanwhile is deduplicated).  A refusal is bisected down to the bad records.
+        """
+        if self._set_aside_ids:
+            batch = [r for r in batch if r.request_id not in self._set_aside_ids]
         if not batch:
             return 0
         try:
-            n = await self._insert_rows(batch)
-        except _DATA_ERRORS:
+            return await self._insert_rows(batch)
+        except Exception as exc:
+            if classify(exc) is Verdict.OUTAGE:
+                raise
             if len(batch) == 1:
-                self._reject(batch[0])
+                self._set_aside(batch[0], exc)
                 return 0
-            n = 0
-            for rec in batch:  # find the bad row(s); the rest still go in
-                n += await self._insert([rec])
-            return n
-        return n
+        mid = len(batch) // 2
+        return await self._insert(batch[:mid]) + await self._insert(batch[mid:])
 
     async def _insert_rows(self, batch: list[UsageRecord]) -> int:
+        cols = columns(batch)  # first: a record that cannot be encoded is refused, not an outage
+        months = {(t.year, t.month) for t in cols[1]} - self._partitions
         async with self.db.connection(timeout=5.0) as conn:
-            months = {time.gmtime(r.ts)[:2] for r in batch} - self._partitions
             for y, m in sorted(months):
                 await conn.execute(
                     "SELECT usage_ledger_ensure_partition($1)", datetime(y, m, 1, tzinfo=UTC), timeout=10.0
                 )
                 self._partitions.add((y, m))
-            row = await conn.fetchrow(INSERT_SQL, *columns(batch), self.shard, timeout=30.0)
+            row = await conn.fetchrow(INSERT_SQL, *cols, self.shard, timeout=30.0)
         ids = row["ids"] or []
         n = len(ids)
-        self.written += n
+        self.stats.written += n
         if self.on_commit is not None:
             # Only rows this statement inserted (a replayed duplicate was applied when first committed).
             new = set(ids)
@@ -442,8 +498,30 @@ class LedgerWriter:
                     log.exception("ledger: budget application failed")
         return n
 
-    def _reject(self, rec: UsageRecord) -> None:
-        self.rejected += 1
-        log.error("ledger: record refused by postgres; kept in rejected file", request_id=rec.request_id)
-        with contextlib.suppress(OSError), open(self.dir / f"rejected-{os.getpid()}.jsonl", "ab") as f:
-            f.write(encode(rec))
+    def _set_aside(self, rec: UsageRecord, exc: BaseException) -> None:
+        """Keep a refused record (and why) in this worker's set-aside file; never retry it."""
+        self.stats.set_aside += 1
+        if len(self._set_aside_ids) >= _SET_ASIDE_IDS_MAX:
+            self._set_aside_ids.clear()
+        self._set_aside_ids.add(rec.request_id)
+        reason = {"sqlstate": sqlstate(exc), "error": type(exc).__name__, "message": str(exc)[:_REASON_MAX]}
+        log.error("ledger: record refused by postgres; set aside", request_id=rec.request_id[:100],
+                  file=self.set_aside_path.name, **reason)
+        line = orjson.dumps({**rec.to_dict(), "set_aside": reason}, default=str) + b"\n"
+        try:
+            fd = os.open(self.set_aside_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            log.error("ledger: set-aside file unwritable; the refused record is only in this log",
+                      error=err.strerror, record=line.decode(errors="replace"))
+
+
+def _outage_reason(exc: BaseException) -> str:
+    """A short, secret-free reason: the class and SQLSTATE (a DSN in a message may hold a password)."""
+    state = sqlstate(exc)
+    if isinstance(exc, DatabaseUnavailable):
+        return str(exc)
+    return f"{type(exc).__name__} {state}".strip()

@@ -217,7 +217,8 @@ def demand(plan: Plan, facts: RequestFacts, prices: PriceTable, token_cap: int) 
     """(tokens, micro-dollars) to reserve: estimated input + the output cap, worst-case priced."""
     if not plan.token_i and not plan.budget_i:
         return 0, 0
-    output = facts.max_tokens or plan.output_cap or DEFAULT_OUTPUT_RESERVE
+    # Worst case: every choice (OpenAI ``n``) produces its whole per-choice ask.
+    output = facts.choices * (facts.max_tokens or plan.output_cap or DEFAULT_OUTPUT_RESERVE)
     est_in = facts.est_input_tokens
     tokens = min(est_in + output, token_cap) if plan.token_i else 0
     cost = 0

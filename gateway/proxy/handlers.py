@@ -13,7 +13,9 @@ from gateway.accounting.record import UsageRecord
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
-from gateway.policy.admit import RequestFacts, Reservation, model_allowed
+from gateway.policy.admit import RequestFacts, Reservation, model_allowed, output_cap
+from gateway.policy.model_names import model_problem
+from gateway.policy.output_cap import BadOutputAsk, effective_output, inject
 from gateway.policy.principals import Principal
 from gateway.proxy.context import RequestContext
 from gateway.proxy.forward import open_upstream
@@ -62,7 +64,9 @@ def _bad(msg: str) -> GatewayError:
     return GatewayError(ErrorKind.INVALID_REQUEST, msg)
 
 
-def parse_facts(body: bytes, request: web.Request, ctx: RequestContext) -> tuple[dict[str, Any], RequestFacts]:
+def parse_facts(
+    body: bytes, request: web.Request, ctx: RequestContext, path: str = ""
+) -> tuple[dict[str, Any], RequestFacts]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -70,26 +74,29 @@ def parse_facts(body: bytes, request: web.Request, ctx: RequestContext) -> tuple
     if not isinstance(doc, dict):
         raise _bad("Request body must be a JSON object.")
     model = doc.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model: a model name is required.")
+    problem = model_problem(model)
+    if problem is not None:
+        raise _bad(problem)
+    assert isinstance(model, str)  # model_problem checked it
     stream = doc.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise _bad("stream: must be true or false.")
-    max_tokens = doc.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = doc.get("max_completion_tokens")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise _bad("max_tokens: must be a positive integer.")
+    try:
+        ask = effective_output(doc, path)
+    except BadOutputAsk as exc:
+        raise _bad(str(exc)) from None
     ctx.model = model
     return doc, RequestFacts(
         model=model,
         stream=stream,
-        max_tokens=max_tokens,
+        max_tokens=ask.per_choice,
         body_len=len(body),
         client_ip=request.remote or "",
         request_id=ctx.request_id,
+        choices=ask.choices,
+        cap_field=ask.cap_field,
     )
 
 
@@ -104,7 +111,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     ctx.dialect = dialect
     principal = await authenticate(request, ctx)
     body = await read_body(request)
-    doc, facts = parse_facts(body, request, ctx)
+    doc, facts = parse_facts(body, request, ctx, path)
     route, candidates = app[keys.ROUTER].candidates(facts.model, dialect)
     ctx.route = route.match
     if charge and app[keys.PRICES].refuses(facts.model):
@@ -113,13 +120,16 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     admitter = app[keys.ADMITTER]
     reservation = await admitter.admit(principal, facts)
 
+    # No output limit asked but one applies: the provider enforces the cap (policy/output_cap.py).
+    rewrite = inject(doc, facts.output_ask, output_cap(principal)) is not None
     strip_usage = False
     if dialect == OPENAI and facts.stream and charge and not _wants_usage(doc):
         # Ask for the usage chunk; the tap removes it before the client sees it.
         opts = doc.get("stream_options")
         doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        rewrite = strip_usage = True
+    if rewrite:
         body = orjson.dumps(doc)
-        strip_usage = True
 
     usage = Usage()
     tap: StreamTap | None = None
