@@ -55,6 +55,7 @@ import orjson
 import structlog
 
 from gateway.accounting.ledger_errors import ENCODING_ERRORS, RecordRefused, Verdict, classify, sqlstate
+from gateway.accounting.money import PICO_PER_MICRO, micros_ceil
 from gateway.accounting.record import _FIELDS, UsageRecord
 from gateway.config import AccountingConfig
 from gateway.stores.postgres import Database, DatabaseUnavailable
@@ -69,19 +70,21 @@ _FIELD_SET = frozenset(_FIELDS)
 _COLUMNS = (
     "request_id", "ts", "key_id", "user_id", "model", "route", "upstream", "status", "streamed", "partial",
     "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens", "cost_micros", "priced",
-    "upstream_ms", "ttft_ms", "gateway_ms", "error_kind",
+    "upstream_ms", "ttft_ms", "gateway_ms", "error_kind", "cost_pico",
 )
 _TYPES = (
     "text", "timestamptz", "text", "text", "text", "text", "text", "int4", "bool", "bool",
-    "int8", "int8", "int8", "int8", "int8", "bool", "float4", "float4", "float4", "text",
+    "int8", "int8", "int8", "int8", "int8", "bool", "float4", "float4", "float4", "text", "int8",
 )
 
 # One statement: insert what is new, then roll up exactly those rows (daily and hourly).
+# cost_pico (exact, numeric in the rollups) is the truth; cost_micros (each record rounded up to
+# a micro-dollar) is kept for the previous release (migrations 0011, 0012).
 _SUMS = ("requests", "partial_requests", "unpriced_requests", "input_tokens", "output_tokens",
-         "cache_write_tokens", "cache_read_tokens", "cost_micros")
+         "cache_write_tokens", "cache_read_tokens", "cost_micros", "cost_pico")
 _AGG = """count(*), count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced),
            sum(input_tokens), sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens),
-           sum(cost_micros)"""
+           sum(cost_micros), sum(cost_pico)"""
 _SHARD = f"${len(_TYPES) + 1}::int2"
 
 
@@ -105,7 +108,7 @@ WITH ins AS (
     SELECT * FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_TYPES))})
     ON CONFLICT (request_id, ts) DO NOTHING
     RETURNING request_id, ts, user_id, key_id, model, partial, priced,
-              input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros
+              input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros, cost_pico
 ), {_rollup("daily", "usage_daily", "(ts AT TIME ZONE 'UTC')::date", "day")},
 {_rollup("hourly", "usage_hourly", "date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", "hour")}
 SELECT (SELECT array_agg(request_id) FROM ins) AS ids, pg_current_xact_id()::text AS xid
@@ -133,6 +136,8 @@ def decode(line: bytes) -> UsageRecord | None:
         d = orjson.loads(line)
         if not isinstance(d, dict):
             return None
+        if "cost_pico" not in d and "cost_micros" in d:  # a journal line of the previous release
+            d["cost_pico"] = d["cost_micros"] * PICO_PER_MICRO
         return UsageRecord(**{k: v for k, v in d.items() if k in _FIELD_SET})
     except (orjson.JSONDecodeError, TypeError):
         return None
@@ -162,12 +167,13 @@ def _columns(batch: list[UsageRecord]) -> list[list[Any]]:
         [r.output_tokens for r in batch],
         [r.cache_write_tokens for r in batch],
         [r.cache_read_tokens for r in batch],
-        [r.cost_micros for r in batch],
+        [micros_ceil(r.cost_pico) for r in batch],
         [r.priced for r in batch],
         [r.upstream_ms for r in batch],
         [r.ttft_ms for r in batch],
         [r.gateway_ms for r in batch],
         [r.error_kind for r in batch],
+        [r.cost_pico for r in batch],
     ]
 
 
@@ -490,7 +496,7 @@ class LedgerWriter:
         if self.on_commit is not None:
             # Only rows this statement inserted (a replayed duplicate was applied when first committed).
             new = set(ids)
-            committed = [r for r in batch if r.budget_keys and r.cost_micros and r.request_id in new]
+            committed = [r for r in batch if r.budget_keys and r.cost_pico and r.request_id in new]
             if committed:
                 try:
                     await self.on_commit(committed, row["xid"])

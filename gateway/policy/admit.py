@@ -60,7 +60,7 @@ class Limiter(Protocol):
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,
-        tokens: int, cost_micros: int,
+        tokens: int, cost_pico: int,
     ) -> None: ...
 
     async def close(self) -> None: ...
@@ -74,7 +74,7 @@ class NullLimiter:
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,
-        tokens: int, cost_micros: int,
+        tokens: int, cost_pico: int,
     ) -> None:
         return None
 
@@ -132,6 +132,6 @@ class Admitter:
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,
-        tokens: int, cost_micros: int,
+        tokens: int, cost_pico: int,
     ) -> None:
-        await self.limiter.settle(principal, facts, reservation, tokens, cost_micros)
+        await self.limiter.settle(principal, facts, reservation, tokens, cost_pico)

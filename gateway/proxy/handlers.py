@@ -186,12 +186,12 @@ def _finish(
         if price is None:
             priced = False
             price = app[keys.PRICES].default
-        cost = price.cost_micros(usage) if price is not None else 0
+        cost = price.cost_pico(usage) if price is not None else 0
     elif not charge:
         usage = Usage()
     ctx.input_tokens = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
     ctx.output_tokens = usage.output_tokens
-    ctx.cost_micros = cost
+    ctx.cost_pico = cost
     now = time.perf_counter()
     app[keys.USAGE].record(
         UsageRecord(
@@ -209,7 +209,7 @@ def _finish(
             output_tokens=usage.output_tokens,
             cache_write_tokens=usage.cache_write_tokens,
             cache_read_tokens=usage.cache_read_tokens,
-            cost_micros=cost,
+            cost_pico=cost,
             priced=priced,
             upstream_ms=ctx.upstream_s * 1000.0,
             ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000.0,
