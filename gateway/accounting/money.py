@@ -14,42 +14,43 @@ for the previous release.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import math
+from decimal import Decimal
+from fractions import Fraction
 
 PICO_PER_USD = 10**12
 PICO_PER_MICRO = 10**6
 
 
-def exact_decimal(value: object) -> Decimal:
-    """A config number as the decimal it was written as (a float's shortest repr: 0.02 -> 0.02)."""
+def exact_decimal(value: object) -> Fraction:
+    """A config number as the decimal it was written as (a float's shortest repr: 0.02 -> 1/50), exactly."""
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         raise ValueError("not a number")
-    try:
-        d = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-    except InvalidOperation:
-        raise ValueError("not a number") from None
-    if not d.is_finite():
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("not a finite number")
-    return d
+    try:
+        return Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError("not a number") from None
 
 
 def usd_to_pico(value: object) -> int:
     """USD (as written) -> pico-dollars, exactly; ValueError when below one pico-dollar's precision."""
     p = exact_decimal(value) * PICO_PER_USD
-    if p != p.to_integral_value():
+    if p.denominator != 1:
         raise ValueError("finer than a pico-dollar")
     return int(p)
 
 
 def usd_to_pico_floor(value: object) -> int:
     """USD -> pico-dollars, dropping anything finer than a pico-dollar (budget limits)."""
-    return int((exact_decimal(value) * PICO_PER_USD).to_integral_value(rounding="ROUND_FLOOR"))
+    return math.floor(exact_decimal(value) * PICO_PER_USD)
 
 
 def per_mtok_to_pico_per_token(value: object) -> int:
     """A price in USD per million tokens -> pico-dollars per token; ValueError when not whole."""
     p = exact_decimal(value) * PICO_PER_USD / 1_000_000
-    if p != p.to_integral_value():
+    if p.denominator != 1:
         raise ValueError("finer than one pico-dollar per token (at most 6 decimals per million tokens)")
     return int(p)
 
