@@ -2,7 +2,7 @@
 
 All keys of one call share the user's hash tag (``{u:<user>}``) so the
 scripts run unchanged on a Redis Cluster.  The version is part of every key
-name (``<prefix>:v1:...``): a rolling deploy that changes a script's data
+name (``<prefix>:v3:...``): a rolling deploy that changes a script's data
 layout bumps it, and old and new workers then keep separate counters instead
 of misreading each other's.
 
@@ -15,8 +15,8 @@ Counter kinds, one key per (kind, scope):
   last 60 seconds count.
 - ``c`` concurrency: ZSET of request ids scored by lease expiry ms; a lease
   that is neither renewed nor released expires by itself.
-- ``b`` budget: HASH ``v`` = micro-dollars spent (what the ledger holds, as
-  far as this counter knows), ``r`` = micro-dollars held, and per request
+- ``b`` budget: HASH ``v`` = pico-dollars spent (what the ledger holds, as
+  far as this counter knows), ``r`` = pico-dollars held, and per request
   ``h:<id>`` (the worst-case reservation of a request in flight) or
   ``p:<id>`` (its real cost, settled but not yet committed to the ledger),
   each with ``e:<id>``, the ms time at which the hold lapses by itself (a
@@ -38,6 +38,9 @@ in against its own snapshot: a rebase (MARK, ledger read, SEED with the
 mark's token) resets ``v`` to the ledger's figure, exactly, while requests
 keep their holds.  Without a ledger (Redis but no Postgres) SETTLE adds the
 real cost to ``v`` directly (``hold_ms`` 0).
+
+v3 (exact money): amounts are pico-dollars and never pass through a Lua
+number: they are added by HINCRBY and compared as two exact limbs (``_BIG``).
 """
 
 from __future__ import annotations
