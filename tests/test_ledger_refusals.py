@@ -18,7 +18,7 @@ import pytest
 import structlog
 
 from gateway import keys
-from gateway.accounting.ledger import LedgerWriter, db_fingerprint, encode
+from gateway.accounting.ledger import PROBE_AFTER, LedgerWriter, db_fingerprint, encode
 from gateway.accounting.ledger_errors import REFUSED_CLASSES, RecordRefused, Verdict, classify
 from gateway.accounting.record import UsageRecord
 from gateway.observability import logging as gwlog
@@ -268,3 +268,76 @@ def test_a_real_log_line_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(len(line) < 16_384 for line in lines)
     first = json.loads(lines[0])
     assert "r1" == first["request_id"] and first["model"].startswith("mmmm")
+
+
+_POISON_TRIGGER = """
+CREATE TABLE test_poison_all (on_ boolean);
+CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.model = 'poison-xx' OR EXISTS (SELECT 1 FROM test_poison_all) THEN
+        RAISE EXCEPTION 'simulated internal error' USING ERRCODE = 'XX000';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_poison BEFORE INSERT ON usage_ledger FOR EACH ROW EXECUTE FUNCTION test_poison();
+"""
+
+
+async def _sql(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def test_a_persistent_error_of_one_record_is_probed_and_set_aside_but_a_systemic_one_is_not(
+        db_url: str, tmp_path: Any) -> None:
+    """An internal error (XX000, an outage class) raised for one record only: retried as an outage a few
+    times, then the batch is probed, the good records land and only that record is set aside.  The same
+    error for every record (a database fault) is never blamed on the records: they wait, then land."""
+    from gateway.config import AccountingConfig
+    from gateway.stores.postgres import Database
+
+    await _sql(db_url, _POISON_TRIGGER)
+    db = Database(db_url)
+    await db.start()
+    w = LedgerWriter(db, AccountingConfig(journal_dir=str(tmp_path), batch_size=50, flush_ms=20))
+    await w.start()
+    try:
+        recs = synthetic(8, seed=51)
+        recs[3] = dataclasses.replace(recs[3], request_id="poison-1", model="poison-xx")
+        for r in recs:
+            w.record(r)
+
+        async def probed() -> bool:
+            return w.stats.set_aside == 1
+
+        await _wait(probed)
+        assert w.stats.outages >= 4  # retried as an outage first
+        assert {r.request_id for r in recs} - {"poison-1"} == set(await rows(db_url))
+        (line,) = [json.loads(x) for f in tmp_path.glob("set-aside-*.jsonl") for x in f.read_text().splitlines()]
+        assert ("poison-1", "XX000") == (line["request_id"], line["set_aside"]["sqlstate"])
+
+        # Every record fails alike: the database's fault, nothing is set aside however often it is retried.
+        await _sql(db_url, "INSERT INTO test_poison_all VALUES (true)")
+        more = [dataclasses.replace(r, request_id=f"sys-{i}") for i, r in enumerate(synthetic(20, seed=52))]
+        before = w.stats.outages
+        for r in more:
+            w.record(r)
+
+        async def retried_past_the_probe() -> bool:
+            return w.stats.outages >= before + PROBE_AFTER + 1
+
+        await _wait(retried_past_the_probe, timeout=60)
+        assert 1 == w.stats.set_aside
+        await _sql(db_url, "DELETE FROM test_poison_all")
+
+        async def landed() -> bool:
+            return {r.request_id for r in more} <= set(await rows(db_url))
+
+        await _wait(landed, timeout=60)
+        assert 1 == w.stats.set_aside
+    finally:
+        await w.close()
+        await db.close()

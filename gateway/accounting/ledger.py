@@ -54,7 +54,14 @@ import asyncpg
 import orjson
 import structlog
 
-from gateway.accounting.ledger_errors import ENCODING_ERRORS, RecordRefused, Verdict, classify, sqlstate
+from gateway.accounting.ledger_errors import (
+    ENCODING_ERRORS,
+    RecordRefused,
+    Verdict,
+    classify,
+    persistent,
+    sqlstate,
+)
 from gateway.accounting.money import PICO_PER_MICRO, micros_ceil
 from gateway.accounting.record import _FIELDS, UsageRecord
 from gateway.config import AccountingConfig
@@ -117,6 +124,7 @@ SELECT (SELECT array_agg(request_id) FROM ins) AS ids, pg_current_xact_id()::tex
 SET_ASIDE_PREFIX = "set-aside-"
 _SET_ASIDE_IDS_MAX = 100_000
 _REASON_MAX = 300  # characters of Postgres's message kept with a set-aside record
+PROBE_AFTER = 5  # consecutive persistent failures (same SQLSTATE) before a batch is probed
 
 
 def db_fingerprint(dsn: str) -> str:
@@ -234,6 +242,7 @@ class LedgerWriter:
         self.prefix = f"usage-{db_fingerprint(db.dsn)}-"
         self.set_aside_path = self.dir / f"{SET_ASIDE_PREFIX}{db_fingerprint(db.dsn)}-{os.getpid()}.jsonl"
         self._set_aside_ids: set[str] = set()
+        self._suspect = ("", 0)  # (SQLSTATE, consecutive failures) of a persistent outage
         self.last_outage = ""  # why the last batch could not be written ("" once Postgres took one)
         self.shard = os.getpid() % SHARDS
         self._seq = 0
@@ -464,21 +473,58 @@ class LedgerWriter:
 
         An outage raises (the caller retries the whole segment later; what went in
         meanwhile is deduplicated).  A refusal is bisected down to the bad records.
+        A persistent outage is probed (``_probe``) every ``PROBE_AFTER``-th time it repeats.
         """
         if self._set_aside_ids:
             batch = [r for r in batch if r.request_id not in self._set_aside_ids]
         if not batch:
             return 0
         try:
-            return await self._insert_rows(batch)
+            n = await self._insert_rows(batch)
         except Exception as exc:
             if classify(exc) is Verdict.OUTAGE:
+                if persistent(exc) and len(batch) > 1 and self._repeats(exc) % PROBE_AFTER == 0:
+                    return await self._probe(batch, exc)
                 raise
             if len(batch) == 1:
                 self._set_aside(batch[0], exc)
                 return 0
+        else:
+            self._suspect = ("", 0)
+            return n
         mid = len(batch) // 2
         return await self._insert(batch[:mid]) + await self._insert(batch[mid:])
+
+    def _repeats(self, exc: BaseException) -> int:
+        """How many times in a row batches failed with this SQLSTATE."""
+        state = sqlstate(exc)
+        count = self._suspect[1] + 1 if self._suspect[0] == state else 1
+        self._suspect = (state, count)
+        return count
+
+    async def _probe(self, batch: list[UsageRecord], exc: BaseException) -> int:
+        """Bisect a batch that keeps failing: if some records go in, the ones that still fail are theirs
+        to blame and are set aside; if every record fails alike it is the database's fault (raise)."""
+        failed: list[tuple[UsageRecord, BaseException]] = []
+        written = await self._probe_insert(batch, failed)
+        if failed and len(failed) == len(batch):
+            raise exc
+        for rec, err in failed:
+            self._set_aside(rec, err)
+        self._suspect = ("", 0)
+        return written
+
+    async def _probe_insert(self, batch: list[UsageRecord], failed: list[tuple[UsageRecord, BaseException]]) -> int:
+        try:
+            return await self._insert_rows(batch)
+        except Exception as exc:
+            if classify(exc) is Verdict.OUTAGE and not persistent(exc):
+                raise  # a real outage meanwhile: retried later like any other
+            if len(batch) == 1:
+                failed.append((batch[0], exc))
+                return 0
+        mid = len(batch) // 2
+        return await self._probe_insert(batch[:mid], failed) + await self._probe_insert(batch[mid:], failed)
 
     async def _insert_rows(self, batch: list[UsageRecord]) -> int:
         cols = columns(batch)  # first: a record that cannot be encoded is refused, not an outage

@@ -22,7 +22,11 @@ column).  Postgres says which by its SQLSTATE class:
 | P0 | a PL/pgSQL RAISE (a trigger refusing the row) | refused |
 
 Any other class is treated as an outage: usage is never dropped on a guess,
-and the writer's readiness reports it with its SQLSTATE.  Outside Postgres:
+and the writer's readiness reports it with its SQLSTATE.  An outage that
+Postgres itself answers and that is not transient (``persistent``: classes
+28, 3D, 42, 58, F0, XX and unknown ones) may still be one record's doing (an
+internal error on one value): when it repeats, the writer probes the batch
+(``ledger.py``) and sets aside only records that fail while others succeed.  Outside Postgres:
 a record that cannot even be encoded (asyncpg's client-side ``DataError``, a
 timestamp out of range) is refused; OSError, ConnectionError, timeouts and a
 lost connection are outages.
@@ -41,6 +45,8 @@ class Verdict(enum.Enum):
 
 
 REFUSED_CLASSES = frozenset({"22", "23", "44", "54", "P0"})
+# Outages that pass by themselves (connection, transaction state, rollback, resources, locks, operator).
+TRANSIENT_CLASSES = frozenset({"08", "25", "40", "53", "55", "57"})
 OUTAGE_CLASSES = frozenset({"08", "25", "28", "3D", "40", "42", "53", "55", "57", "58", "F0", "XX"})
 
 # Raised while encoding a batch in Python: the data itself cannot be sent.
@@ -66,3 +72,8 @@ def classify(exc: BaseException) -> Verdict:
     if isinstance(exc, ValueError) and isinstance(exc, asyncpg.InterfaceError):
         return Verdict.REFUSED
     return Verdict.OUTAGE  # DatabaseUnavailable, OSError, ConnectionError, timeouts, lost connections, the unknown
+
+
+def persistent(exc: BaseException) -> bool:
+    """An outage that Postgres answered and that will not pass by itself (schema, internal, unknown)."""
+    return isinstance(exc, asyncpg.PostgresError) and sqlstate(exc)[:2] not in TRANSIENT_CLASSES | REFUSED_CLASSES
