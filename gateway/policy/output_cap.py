@@ -20,8 +20,7 @@ rewritten and passthrough stays byte-exact.  Budgets reserve the worst case,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Per path: (fields whose largest value is the per-choice ask, the field a cap is written to, reads n).
 _PATHS: dict[str, tuple[tuple[str, ...], str, bool]] = {
@@ -36,8 +35,7 @@ class BadOutputAsk(ValueError):
     """A field of the output ask is malformed (the message names it)."""
 
 
-@dataclass(frozen=True, slots=True)
-class OutputAsk:
+class OutputAsk(NamedTuple):  # a tuple: built on every request, cheaply
     per_choice: int | None  # the largest per-choice output asked for; None: no limit asked
     choices: int = 1
     cap_field: str = ""  # where a cap is written when none was asked; "" for paths without output
@@ -61,19 +59,23 @@ def effective_output(doc: dict[str, Any], path: str) -> OutputAsk:
     if spec is None:
         return NO_OUTPUT
     fields, cap_field, has_n = spec
-    asks = [v for v in (_positive(doc, f) for f in fields) if v is not None]
+    ask: int | None = None
+    for name in fields:
+        v = _positive(doc, name)
+        if v is not None and (ask is None or v > ask):
+            ask = v
     if path == "/v1/messages":
         thinking = doc.get("thinking")
         if isinstance(thinking, dict):
             budget = _positive(thinking, "budget_tokens", "thinking.budget_tokens")
-            if budget is not None:
-                asks.append(budget)
+            if budget is not None and (ask is None or budget > ask):
+                ask = budget
     choices = 1
     if has_n:
         choices = _positive(doc, "n") or 1
         if choices > MAX_CHOICES:
             raise BadOutputAsk(f"n: at most {MAX_CHOICES}.")
-    return OutputAsk(max(asks) if asks else None, choices, cap_field)
+    return OutputAsk(ask, choices, cap_field)
 
 
 def cap_problem(ask: OutputAsk, cap: int, who: str) -> str | None:
