@@ -294,8 +294,9 @@ async def _sql(dsn: str, sql: str) -> None:
 async def test_a_persistent_error_of_one_record_is_probed_and_set_aside_but_a_systemic_one_is_not(
         db_url: str, tmp_path: Any) -> None:
     """An internal error (XX000, an outage class) raised for one record only: retried as an outage a few
-    times, then the batch is probed, the good records land and only that record is set aside.  The same
-    error for every record (a database fault) is never blamed on the records: they wait, then land."""
+    times, then the batch is probed (a rolled-back canary goes in), the good records land and only that
+    record is set aside, also when it is alone in its batch.  The same error for every record (the canary
+    fails too: a database fault) is never blamed on the records: they wait, then land."""
     from gateway.config import AccountingConfig
     from gateway.stores.postgres import Database
 
@@ -319,6 +320,14 @@ async def test_a_persistent_error_of_one_record_is_probed_and_set_aside_but_a_sy
         (line,) = [json.loads(x) for f in tmp_path.glob("set-aside-*.jsonl") for x in f.read_text().splitlines()]
         assert ("poison-1", "XX000") == (line["request_id"], line["set_aside"]["sqlstate"])
 
+        # A one-record batch: the canary tells it apart too.
+        w.record(dataclasses.replace(recs[0], request_id="poison-2", model="poison-xx"))
+
+        async def probed_alone() -> bool:
+            return w.stats.set_aside == 2
+
+        await _wait(probed_alone)
+
         # Every record fails alike: the database's fault, nothing is set aside however often it is retried.
         await _sql(db_url, "INSERT INTO test_poison_all VALUES (true)")
         more = [dataclasses.replace(r, request_id=f"sys-{i}") for i, r in enumerate(synthetic(20, seed=52))]
@@ -330,14 +339,14 @@ async def test_a_persistent_error_of_one_record_is_probed_and_set_aside_but_a_sy
             return w.stats.outages >= before + PROBE_AFTER + 1
 
         await _wait(retried_past_the_probe, timeout=60)
-        assert 1 == w.stats.set_aside
+        assert 2 == w.stats.set_aside
         await _sql(db_url, "DELETE FROM test_poison_all")
 
         async def landed() -> bool:
             return {r.request_id for r in more} <= set(await rows(db_url))
 
         await _wait(landed, timeout=60)
-        assert 1 == w.stats.set_aside
+        assert 2 == w.stats.set_aside
     finally:
         await w.close()
         await db.close()

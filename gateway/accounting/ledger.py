@@ -43,6 +43,7 @@ import fcntl
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -483,7 +484,7 @@ class LedgerWriter:
             n = await self._insert_rows(batch)
         except Exception as exc:
             if classify(exc) is Verdict.OUTAGE:
-                if persistent(exc) and len(batch) > 1 and self._repeats(exc) % PROBE_AFTER == 0:
+                if persistent(exc) and self._repeats(exc) % PROBE_AFTER == 0:
                     return await self._probe(batch, exc)
                 raise
             if len(batch) == 1:
@@ -503,16 +504,41 @@ class LedgerWriter:
         return count
 
     async def _probe(self, batch: list[UsageRecord], exc: BaseException) -> int:
-        """Bisect a batch that keeps failing: if some records go in, the ones that still fail are theirs
-        to blame and are set aside; if every record fails alike it is the database's fault (raise)."""
+        """A batch keeps failing with an error Postgres answers: is it the records' fault or the database's?
+
+        A harmless canary record is written in a transaction that is rolled back.  If Postgres
+        refuses it too, every write fails: an outage (raise).  If it takes it, the batch is
+        bisected and the records that still fail are set aside; the others go in.
+        """
+        if await self._canary() is not None:
+            raise exc
         failed: list[tuple[UsageRecord, BaseException]] = []
         written = await self._probe_insert(batch, failed)
-        if failed and len(failed) == len(batch):
-            raise exc
         for rec, err in failed:
             self._set_aside(rec, err)
         self._suspect = ("", 0)
         return written
+
+    async def _canary(self) -> BaseException | None:
+        """Write a harmless record of now and roll it back: the error Postgres gives, or None."""
+        probe = UsageRecord(
+            request_id=f"ledger-canary-{secrets.token_hex(6)}", ts=time.time(), key_id="ledger-canary",
+            user_id="ledger-canary", model="ledger-canary", route="", upstream="", status=0, streamed=False,
+            partial=False, input_tokens=0, output_tokens=0, cache_write_tokens=0, cache_read_tokens=0, cost_pico=0,
+            priced=True, upstream_ms=0.0, ttft_ms=None, gateway_ms=0.0,
+        )
+        cols = columns([probe])
+        try:
+            async with self.db.connection(timeout=5.0) as conn, conn.transaction():
+                await conn.execute("SELECT usage_ledger_ensure_partition($1)", cols[1][0], timeout=10.0)
+                await conn.fetchrow(INSERT_SQL, *cols, self.shard, timeout=30.0)
+                raise _RolledBack
+        except _RolledBack:
+            return None
+        except Exception as exc:  # any failure of the canary is the answer
+            if classify(exc) is Verdict.OUTAGE and not persistent(exc):
+                raise  # a real outage meanwhile
+            return exc
 
     async def _probe_insert(self, batch: list[UsageRecord], failed: list[tuple[UsageRecord, BaseException]]) -> int:
         try:
@@ -569,6 +595,10 @@ class LedgerWriter:
         except OSError as err:
             log.error("ledger: set-aside file unwritable; the refused record is only in this log",
                       error=err.strerror, record=line.decode(errors="replace"))
+
+
+class _RolledBack(Exception):
+    """Rolls the canary's transaction back."""
 
 
 def _outage_reason(exc: BaseException) -> str:

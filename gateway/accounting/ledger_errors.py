@@ -25,8 +25,10 @@ Any other class is treated as an outage: usage is never dropped on a guess,
 and the writer's readiness reports it with its SQLSTATE.  An outage that
 Postgres itself answers and that is not transient (``persistent``: classes
 28, 3D, 42, 58, F0, XX and unknown ones) may still be one record's doing (an
-internal error on one value): when it repeats, the writer probes the batch
-(``ledger.py``) and sets aside only records that fail while others succeed.  Outside Postgres:
+internal error on one value): when it repeats, the writer probes it
+(``ledger.py``): if a harmless canary record (rolled back) goes in, the
+records that still fail are set aside; if the canary fails too, it is the
+database's fault and stays an outage.  Outside Postgres:
 a record that cannot even be encoded (asyncpg's client-side ``DataError``, a
 timestamp out of range) is refused; OSError, ConnectionError, timeouts and a
 lost connection are outages.
