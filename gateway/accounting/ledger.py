@@ -65,6 +65,7 @@ from gateway.accounting.ledger_errors import (
 )
 from gateway.accounting.money import PICO_PER_MICRO, micros_ceil
 from gateway.accounting.record import _FIELDS, UsageRecord
+from gateway.accounting.set_aside import SetAside
 from gateway.config import AccountingConfig
 from gateway.stores.postgres import Database, DatabaseUnavailable
 
@@ -122,9 +123,6 @@ WITH ins AS (
 SELECT (SELECT array_agg(request_id) FROM ins) AS ids, pg_current_xact_id()::text AS xid
 """  # noqa: S608 - composed from constants only
 
-SET_ASIDE_PREFIX = "set-aside-"
-_SET_ASIDE_IDS_MAX = 100_000
-_REASON_MAX = 300  # characters of Postgres's message kept with a set-aside record
 PROBE_AFTER = 5  # consecutive persistent failures (same SQLSTATE) before a batch is probed
 
 
@@ -212,17 +210,6 @@ class LedgerStats:
     outages: int = 0  # batch writes that failed for an outage (retried with backoff)
 
 
-def set_aside_files(journal_dir: str | Path, dsn: str) -> list[Path]:
-    """Non-empty set-aside files of this database in the journal directory."""
-    prefix = f"{SET_ASIDE_PREFIX}{db_fingerprint(dsn)}-"
-    try:
-        with os.scandir(journal_dir) as it:
-            return [Path(e.path) for e in it
-                    if e.name.startswith(prefix) and e.name.endswith(".jsonl") and e.stat().st_size > 0]
-    except OSError:
-        return []
-
-
 @dataclass(eq=False)
 class _Segment:
     path: Path
@@ -241,8 +228,7 @@ class LedgerWriter:
         self.max_memory = max(cfg.max_memory_records, self.batch_size)
         self.dir = Path(cfg.journal_dir)
         self.prefix = f"usage-{db_fingerprint(db.dsn)}-"
-        self.set_aside_path = self.dir / f"{SET_ASIDE_PREFIX}{db_fingerprint(db.dsn)}-{os.getpid()}.jsonl"
-        self._set_aside_ids: set[str] = set()
+        self.set_aside = SetAside(self.dir, db_fingerprint(db.dsn))
         self._suspect = ("", 0)  # (SQLSTATE, consecutive failures) of a persistent outage
         self.last_outage = ""  # why the last batch could not be written ("" once Postgres took one)
         self.shard = os.getpid() % SHARDS
@@ -476,8 +462,8 @@ class LedgerWriter:
         meanwhile is deduplicated).  A refusal is bisected down to the bad records.
         A persistent outage is probed (``_probe``) every ``PROBE_AFTER``-th time it repeats.
         """
-        if self._set_aside_ids:
-            batch = [r for r in batch if r.request_id not in self._set_aside_ids]
+        if self.set_aside.ids:
+            batch = [r for r in batch if r.request_id not in self.set_aside.ids]
         if not batch:
             return 0
         try:
@@ -577,24 +563,8 @@ class LedgerWriter:
         return n
 
     def _set_aside(self, rec: UsageRecord, exc: BaseException) -> None:
-        """Keep a refused record (and why) in this worker's set-aside file; never retry it."""
         self.stats.set_aside += 1
-        if len(self._set_aside_ids) >= _SET_ASIDE_IDS_MAX:
-            self._set_aside_ids.clear()
-        self._set_aside_ids.add(rec.request_id)
-        reason = {"sqlstate": sqlstate(exc), "error": type(exc).__name__, "message": str(exc)[:_REASON_MAX]}
-        log.error("ledger: record refused by postgres; set aside", request_id=rec.request_id[:100],
-                  file=self.set_aside_path.name, **reason)
-        line = orjson.dumps({**rec.to_dict(), "set_aside": reason}, default=str) + b"\n"
-        try:
-            fd = os.open(self.set_aside_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
-        except OSError as err:
-            log.error("ledger: set-aside file unwritable; the refused record is only in this log",
-                      error=err.strerror, record=line.decode(errors="replace"))
+        self.set_aside.add(rec, exc)
 
 
 class _RolledBack(Exception):

@@ -24,7 +24,8 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
-from gateway.accounting.ledger import LedgerWriter, set_aside_files
+from gateway.accounting import set_aside
+from gateway.accounting.ledger import LedgerWriter, db_fingerprint
 from gateway.accounting.sink import UsageSink
 from gateway.config import Config
 from gateway.resilience.breaker import State
@@ -154,7 +155,7 @@ def ledger_check(sink: UsageSink | None) -> dict[str, Any] | None:
     """The usage ledger writer: degraded while refused records are set aside or batches cannot be written."""
     if not isinstance(sink, LedgerWriter):
         return None
-    files = set_aside_files(sink.dir, sink.db.dsn)
+    files = set_aside.files(sink.dir, db_fingerprint(sink.db.dsn))
     if files:
         return {
             "status": "degraded",
