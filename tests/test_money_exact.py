@@ -268,3 +268,12 @@ def test_a_journal_line_of_the_previous_release_replays_at_its_billed_amount() -
     back = decode(orjson.dumps(old))
     assert back is not None and 7_000_000 == back.cost_pico
     assert rec == decode(encode(rec))  # the current format round-trips as is
+
+
+def test_prices_are_read_as_the_decimals_written_not_through_a_float() -> None:
+    """19 significant digits survive (a float would keep ~16): the price table reads TOML decimals exactly."""
+    t = PriceTable.from_toml("[models.m]\ninput = 1234567890123.456789\noutput = 0.000001\n", default=None)
+    p = t.lookup("m")
+    assert p is not None
+    assert 1_234_567_890_123_456_789 == p.input
+    assert 1 == p.output

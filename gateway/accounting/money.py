@@ -26,11 +26,11 @@ def exact_decimal(value: object) -> Fraction:
     """A config number as the decimal it was written as (a float's shortest repr: 0.02 -> 1/50), exactly."""
     if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
         raise ValueError("not a number")
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float | Decimal) and not math.isfinite(value):
         raise ValueError("not a finite number")
     try:
         return Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise ValueError("not a number") from None
 
 

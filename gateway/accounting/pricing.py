@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from gateway.accounting.money import per_mtok_to_pico_per_token
@@ -39,7 +40,7 @@ class Price:
 
 
 def _pico(v: object, path: str, errors: list[str]) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | float):
+    if isinstance(v, bool) or not isinstance(v, int | float | Decimal):
         errors.append(f"{path}: must be a non-negative number (USD per million tokens)")
         return 0
     try:
@@ -87,7 +88,7 @@ class PriceTable:
     def from_toml(cls, text: str, default: Price | None, source: str = "prices.toml") -> PriceTable:
         errors: list[str] = []
         try:
-            data = tomllib.loads(text)
+            data = tomllib.loads(text, parse_float=Decimal)  # prices exactly as written
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{source}: TOML syntax: {exc}"]) from None
         exact: dict[str, Price] = {}
