@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import ipaddress
+import math
 import os
 import tomllib
 import types
@@ -354,6 +355,8 @@ def _check_limits(limits: Limits, path: str, errors: list[str]) -> None:
             errors.append(f"{path}.{name}: must be positive")
     if limits.budget_usd is not None and limits.budget_usd < 0:
         errors.append(f"{path}.budget_usd: must not be negative")
+    if limits.budget_usd is not None and not math.isfinite(limits.budget_usd):
+        errors.append(f"{path}.budget_usd: must be a finite number")
     for i, cidr in enumerate(limits.allowed_ips or ()):
         try:
             ipaddress.ip_network(cidr, strict=False)

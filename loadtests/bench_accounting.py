@@ -65,7 +65,7 @@ def record(i: int, ts: float) -> UsageRecord:
         request_id=f"bench-{i}-{secrets.token_hex(4)}", ts=ts, key_id=f"key-{i % 50}", user_id=f"user-{i % 10}",
         model=("demo-claude", "demo-gpt", "claude-sonnet-4-5")[i % 3], route="demo-*", upstream="mock",
         status=200, streamed=bool(i % 2), partial=False, input_tokens=100 + i % 900, output_tokens=50 + i % 400,
-        cache_write_tokens=i % 7, cache_read_tokens=i % 11, cost_micros=1000 + i % 5000, priced=True,
+        cache_write_tokens=i % 7, cache_read_tokens=i % 11, cost_pico=(1000 + i % 5000) * 1_000_000 + i % 7, priced=True,
         upstream_ms=12.5, ttft_ms=3.0, gateway_ms=0.2,
     )
 
@@ -238,7 +238,7 @@ async def fill(dsn: str, rows: int) -> float:
             INSERT INTO usage_daily
             SELECT (ts AT TIME ZONE 'UTC')::date, user_id, key_id, model, 0, count(*),
                    count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced), sum(input_tokens),
-                   sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_micros)
+                   sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_pico)
             FROM usage_ledger GROUP BY 1, 2, 3, 4
             """, timeout=None)
         await conn.execute(
@@ -246,7 +246,7 @@ async def fill(dsn: str, rows: int) -> float:
             INSERT INTO usage_hourly
             SELECT date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', user_id, key_id, model, 0,
                    count(*), count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced), sum(input_tokens),
-                   sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_micros)
+                   sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_pico)
             FROM usage_ledger GROUP BY 1, 2, 3, 4
             """, timeout=None)
         await conn.execute("ANALYZE usage_ledger; ANALYZE usage_daily; ANALYZE usage_hourly", timeout=None)

@@ -36,7 +36,7 @@ async def test_rebuild_sums_cost_per_user_and_key_scope_since_the_period_start(c
     assert 0 < int(xmin) <= int(xmax)
     for sc in scopes:
         expected = sum(
-            r.cost_micros for r in recs
+            r.cost_pico for r in recs
             if r.user_id == sc.user_id and (sc.key_id is None or r.key_id == sc.key_id) and r.ts >= sc.since
         )
         assert expected == got[sc], sc

@@ -1,4 +1,4 @@
-"""The price table: integer micro-dollars, names and globs, every validation error at once."""
+"""The price table: exact integer pico-dollars, names and globs, every validation error at once."""
 
 from __future__ import annotations
 
@@ -42,22 +42,21 @@ TABLE = PriceTable.from_toml(
 )
 
 
-def test_one_million_tokens_cost_exactly_the_listed_price_in_micro_dollars():
+def test_one_million_tokens_cost_exactly_the_listed_price():
     p = TABLE.lookup("claude-sonnet-4-5-20250929")
     assert p is not None
-    assert 3_000_000 == p.cost_micros(Usage(input_tokens=1_000_000))
-    assert 15_000_000 == p.cost_micros(Usage(output_tokens=1_000_000))
-    assert 3_750_000 == p.cost_micros(Usage(cache_write_tokens=1_000_000))
-    assert 300_000 == p.cost_micros(Usage(cache_read_tokens=1_000_000))
-    assert 3_000_000 + 15_000_000 + 3_750_000 + 300_000 == p.cost_micros(
-        Usage(1_000_000, 1_000_000, 1_000_000, 1_000_000))
+    assert 3 * 10**12 == p.cost_pico(Usage(input_tokens=1_000_000))
+    assert 15 * 10**12 == p.cost_pico(Usage(output_tokens=1_000_000))
+    assert 3_750_000_000_000 == p.cost_pico(Usage(cache_write_tokens=1_000_000))
+    assert 300_000_000_000 == p.cost_pico(Usage(cache_read_tokens=1_000_000))
+    assert (3 + 15 + 3.75 + 0.3) * 10**12 == p.cost_pico(Usage(1_000_000, 1_000_000, 1_000_000, 1_000_000))
 
 
-def test_a_fraction_of_a_micro_dollar_rounds_up_never_free():
+def test_a_fraction_of_a_micro_dollar_is_kept_exactly_never_rounded():
     p = TABLE.lookup("claude-sonnet-4-x")
     assert p is not None
-    assert 1 == p.cost_micros(Usage(cache_read_tokens=1))  # 0.3 micro-dollars
-    assert 0 == p.cost_micros(Usage())
+    assert 300_000 == p.cost_pico(Usage(cache_read_tokens=1))  # 0.3 micro-dollars
+    assert 0 == p.cost_pico(Usage())
 
 
 @given(st.lists(st.integers(min_value=0, max_value=10**6), min_size=1, max_size=50))
@@ -65,8 +64,8 @@ def test_costs_are_exact_integers_the_sum_of_parts_never_drifts(tokens):
     """Integer pico-dollar prices: the cost of n tokens is exactly n * price, whatever the split."""
     p = Price(input=3_000_000, output=15_000_000, cache_write=3_750_000, cache_read=300_000)
     total = sum(tokens)
-    assert total * 3 == p.cost_micros(Usage(input_tokens=total))
-    assert sum(p.cost_micros(Usage(input_tokens=t)) for t in tokens) == total * 3
+    assert total * 3_000_000 == p.cost_pico(Usage(input_tokens=total))
+    assert sum(p.cost_pico(Usage(input_tokens=t)) for t in tokens) == total * 3_000_000
 
 
 @pytest.mark.parametrize(("model", "expected_input"), [

@@ -25,7 +25,7 @@ def synthetic(n: int, seed: int = 7) -> list[UsageRecord]:
             user_id=rnd.choice(["u1", "u2"]), model=rnd.choice(["m-a", "m-b"]), route="m-*", upstream="x",
             status=200, streamed=rnd.random() < 0.5, partial=rnd.random() < 0.1, input_tokens=rnd.randrange(1000),
             output_tokens=rnd.randrange(500), cache_write_tokens=rnd.randrange(50), cache_read_tokens=rnd.randrange(50),
-            cost_micros=rnd.randrange(10_000), priced=rnd.random() < 0.9, upstream_ms=1.0, ttft_ms=None,
+            cost_pico=rnd.randrange(10**10), priced=rnd.random() < 0.9, upstream_ms=1.0, ttft_ms=None,
             gateway_ms=0.1,
         ))
     return recs
@@ -40,7 +40,7 @@ def brute(recs: list[UsageRecord], lo: datetime | None, hi: datetime | None, gro
             continue
         g = {"day": ts.date().isoformat(), "model": r.model, "key": r.key_id, "user": r.user_id}[group]
         n, c, o = out.get(g, (0, 0, 0))
-        out[g] = (n + 1, c + r.cost_micros, o + r.output_tokens)
+        out[g] = (n + 1, c + r.cost_pico, o + r.output_tokens)
     return out
 
 
@@ -86,7 +86,7 @@ async def test_admin_usage_equals_a_brute_force_sum_for_any_range_and_grouping(l
             r = await cp.get("/admin/usage", params=params, headers=ADMIN)
             assert 200 == r.status, await r.text()
             doc = await r.json()
-            got = {d[key_of(group)]: (d["requests"], d["cost_micros"], d["output_tokens"]) for d in doc["data"]}
+            got = {d[key_of(group)]: (d["requests"], int(d["cost_pico"]), d["output_tokens"]) for d in doc["data"]}
             assert brute(recs, lo, hi, group) == got, (lo, hi, group)
 
 
@@ -96,7 +96,7 @@ async def test_admin_usage_filters_by_user_key_and_model(loaded):
                      params={"user_id": "u1", "key_id": "k2", "model": "m-b", "group_by": "day",
                              "from": "2026-10-29T06:00:00Z"})
     doc = await r.json()
-    got = {d["day"]: (d["requests"], d["cost_micros"], d["output_tokens"]) for d in doc["data"]}
+    got = {d["day"]: (d["requests"], int(d["cost_pico"]), d["output_tokens"]) for d in doc["data"]}
     expected = brute(recs, DAY0 + timedelta(days=1, hours=6), None, "day", user_id="u1", key_id="k2", model="m-b")
     assert expected == got
     assert sum(v[0] for v in expected.values()) == doc["totals"]["requests"]

@@ -128,7 +128,7 @@ deployments = [{{ upstream = "azure", model = "gpt-4o" }}]
             ("gpt-azure", "gpt-4o", False), ("gpt-azure", "gpt-4o", True)} <= served
     for u in usage:
         if u["status"] == 200:
-            assert u["priced"] and u["cost_micros"] > 0 and u["output_tokens"] > 0, u
+            assert u["priced"] and u["cost_pico"] > 0 and u["output_tokens"] > 0, u
     secrets = [AWS_SECRET, AWS_TOKEN, afake.api_key, *vfake.issued_tokens]
     private_key = Path(creds).read_text()
     secrets += private_key.split("\\n")[1:4]  # lines of the PEM body

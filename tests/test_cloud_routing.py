@@ -15,7 +15,7 @@ from tests.fixtures.clouds import BEDROCK_MODEL, bedrock_upstream, cloud_toml
 
 AV = {"x-api-key": TEST_KEY, "anthropic-version": "2023-06-01"}
 MESSAGES: list[Any] = [{"role": "user", "content": "route me somewhere"}]
-SONNET = {"input": 3_000_000, "output": 15_000_000}  # config/prices.toml, micro-dollars per million tokens
+SONNET = {"input": 3_000_000, "output": 15_000_000}  # config/prices.toml: micro-dollars per million tokens = pico-dollars per token
 
 
 def native(name: str, base_url: str) -> str:
@@ -116,8 +116,9 @@ flush_ms = 50
     for row, answer in zip(rows, (msg, final), strict=True):
         assert ("smart", BEDROCK_MODEL, "bedrock", 200) == (row["model"], row["served_model"], row["upstream"], row["status"])
         assert (answer.usage.input_tokens, answer.usage.output_tokens) == (row["input_tokens"], row["output_tokens"])
-        expected = -(-(row["input_tokens"] * SONNET["input"] + row["output_tokens"] * SONNET["output"]) // 1_000_000)
-        assert expected == row["cost_micros"]
+        # SONNET is USD per million tokens x 10^6: exactly that many pico-dollars per token.
+        expected = row["input_tokens"] * SONNET["input"] + row["output_tokens"] * SONNET["output"]
+        assert expected == row["cost_pico"]
         assert row["priced"] is True
     assert [False, True] == [r["streamed"] for r in rows]
 

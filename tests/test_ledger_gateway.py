@@ -36,8 +36,8 @@ def mock_input_tokens(body: dict[str, Any]) -> int:
 
 
 def cost(inp: int, out: int, cw: int = 0, cr: int = 0, price: dict[str, int] = DEMO) -> int:
-    pico = inp * price["input"] + out * price["output"] + cw * price["cache_write"] + cr * price["cache_read"]
-    return -(-pico // 1_000_000)
+    """Exact pico-dollars."""
+    return inp * price["input"] + out * price["output"] + cw * price["cache_write"] + cr * price["cache_read"]
 
 
 async def rows(dsn: str) -> dict[str, asyncpg.Record]:
@@ -115,16 +115,17 @@ async def test_mixed_requests_give_exactly_one_row_each_with_the_mock_tokens_and
         row = got[rid]
         assert (inp, out, cw, cr) == (row["input_tokens"], row["output_tokens"], row["cache_write_tokens"],
                                       row["cache_read_tokens"]), rid
-        assert cost(inp, out, cw, cr) == row["cost_micros"], rid
+        assert cost(inp, out, cw, cr) == row["cost_pico"], rid
+        assert -(-row["cost_pico"] // 10**6) == row["cost_micros"], rid  # the previous release's figure
         assert (streamed, False, True, 200) == (row["streamed"], row["partial"], row["priced"], row["status"])
         assert "test" == row["key_id"] and "standalone" == row["user_id"]
     conn = await asyncpg.connect(pg_env)
     try:
         daily = await conn.fetchrow(
-            "SELECT sum(requests) AS n, sum(cost_micros) AS c, sum(output_tokens) AS o FROM usage_daily")
+            "SELECT sum(requests) AS n, sum(cost_pico) AS c, sum(output_tokens) AS o FROM usage_daily")
     finally:
         await conn.close()
-    assert (len(expected), sum(r["cost_micros"] for r in got.values()),
+    assert (len(expected), sum(r["cost_pico"] for r in got.values()),
             sum(r["output_tokens"] for r in got.values())) == (daily["n"], daily["c"], daily["o"])
 
 
@@ -149,7 +150,7 @@ async def test_client_disconnect_and_upstream_cut_each_record_one_partial_row(
     for rid in (cut_id, gone_id):
         assert got[rid]["partial"] is True
         assert mock_input_tokens(body) == got[rid]["input_tokens"]
-        assert got[rid]["cost_micros"] > 0
+        assert got[rid]["cost_pico"] > 0
     assert got[cut_id]["output_tokens"] >= 1
     await asyncio.sleep(0.3)
     assert 2 == len(await rows(pg_env)), "a partial request was recorded twice"
@@ -238,14 +239,14 @@ deployments = [{ upstream = "mock-anthropic" }, { upstream = "mock-openai" }]
         assert (404, "not_found_error") == (r.status, doc["error"]["type"])
         assert (404, "model_not_found") == (o.status, odoc["error"]["code"])
         await asyncio.sleep(0.3)
-        assert all(0 == row["cost_micros"] for row in (await rows(pg_env)).values())
+        assert all(0 == row["cost_pico"] for row in (await rows(pg_env)).values())
         return
     assert 200 == r.status and 200 == o.status
     got = await wait_rows(pg_env, 2)
     row = got[r.headers["x-request-id"]]
     assert (False, cost(mock_input_tokens(body), 4, price={"input": 10_000_000, "output": 20_000_000,
                                                             "cache_write": 10_000_000, "cache_read": 10_000_000})) \
-        == (row["priced"], row["cost_micros"])
+        == (row["priced"], row["cost_pico"])
 
 
 async def test_memory_stays_bounded_during_an_outage_and_the_journal_fills_the_gap(

@@ -138,4 +138,4 @@ async def test_sighup_reloads_the_price_table(serve, pg_env, mock_upstream, tmp_
     after = await one()
     assert 0 == proc.stop()
     got = await rows(pg_env)
-    assert 10 * got[before]["cost_micros"] == got[after]["cost_micros"]
+    assert 10 * got[before]["cost_pico"] == got[after]["cost_pico"]

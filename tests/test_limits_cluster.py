@@ -47,8 +47,8 @@ limits = {{ rpm = 3, max_concurrency = 10 }}
         assert 0 == g.server.app[keys.LIMITER].stats.degraded
     client = RedisCluster.from_url(with_cluster)
     try:
-        assert 0 == await client.zcard("gw:v2:{u:lim-user}:c:k:limited")
-        spent = int(await client.hget("gw:v2:{u:lim-user}:b:k:limited:all", "v"))
+        assert 0 == await client.zcard("gw:v3:{u:lim-user}:c:k:limited")
+        spent = int(await client.hget("gw:v3:{u:lim-user}:b:k:limited:all", "v"))
     finally:
         await client.aclose()
     assert sum(actual_cost(a.json()["usage"]) for a in lim if a.status == 200) == spent

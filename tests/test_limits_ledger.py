@@ -4,7 +4,7 @@ Database mode with Redis: keys and their budgets come from the admin API,
 usage records go journal -> Postgres, and each committed record's cost moves
 into its budget counter (stores/redis_scripts.py APPLY).  These tests stop,
 flush and freeze Redis and kill workers, then compare the counter with
-``sum(cost_micros)`` in ``usage_ledger``.
+``sum(cost_pico)`` in ``usage_ledger``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def ledger_toml(upstream: str, journal: Path, flush_ms: int, redis: str = "", wo
 async def ledger_spend(dsn: str, key_id: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        return int(await conn.fetchval("SELECT coalesce(sum(cost_micros), 0) FROM usage_ledger WHERE key_id = $1", key_id))
+        return int(await conn.fetchval("SELECT coalesce(sum(cost_pico), 0) FROM usage_ledger WHERE key_id = $1", key_id))
     finally:
         await conn.close()
 
@@ -187,7 +187,7 @@ async def test_budget_reservation_of_a_killed_worker_lapses(
             user = await r.json()
         async with s.post(
             gw.base_url + "/admin/keys", headers=ADMIN,
-            json={"user_id": user["id"], "limits": {"budget_usd": (wc + wc // 2) / 1e6}},
+            json={"user_id": user["id"], "limits": {"budget_usd": (wc + wc // 2) / 1e12}},
         ) as r:
             assert 201 == r.status, await r.text()
             created = await r.json()
@@ -294,7 +294,7 @@ async def test_apply_adds_only_commits_the_rebuild_snapshot_did_not_see(
     from gateway.stores import redis_scripts as scripts
 
     r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    key = "gw:v2:{u:vis}:b:k:vis:all"
+    key = "gw:v3:{u:vis}:b:k:vis:all"
     try:
         await r.delete(key)
         await r.eval(scripts.SEED.source, 1, key, "g1", snapshot, "", 1000, 0)  # type: ignore[misc]
@@ -322,7 +322,7 @@ async def test_hundred_at_once_over_two_instances_never_overspend_and_the_rest_i
     wc = worst_case(body, 100)
     budget = 10 * wc + 1
     gws = [await make_gateway(ledger_toml(mock_upstream.base_url, tmp_path / str(i), flush_ms=100)) for i in range(2)]
-    key_id, key = await budget_key(gws[0], budget / 1e6)
+    key_id, key = await budget_key(gws[0], budget / 1e12)
     answers = await fire([(g, CHAT) for g in gws], 100, key, body, HOLD)
     assert {200: 10, 429: 90} == statuses(answers)
     for g in gws:
@@ -346,7 +346,7 @@ async def test_an_abandoned_rebase_counts_what_it_queued(redis_url: str, ending:
     from gateway.stores import redis_scripts as scripts
 
     r = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    key = "gw:v2:{u:mark}:b:k:mark:all"
+    key = "gw:v3:{u:mark}:b:k:mark:all"
     try:
         await r.delete(key)
         await r.eval(scripts.SEED.source, 1, key, "g1", "100:105:", "", 1000, 0)  # type: ignore[misc]
@@ -387,7 +387,7 @@ async def test_a_rebase_without_a_ledger_answer_unmarks_at_once(redis_url: str) 
     cfg = parse("")
     limiter = RedisLimiter(cfg, RedisStore(cfg.redis, redis_url), PriceTable.load(cfg), rebuild=down)
     await limiter.start()
-    key = "gw:v2:{u:nl}:b:k:nl:all"
+    key = "gw:v3:{u:nl}:b:k:nl:all"
     r = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         await r.delete(key)

@@ -104,7 +104,7 @@ async def test_budget_never_overspent_by_100_concurrent(make_gateway: Any, mock_
     body = chat_body(100)
     budget_micros = 10 * worst_case(body, 100) + 1
     gw = await make_gateway(
-        gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {budget_micros / 1e6}"))
+        gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {budget_micros / 1e12}"))
     )
     answers = await fire([(gw, CHAT)], 100, LIM_KEY, body, HOLD)
     assert {200: 10, 429: 90} == statuses(answers)
@@ -125,7 +125,7 @@ async def test_sdks_do_not_retry_a_budget_429(make_gateway: Any, mock_upstream: 
     """The OpenAI and Anthropic SDKs (max_retries=3) send an exhausted-budget request once."""
     body = chat_body(100)
     gw = await make_gateway(
-        gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {worst_case(body, 100) / 1e6}"))
+        gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {worst_case(body, 100) / 1e12}"))
     )
     assert 200 == (await post_chat(gw, CHAT, LIM_KEY, body)).status  # spends part of the budget
     limiter = gw.server.app[keys.LIMITER]

@@ -61,7 +61,7 @@ async def test_killed_workers_leases_expire(serve: Any, mock_upstream: Any, redi
     extra = limited_keys("max_concurrency = 2", redis="lease_seconds = 1.0\ntimeout_ms = 1000")
     gw = serve(gateway_toml(mock_upstream.base_url, extra=extra, workers=2), workers=2, env=env)
     url = gw.base_url + CHAT
-    lease_key = "gw:v2:{u:lim-user}:c:k:limited"
+    lease_key = "gw:v3:{u:lim-user}:c:k:limited"
     r = aioredis.Redis.from_url(redis_url)
     async with aiohttp.ClientSession() as s:
         slow = [

@@ -80,7 +80,7 @@ async def test_rpm_exact_across_two_instances(make_gateway: Any, mock_upstream: 
     assert all(50_000 < int(a.headers["retry-after-ms"]) <= 60_000 for a in rejected)
     assert all("0" == a.headers["x-ratelimit-remaining-requests"] for a in rejected)
     found = await redis_keys(with_redis)
-    assert {"gw:v2:{u:lim-user}:r:k:limited": "zset"} == found  # hash-tagged by user
+    assert {"gw:v3:{u:lim-user}:r:k:limited": "zset"} == found  # hash-tagged by user
     assert all(g.server.app[keys.LIMITER].stats.degraded == 0 for g in gws)
 
 
@@ -94,8 +94,8 @@ async def test_concurrency_and_tokens_across_instances(make_gateway: Any, mock_u
         await g.server.app[keys.TASKS].drain(timeout=5)
     r = aioredis.Redis.from_url(with_redis)
     try:
-        assert 0 == await r.zcard("gw:v2:{u:lim-user}:c:k:limited")
-        buckets = await r.hgetall("gw:v2:{u:lim-user}:t:k:limited")
+        assert 0 == await r.zcard("gw:v3:{u:lim-user}:c:k:limited")
+        buckets = await r.hgetall("gw:v3:{u:lim-user}:t:k:limited")
     finally:
         await r.aclose()
     # settled: the window holds the two requests' real tokens, not their reservations
@@ -108,7 +108,7 @@ async def test_budget_never_overspent_across_instances(make_gateway: Any, mock_u
     """100 requests at once over two gateways, budget fits 10 worst cases: 10 served, spend <= budget."""
     body = chat_body(100)
     budget = 10 * worst_case(body, 100) + 1
-    gws = await two_gateways(make_gateway, mock_upstream.base_url, limited_keys(f"budget_usd = {budget / 1e6}", redis=PATIENT))
+    gws = await two_gateways(make_gateway, mock_upstream.base_url, limited_keys(f"budget_usd = {budget / 1e12}", redis=PATIENT))
     answers = await fire([(g, CHAT) for g in gws], 100, LIM_KEY, body, HOLD)
     assert [0, 0] == [g.server.app[keys.LIMITER].stats.degraded for g in gws]
     assert {200: 10, 429: 90} == statuses(answers)
@@ -119,7 +119,7 @@ async def test_budget_never_overspent_across_instances(make_gateway: Any, mock_u
         await g.server.app[keys.TASKS].drain(timeout=5)
     r = aioredis.Redis.from_url(with_redis)
     try:
-        assert str(spent).encode() == await r.hget("gw:v2:{u:lim-user}:b:k:limited:all", "v")
+        assert str(spent).encode() == await r.hget("gw:v3:{u:lim-user}:b:k:limited:all", "v")
     finally:
         await r.aclose()
 
@@ -146,7 +146,7 @@ async def test_redis_stopped_mid_load_degrades_then_recovers(
     await wait_for(lambda: not limiter.degraded)
     back = await fire([(gw, CHAT)], 6, LIM_KEY, chat_body())
     assert {200: 4, 429: 2} == statuses(back)  # the shared counter again (fresh: Redis came back empty)
-    assert {"gw:v2:{u:lim-user}:r:k:limited": "zset"} == await redis_keys(with_redis)
+    assert {"gw:v3:{u:lim-user}:r:k:limited": "zset"} == await redis_keys(with_redis)
 
 
 async def test_frozen_redis_costs_one_timeout_not_a_hang(
@@ -202,7 +202,7 @@ async def test_flushed_redis_rebuilds_budgets_before_enforcing(
         each = actual_cost((await post_chat(s, mock_upstream.base_url + CHAT, "x", body)).json()["usage"])
     # Fits 3 requests (the third needs 2 spent + a worst case); a fresh counter would admit 3 more after 2.
     budget = 2 * each + wc
-    gw = await make_gateway(gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {budget / 1e6}")))
+    gw = await make_gateway(gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {budget / 1e12}")))
     limiter = gw.server.app[keys.LIMITER]
     for _ in range(2):
         assert 200 == (await post_chat(gw, CHAT, LIM_KEY, body)).status
@@ -221,7 +221,7 @@ async def test_rebuild_takes_the_ledger_spend_on_a_fresh_instance(
     """An instance that never saw the spend rebuilds from the ledger hook's answer."""
     body = chat_body(100)
     wc = worst_case(body, 100)
-    gw = await make_gateway(gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {10 * wc / 1e6}")))
+    gw = await make_gateway(gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {10 * wc / 1e12}")))
     limiter = gw.server.app[keys.LIMITER]
     asked: list[BudgetScope] = []
 
@@ -248,10 +248,10 @@ async def test_daily_user_budget_counter_names_the_period(
     assert 200 == (await post_chat(gw, CHAT, LIM_KEY, chat_body())).status
     day = time.strftime("%Y%m%d", time.gmtime())
     found = await redis_keys(with_redis)
-    assert {f"gw:v2:{{u:lim-user}}:b:u:d{day}", f"gw:v2:{{u:lim-user}}:b:k:limited:m{day[:6]}"} == set(found)
+    assert {f"gw:v3:{{u:lim-user}}:b:u:d{day}", f"gw:v3:{{u:lim-user}}:b:k:limited:m{day[:6]}"} == set(found)
     r = aioredis.Redis.from_url(with_redis)
     try:
-        assert 0 < await r.ttl(f"gw:v2:{{u:lim-user}}:b:u:d{day}") <= 2 * 86_400
+        assert 0 < await r.ttl(f"gw:v3:{{u:lim-user}}:b:u:d{day}") <= 2 * 86_400
     finally:
         await r.aclose()
 
@@ -284,9 +284,9 @@ async def test_admission_cancelled_mid_flight_gives_its_reservation_back(redis_u
         await task
     r = aioredis.Redis.from_url(redis_url)
     try:
-        await wait_until(lambda: r.zcard("gw:v2:{u:u1}:c:k:k1"), 0)
-        await wait_until(lambda: r.hget("gw:v2:{u:u1}:b:k:k1:all", "r"), b"0")  # nothing held
-        assert b"0" == await r.hget("gw:v2:{u:u1}:b:k:k1:all", "v")  # nothing spent
+        await wait_until(lambda: r.zcard("gw:v3:{u:u1}:c:k:k1"), 0)
+        await wait_until(lambda: r.hget("gw:v3:{u:u1}:b:k:k1:all", "r"), b"0")  # nothing held
+        assert b"0" == await r.hget("gw:v3:{u:u1}:b:k:k1:all", "v")  # nothing spent
     finally:
         await r.aclose()
         await limiter.close()
@@ -306,7 +306,7 @@ async def test_outage_local_budget_starts_from_the_ledger(
     body = chat_body(100)
     wc = worst_case(body, 100)
     gw = await make_gateway(
-        gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {10 * wc / 1e6}", redis=FAST_RECOVERY))
+        gateway_toml(mock_upstream.base_url, extra=limited_keys(f"budget_usd = {10 * wc / 1e12}", redis=FAST_RECOVERY))
     )
     limiter = gw.server.app[keys.LIMITER]
 

@@ -114,7 +114,7 @@ async def test_responses_usage_is_one_ledger_row_per_request(make_gateway, mock_
     expected_in = mock_input_tokens({"input": "hello there"})
     for row in got.values():
         assert ("demo-gpt", 200, expected_in, 5, 40) == (row["model"], row["status"], row["input_tokens"], row["output_tokens"], row["cache_read_tokens"])
-        assert row["cost_micros"] > 0
+        assert row["cost_pico"] > 0
     assert {False, True} == {row["streamed"] for row in got.values()}
     assert r1.headers["x-request-id"] in got
 

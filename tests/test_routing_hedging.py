@@ -78,9 +78,9 @@ async def test_hedge_wins_when_the_first_attempt_is_slow_and_the_loser_is_closed
     one = mock_input_tokens({"messages": MESSAGES})  # what one attempt reports as input
     if dialect == "anthropic":
         assert (2 * one, 6) == (row["input_tokens"], row["output_tokens"])
-        assert cost(one, 5) + cost(one, 1) == row["cost_micros"]
+        assert cost(one, 5) + cost(one, 1) == row["cost_pico"]
     else:  # an OpenAI stream reports usage only at its end: the loser reported none
-        assert (one, 5, cost(one, 5)) == (row["input_tokens"], row["output_tokens"], row["cost_micros"])
+        assert (one, 5, cost(one, 5)) == (row["input_tokens"], row["output_tokens"], row["cost_pico"])
 
 
 async def test_first_attempt_wins_when_its_token_comes_before_the_hedges(make_gateway, mocks, pg_env, tmp_path):  # noqa: F811

@@ -120,7 +120,7 @@ async def test_mapped_model_reaches_the_upstream_and_the_ledger_keeps_both_names
     assert ("smart", served, upstream) == (row["model"], row["served_model"], row["upstream"])
     inp, out = row["input_tokens"], row["output_tokens"]
     assert 5 == out  # the mock fixture's chunk count
-    assert cost(inp, out, row["cache_write_tokens"], row["cache_read_tokens"], price) == row["cost_micros"]
+    assert cost(inp, out, row["cache_write_tokens"], row["cache_read_tokens"], price) == row["cost_pico"]
     assert row["priced"] is True
 
 

@@ -147,7 +147,7 @@ async def test_scenario(make_gateway, mocks, pg_env, tmp_path, case: Case, diale
         if case.status == 200 and not case.partial:
             # 5 from the answer, plus what an abandoned Anthropic attempt's message_start reported (1).
             assert row["output_tokens"] in (5, 6)
-            assert row["cost_micros"] > 0
+            assert row["cost_pico"] > 0
 
 
 async def test_a_stream_abandoned_after_message_start_is_charged_to_the_same_request(
@@ -164,6 +164,6 @@ async def test_a_stream_abandoned_after_message_start_is_charged_to_the_same_req
     one = rows[single.request_id]
     row = rows[out.request_id]
     assert (2 * one["input_tokens"], 5 + 1) == (row["input_tokens"], row["output_tokens"])
-    assert cost(one["input_tokens"], 5) == one["cost_micros"]
-    assert cost(one["input_tokens"], 5) + cost(one["input_tokens"], 1) == row["cost_micros"]
+    assert cost(one["input_tokens"], 5) == one["cost_pico"]
+    assert cost(one["input_tokens"], 5) + cost(one["input_tokens"], 1) == row["cost_pico"]
     assert 1 == (await a.stats()).get("streams_cancelled", 0)  # a's connection was closed

@@ -352,7 +352,7 @@ async def test_translated_requests_give_one_ledger_row_each_priced_by_the_served
         inp = mock_input_tokens(upstream_body)
         assert (public, served, streamed, False, 200) == (row["model"], row["served_model"], row["streamed"], row["partial"], row["status"])
         assert (inp, 5, 30) == (row["input_tokens"], row["output_tokens"], row["cache_read_tokens"]), rid
-        assert cost(inp, 5, 0, 30, price) == row["cost_micros"]
+        assert cost(inp, 5, 0, 30, price) == row["cost_pico"]
 
 
 async def test_translated_default_max_tokens_respects_the_keys_max_tokens_limit(make_gateway, mock_upstream, http):

@@ -21,6 +21,17 @@ database so that two deployments sharing a directory never swap records.
 Outages: records stay in the journal; memory keeps at most
 ``max_memory_records`` of them (beyond that they are read back from the
 journal in batches when Postgres is back).
+
+Refusals: a batch Postgres refuses for its data (``ledger_errors.classify``:
+a NUL, an index row too large, a CHECK) is bisected to find the bad
+record(s); those are set aside in ``set-aside-<db>-<pid>.jsonl`` in the
+journal directory (with the SQLSTATE and reason), counted
+(``gateway_usage_events_total{event="set_aside"}``) and reported by
+``/readyz`` as degraded while such a file exists; the records behind them
+are written as usual.  A refusal is never retried, so a restarted worker
+never loops on a poisoned segment.  An operator inspects the file, fixes or
+drops the records, and removes it (or renames it to ``usage-<db>-0-fix-1.jsonl``
+to have it replayed).
 """
 
 from __future__ import annotations
@@ -44,9 +55,19 @@ import asyncpg
 import orjson
 import structlog
 
+from gateway.accounting.ledger_errors import (
+    ENCODING_ERRORS,
+    RecordRefused,
+    Verdict,
+    classify,
+    persistent,
+    sqlstate,
+)
+from gateway.accounting.money import PICO_PER_MICRO, micros_ceil
 from gateway.accounting.record import _FIELDS, UsageRecord
+from gateway.accounting.set_aside import SetAside
 from gateway.config import AccountingConfig
-from gateway.stores.postgres import CONNECTIVITY_ERRORS, Database, DatabaseUnavailable
+from gateway.stores.postgres import Database, DatabaseUnavailable
 
 log = structlog.get_logger("ledger")
 
@@ -59,20 +80,22 @@ _COLUMNS = (
     "request_id", "ts", "key_id", "user_id", "model", "route", "upstream", "status", "streamed", "partial",
     "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens", "cost_micros", "priced",
     "upstream_ms", "ttft_ms", "gateway_ms", "error_kind",
-    "served_model",
+    "served_model", "cost_pico",
 )
 _TYPES = (
     "text", "timestamptz", "text", "text", "text", "text", "text", "int4", "bool", "bool",
     "int8", "int8", "int8", "int8", "int8", "bool", "float4", "float4", "float4", "text",
-    "text",
+    "text", "int8",
 )
 
 # One statement: insert what is new, then roll up exactly those rows (daily and hourly).
+# cost_pico (exact, numeric in the rollups) is the truth; cost_micros (each record rounded up to
+# a micro-dollar) is kept for the previous release (migrations 0011, 0012).
 _SUMS = ("requests", "partial_requests", "unpriced_requests", "input_tokens", "output_tokens",
-         "cache_write_tokens", "cache_read_tokens", "cost_micros")
+         "cache_write_tokens", "cache_read_tokens", "cost_micros", "cost_pico")
 _AGG = """count(*), count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced),
            sum(input_tokens), sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens),
-           sum(cost_micros)"""
+           sum(cost_micros), sum(cost_pico)"""
 _SHARD = f"${len(_TYPES) + 1}::int2"
 
 
@@ -96,17 +119,13 @@ WITH ins AS (
     SELECT * FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_TYPES))})
     ON CONFLICT (request_id, ts) DO NOTHING
     RETURNING request_id, ts, user_id, key_id, model, partial, priced,
-              input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros
+              input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros, cost_pico
 ), {_rollup("daily", "usage_daily", "(ts AT TIME ZONE 'UTC')::date", "day")},
 {_rollup("hourly", "usage_hourly", "date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", "hour")}
 SELECT (SELECT array_agg(request_id) FROM ins) AS ids, pg_current_xact_id()::text AS xid
 """  # noqa: S608 - composed from constants only
 
-# Errors of the data itself (retrying the batch would never succeed).
-_DATA_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DataError,
-    asyncpg.exceptions.IntegrityConstraintViolationError,
-)
+PROBE_AFTER = 5  # consecutive persistent failures (same SQLSTATE) before a batch is probed
 
 
 def db_fingerprint(dsn: str) -> str:
@@ -126,13 +145,22 @@ def decode(line: bytes) -> UsageRecord | None:
         d = orjson.loads(line)
         if not isinstance(d, dict):
             return None
+        if "cost_pico" not in d and "cost_micros" in d:  # a journal line of the previous release
+            d["cost_pico"] = d["cost_micros"] * PICO_PER_MICRO
         return UsageRecord(**{k: v for k, v in d.items() if k in _FIELD_SET})
     except (orjson.JSONDecodeError, TypeError):
         return None
 
 
 def columns(batch: list[UsageRecord]) -> list[list[Any]]:
-    """Column arrays for INSERT_SQL's unnest."""
+    """Column arrays for INSERT_SQL's unnest (RecordRefused when a record cannot be encoded)."""
+    try:
+        return _columns(batch)
+    except ENCODING_ERRORS as exc:
+        raise RecordRefused(f"{type(exc).__name__}: {exc}") from None
+
+
+def _columns(batch: list[UsageRecord]) -> list[list[Any]]:
     return [
         [r.request_id for r in batch],
         [datetime.fromtimestamp(r.ts, UTC) for r in batch],
@@ -148,13 +176,14 @@ def columns(batch: list[UsageRecord]) -> list[list[Any]]:
         [r.output_tokens for r in batch],
         [r.cache_write_tokens for r in batch],
         [r.cache_read_tokens for r in batch],
-        [r.cost_micros for r in batch],
+        [micros_ceil(r.cost_pico) for r in batch],
         [r.priced for r in batch],
         [r.upstream_ms for r in batch],
         [r.ttft_ms for r in batch],
         [r.gateway_ms for r in batch],
         [r.error_kind for r in batch],
         [r.served_model for r in batch],
+        [r.cost_pico for r in batch],
     ]
 
 
@@ -172,6 +201,16 @@ def read_segment(path: Path, batch_size: int) -> Iterator[list[UsageRecord]]:
                 batch = []
     if batch:
         yield batch
+
+
+@dataclass(slots=True)
+class LedgerStats:
+    """The writer's counters (``gateway_usage_events_total{event=...}``)."""
+
+    recorded: int = 0
+    written: int = 0  # rows inserted (duplicates excluded)
+    set_aside: int = 0  # records Postgres refused, kept in the set-aside file
+    outages: int = 0  # batch writes that failed for an outage (retried with backoff)
 
 
 @dataclass(eq=False)
@@ -192,6 +231,9 @@ class LedgerWriter:
         self.max_memory = max(cfg.max_memory_records, self.batch_size)
         self.dir = Path(cfg.journal_dir)
         self.prefix = f"usage-{db_fingerprint(db.dsn)}-"
+        self.set_aside = SetAside(self.dir, db_fingerprint(db.dsn))
+        self._suspect = ("", 0)  # (SQLSTATE, consecutive failures) of a persistent outage
+        self.last_outage = ""  # why the last batch could not be written ("" once Postgres took one)
         self.shard = os.getpid() % SHARDS
         self._seq = 0
         self._run_id = secrets.token_hex(4)
@@ -205,10 +247,7 @@ class LedgerWriter:
         self._last_scan = -ORPHAN_SCAN_S  # scan at start
         self._partitions: set[tuple[int, int]] = set()  # (year, month) known to exist
         self._lock = asyncio.Lock()  # one flush at a time (the flusher, flush(), close())
-        # Figures for tests, metrics and the benchmark.
-        self.written = 0  # rows this writer inserted (duplicates excluded)
-        self.recorded = 0
-        self.rejected = 0
+        self.stats = LedgerStats()  # figures for tests, metrics and the benchmark
         # Called with the records a batch newly committed (those carrying budget
         # keys and a cost) and the committing transaction id: the limiter moves
         # their cost into the Redis budget counters.  It must not raise.
@@ -216,8 +255,16 @@ class LedgerWriter:
 
     # ------------------------------------------------------------ hot path
 
+    @property
+    def written(self) -> int:
+        return self.stats.written
+
+    @property
+    def recorded(self) -> int:
+        return self.stats.recorded
+
     def record(self, rec: UsageRecord) -> None:
-        self.recorded += 1
+        self.stats.recorded += 1
         seg = self._active
         if seg is None:
             seg = self._active = self._open_segment()
@@ -308,19 +355,24 @@ class LedgerWriter:
                         ):
                             self._seal()
                         await self._flush_sealed()
-            except (DatabaseUnavailable, asyncpg.PostgresError, *CONNECTIVITY_ERRORS) as exc:
+            except Exception as exc:  # refusals never get here: _insert sets them aside
+                self.stats.outages += 1
+                self.last_outage = _outage_reason(exc)
                 if self._closing:
                     log.warning("ledger: postgres unavailable at shutdown; records left in the journal",
-                                pending=self.pending, error=type(exc).__name__)
+                                pending=self.pending, error=self.last_outage)
                     return
                 if self._down_since is None:
                     self._down_since = loop.time()
-                    log.warning("ledger: postgres unavailable; journaling until it is back",
-                                error=str(exc) if isinstance(exc, DatabaseUnavailable) else type(exc).__name__)
+                    if isinstance(exc, DatabaseUnavailable | asyncpg.PostgresError | OSError | asyncpg.InterfaceError):
+                        log.warning("ledger: postgres unavailable; journaling until it is back", error=self.last_outage)
+                    else:  # not a database error at all: a bug, retried like an outage but loud
+                        log.exception("ledger: batch write failed; journaling and retrying", error=self.last_outage)
                 delay = min(max(delay * 2, 0.25), 5.0)
                 next_flush = loop.time() + delay
                 self._wake.clear()
                 continue
+            self.last_outage = ""
             if self._down_since is not None and not self._sealed:
                 log.info("ledger: postgres back; journal replayed", outage_s=round(loop.time() - self._down_since, 1))
                 self._down_since = None
@@ -407,37 +459,105 @@ class LedgerWriter:
                 os.close(fd)
 
     async def _insert(self, batch: list[UsageRecord]) -> int:
-        """Insert a batch (duplicates skipped); rows whose data Postgres refuses are set aside."""
+        """Insert a batch (duplicates skipped); records Postgres refuses are set aside, the rest go in.
+
+        An outage raises (the caller retries the whole segment later; what went in
+        meanwhile is deduplicated).  A refusal is bisected down to the bad records.
+        A persistent outage is probed (``_probe``) every ``PROBE_AFTER``-th time it repeats.
+        """
+        if self.set_aside.ids:
+            batch = [r for r in batch if r.request_id not in self.set_aside.ids]
         if not batch:
             return 0
         try:
             n = await self._insert_rows(batch)
-        except _DATA_ERRORS:
+        except Exception as exc:
+            if classify(exc) is Verdict.OUTAGE:
+                if persistent(exc) and self._repeats(exc) % PROBE_AFTER == 0:
+                    return await self._probe(batch, exc)
+                raise
             if len(batch) == 1:
-                self._reject(batch[0])
+                self._set_aside(batch[0], exc)
                 return 0
-            n = 0
-            for rec in batch:  # find the bad row(s); the rest still go in
-                n += await self._insert([rec])
+        else:
+            self._suspect = ("", 0)
             return n
-        return n
+        mid = len(batch) // 2
+        return await self._insert(batch[:mid]) + await self._insert(batch[mid:])
+
+    def _repeats(self, exc: BaseException) -> int:
+        """How many times in a row batches failed with this SQLSTATE."""
+        state = sqlstate(exc)
+        count = self._suspect[1] + 1 if self._suspect[0] == state else 1
+        self._suspect = (state, count)
+        return count
+
+    async def _probe(self, batch: list[UsageRecord], exc: BaseException) -> int:
+        """A batch keeps failing with an error Postgres answers: is it the records' fault or the database's?
+
+        A harmless canary record is written in a transaction that is rolled back.  If Postgres
+        refuses it too, every write fails: an outage (raise).  If it takes it, the batch is
+        bisected and the records that still fail are set aside; the others go in.
+        """
+        if await self._canary() is not None:
+            raise exc
+        failed: list[tuple[UsageRecord, BaseException]] = []
+        written = await self._probe_insert(batch, failed)
+        for rec, err in failed:
+            self._set_aside(rec, err)
+        self._suspect = ("", 0)
+        return written
+
+    async def _canary(self) -> BaseException | None:
+        """Write a harmless record of now and roll it back: the error Postgres gives, or None."""
+        probe = UsageRecord(
+            request_id=f"ledger-canary-{secrets.token_hex(6)}", ts=time.time(), key_id="ledger-canary",
+            user_id="ledger-canary", model="ledger-canary", route="", upstream="", status=0, streamed=False,
+            partial=False, input_tokens=0, output_tokens=0, cache_write_tokens=0, cache_read_tokens=0, cost_pico=0,
+            priced=True, upstream_ms=0.0, ttft_ms=None, gateway_ms=0.0,
+        )
+        cols = columns([probe])
+        try:
+            async with self.db.connection(timeout=5.0) as conn, conn.transaction():
+                await conn.execute("SELECT usage_ledger_ensure_partition($1)", cols[1][0], timeout=10.0)
+                await conn.fetchrow(INSERT_SQL, *cols, self.shard, timeout=30.0)
+                raise _RolledBack
+        except _RolledBack:
+            return None
+        except Exception as exc:  # any failure of the canary is the answer
+            if classify(exc) is Verdict.OUTAGE and not persistent(exc):
+                raise  # a real outage meanwhile
+            return exc
+
+    async def _probe_insert(self, batch: list[UsageRecord], failed: list[tuple[UsageRecord, BaseException]]) -> int:
+        try:
+            return await self._insert_rows(batch)
+        except Exception as exc:
+            if classify(exc) is Verdict.OUTAGE and not persistent(exc):
+                raise  # a real outage meanwhile: retried later like any other
+            if len(batch) == 1:
+                failed.append((batch[0], exc))
+                return 0
+        mid = len(batch) // 2
+        return await self._probe_insert(batch[:mid], failed) + await self._probe_insert(batch[mid:], failed)
 
     async def _insert_rows(self, batch: list[UsageRecord]) -> int:
+        cols = columns(batch)  # first: a record that cannot be encoded is refused, not an outage
+        months = {(t.year, t.month) for t in cols[1]} - self._partitions
         async with self.db.connection(timeout=5.0) as conn:
-            months = {time.gmtime(r.ts)[:2] for r in batch} - self._partitions
             for y, m in sorted(months):
                 await conn.execute(
                     "SELECT usage_ledger_ensure_partition($1)", datetime(y, m, 1, tzinfo=UTC), timeout=10.0
                 )
                 self._partitions.add((y, m))
-            row = await conn.fetchrow(INSERT_SQL, *columns(batch), self.shard, timeout=30.0)
+            row = await conn.fetchrow(INSERT_SQL, *cols, self.shard, timeout=30.0)
         ids = row["ids"] or []
         n = len(ids)
-        self.written += n
+        self.stats.written += n
         if self.on_commit is not None:
             # Only rows this statement inserted (a replayed duplicate was applied when first committed).
             new = set(ids)
-            committed = [r for r in batch if r.budget_keys and r.cost_micros and r.request_id in new]
+            committed = [r for r in batch if r.budget_keys and r.cost_pico and r.request_id in new]
             if committed:
                 try:
                     await self.on_commit(committed, row["xid"])
@@ -445,8 +565,18 @@ class LedgerWriter:
                     log.exception("ledger: budget application failed")
         return n
 
-    def _reject(self, rec: UsageRecord) -> None:
-        self.rejected += 1
-        log.error("ledger: record refused by postgres; kept in rejected file", request_id=rec.request_id)
-        with contextlib.suppress(OSError), open(self.dir / f"rejected-{os.getpid()}.jsonl", "ab") as f:
-            f.write(encode(rec))
+    def _set_aside(self, rec: UsageRecord, exc: BaseException) -> None:
+        self.stats.set_aside += 1
+        self.set_aside.add(rec, exc)
+
+
+class _RolledBack(Exception):
+    """Rolls the canary's transaction back."""
+
+
+def _outage_reason(exc: BaseException) -> str:
+    """A short, secret-free reason: the class and SQLSTATE (a DSN in a message may hold a password)."""
+    state = sqlstate(exc)
+    if isinstance(exc, DatabaseUnavailable):
+        return str(exc)
+    return f"{type(exc).__name__} {state}".strip()

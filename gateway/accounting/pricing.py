@@ -1,47 +1,57 @@
-"""Prices per model (names and globs) and cost in integer micro-dollars.
+"""Prices per model (names and globs) and cost in integer pico-dollars, exactly.
 
-A price of P USD per million tokens is P micro-dollars per token; prices are
-kept as integer pico-dollars per token (P * 1e6) so that the arithmetic is
-exact, and a cost is rounded up to the next micro-dollar (never free).
+A price of P USD per million tokens is P x 10^6 pico-dollars per token, kept
+as an integer (read from the TOML as the decimal written, never through float
+arithmetic; a price finer than one pico-dollar per token is a config error).
+A cost is tokens x price: an integer, never rounded (``accounting/money.py``).
 """
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
+from gateway.accounting.money import per_mtok_to_pico_per_token
 from gateway.accounting.usage import Usage
 from gateway.config import Config, ConfigError, model_matches
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    input: int  # pico-dollars per token == micro-dollars per million tokens
+    input: int  # pico-dollars per token (== micro-dollars per million tokens)
     output: int
     cache_write: int
     cache_read: int
 
-    def cost_micros(self, u: Usage) -> int:
-        pico = (
+    def cost_pico(self, u: Usage) -> int:
+        """The exact cost of a usage, in pico-dollars."""
+        return (
             u.input_tokens * self.input
             + u.output_tokens * self.output
             + u.cache_write_tokens * self.cache_write
             + u.cache_read_tokens * self.cache_read
         )
-        return -(-pico // 1_000_000)
 
-    def worst_case_micros(self, input_tokens: int, max_output: int) -> int:
-        per_in = max(self.input, self.cache_write)
-        return -(-(input_tokens * per_in + max_output * self.output) // 1_000_000)
+    def worst_case_pico(self, input_tokens: int, max_output: int) -> int:
+        """The most a request of ``input_tokens`` and up to ``max_output`` output tokens can cost."""
+        return input_tokens * max(self.input, self.cache_write) + max_output * self.output
 
 
 def _pico(v: object, path: str, errors: list[str]) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0 or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, int | float | Decimal):
         errors.append(f"{path}: must be a non-negative number (USD per million tokens)")
         return 0
-    return round(v * 1_000_000)
+    try:
+        pico = per_mtok_to_pico_per_token(v)
+    except ValueError as exc:
+        errors.append(f"{path}: {exc}")
+        return 0
+    if pico < 0:
+        errors.append(f"{path}: must be a non-negative number (USD per million tokens)")
+        return 0
+    return pico
 
 
 class PriceTable:
@@ -78,7 +88,7 @@ class PriceTable:
     def from_toml(cls, text: str, default: Price | None, source: str = "prices.toml") -> PriceTable:
         errors: list[str] = []
         try:
-            data = tomllib.loads(text)
+            data = tomllib.loads(text, parse_float=Decimal)  # prices exactly as written
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{source}: TOML syntax: {exc}"]) from None
         exact: dict[str, Price] = {}
@@ -123,12 +133,12 @@ class PriceTable:
             path = cfg.config_dir / path
         default = None
         if cfg.pricing.unknown_model == "default":
-            default = Price(
-                input=round(cfg.pricing.default_input_per_mtok * 1_000_000),
-                output=round(cfg.pricing.default_output_per_mtok * 1_000_000),
-                cache_write=round(cfg.pricing.default_input_per_mtok * 1_000_000),
-                cache_read=round(cfg.pricing.default_input_per_mtok * 1_000_000),
-            )
+            errors: list[str] = []
+            inp = _pico(cfg.pricing.default_input_per_mtok, "pricing.default_input_per_mtok", errors)
+            out = _pico(cfg.pricing.default_output_per_mtok, "pricing.default_output_per_mtok", errors)
+            if errors:
+                raise ConfigError(errors)
+            default = Price(input=inp, output=out, cache_write=inp, cache_read=inp)
         try:
             text = path.read_text()
         except OSError as exc:

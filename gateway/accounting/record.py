@@ -22,7 +22,7 @@ class UsageRecord:
     output_tokens: int
     cache_write_tokens: int
     cache_read_tokens: int
-    cost_micros: int
+    cost_pico: int  # exact cost in pico-dollars (accounting/money.py)
     priced: bool  # False: the model had no price (flagged; default price applied)
     upstream_ms: float
     ttft_ms: float | None

@@ -9,6 +9,11 @@ Query parameters (all optional):
 - ``group_by``: ``day``, ``model``, ``key``, ``user``, or several joined with
   commas (``day,model``).  Default ``day``.
 
+Cost is exact: ``cost_pico`` (pico-dollars, an integer as a string) and
+``cost_usd`` (the same as an exact decimal string, e.g. ``"0.0000002"``);
+``cost_micros`` (each record rounded up to a micro-dollar) is the previous
+release's figure, kept for compatibility.
+
 Fast on tens of millions of rows: whole UTC days come from the ``usage_daily``
 rollup, whole hours of the partial edge days from ``usage_hourly``, and only
 the sub-hour slices at the very edges of a range from the ledger itself.
@@ -22,13 +27,16 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.accounting.money import usd
 from gateway.admin.common import connect
 from gateway.auth.guard import require_admin, require_user
 from gateway.auth.responses import bad_request, json_response
 
 GROUPS = {"day": "day", "model": "model", "key": "key_id", "user": "user_id"}
 SUMS = ("requests", "partial_requests", "unpriced_requests", "input_tokens", "output_tokens",
-        "cache_write_tokens", "cache_read_tokens", "cost_micros")
+        "cache_write_tokens", "cache_read_tokens", "cost_micros", "cost_pico")
+# Summed as numeric (a bigint sum of pico-dollars could overflow) and reported as exact strings.
+_EXACT = frozenset({"cost_pico"})
 MAX_ROWS = 10_000
 MAX_FILTER_LEN = 200
 QUERY_TIMEOUT_S = 10.0
@@ -36,7 +44,7 @@ QUERY_TIMEOUT_S = 10.0
 _RAW_COLUMNS = (
     "(ts AT TIME ZONE 'UTC')::date AS day, user_id, key_id, model, 1 AS requests, "
     "partial::int AS partial_requests, (NOT priced)::int AS unpriced_requests, input_tokens, output_tokens, "
-    "cache_write_tokens, cache_read_tokens, cost_micros"
+    "cache_write_tokens, cache_read_tokens, cost_micros, cost_pico"
 )
 _DAILY_COLUMNS = "day, user_id, key_id, model, " + ", ".join(SUMS)
 
@@ -167,7 +175,7 @@ def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
         where = " WHERE " + " AND ".join(conds) if conds else ""
         parts.append(f"SELECT {cols} FROM {table}{where}")  # noqa: S608 - placeholders only
     group_cols = ", ".join(GROUPS[g] for g in uq.group_by)
-    sums = ", ".join(f"sum({s})::bigint AS {s}" for s in SUMS)
+    sums = ", ".join(f"sum({s})::{'numeric' if s in _EXACT else 'bigint'} AS {s}" for s in SUMS)
     sql = (
         f"SELECT {group_cols}, {sums} FROM ({' UNION ALL '.join(parts)}) u "  # noqa: S608 - constants
         f"GROUP BY {group_cols} ORDER BY {group_cols} LIMIT {MAX_ROWS + 1}"
@@ -181,9 +189,16 @@ def _row(r: Any, group_by: tuple[str, ...]) -> dict[str, Any]:
         v = r[GROUPS[g]]
         out[GROUPS[g] if g != "day" else "day"] = v.isoformat() if isinstance(v, date) else v
     for s in SUMS:
-        out[s] = r[s] or 0
-    out["cost_usd"] = out["cost_micros"] / 1_000_000
+        out[s] = int(r[s] or 0)
     return out
+
+
+def _exact(row: dict[str, Any]) -> dict[str, Any]:
+    """Pico-dollars as an exact integer string and USD as an exact decimal string (JSON numbers
+    lose precision past 2^53 in most clients)."""
+    row["cost_usd"] = usd(row["cost_pico"])
+    row["cost_pico"] = str(row["cost_pico"])
+    return row
 
 
 async def _report(request: web.Request, uq: UsageQuery) -> web.Response:
@@ -191,9 +206,9 @@ async def _report(request: web.Request, uq: UsageQuery) -> web.Response:
     async with connect(request) as conn:
         records = await conn.fetch(sql, *args, timeout=QUERY_TIMEOUT_S)
     truncated = len(records) > MAX_ROWS
-    data = [_row(r, uq.group_by) for r in records[:MAX_ROWS]]
-    totals: dict[str, Any] = {s: sum(d[s] for d in data) for s in SUMS}
-    totals["cost_usd"] = totals["cost_micros"] / 1_000_000
+    rows = [_row(r, uq.group_by) for r in records[:MAX_ROWS]]
+    totals: dict[str, Any] = _exact({s: sum(d[s] for d in rows) for s in SUMS})
+    data = [_exact(d) for d in rows]
     return json_response({
         "from": uq.start.isoformat() if uq.start else None,
         "to": uq.end.isoformat() if uq.end else None,

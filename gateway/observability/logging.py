@@ -17,7 +17,36 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
+# Every value of a log line is bounded: a 3 KB model name, a huge upstream error or a
+# long traceback must not make a line that log shippers truncate or drop.
+MAX_VALUE_CHARS = 1024
+MAX_EXCEPTION_CHARS = 8192
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _clip(value: str, limit: int) -> str:
+    return value if len(value) <= limit else f"{value[:limit]}...[{len(value) - limit} more chars]"
+
+
+def bound_values(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: cut any value longer than ``MAX_VALUE_CHARS`` (tracebacks: ``MAX_EXCEPTION_CHARS``)."""
+    for k, v in event.items():
+        if isinstance(v, str):
+            limit = MAX_EXCEPTION_CHARS if k == "exception" else MAX_VALUE_CHARS
+            if len(v) > limit:
+                event[k] = _clip(v, limit)
+        elif isinstance(v, bytes | bytearray):
+            if len(v) > MAX_VALUE_CHARS:
+                event[k] = _clip(bytes(v).decode(errors="replace"), MAX_VALUE_CHARS)
+        elif isinstance(v, dict | list | tuple | set | frozenset):
+            try:
+                text = orjson.dumps(v, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+            except TypeError:
+                text = repr(v)
+            if len(text) > MAX_VALUE_CHARS:
+                event[k] = _clip(text, MAX_VALUE_CHARS)
+    return event
 
 
 def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +115,7 @@ def configure(level: str = "info", worker: int | None = None) -> None:
         processors.append(_worker)
     processors += [
         structlog.processors.format_exc_info,
+        bound_values,
         structlog.processors.JSONRenderer(serializer=orjson.dumps),
     ]
     if _writer is not None:
@@ -113,7 +143,10 @@ class _StdlibJSON(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"level": record.levelname.lower(), "logger": record.name, "event": record.getMessage()}
+        doc: dict[str, Any] = {
+            "level": record.levelname.lower(), "logger": record.name,
+            "event": _clip(record.getMessage(), MAX_VALUE_CHARS),
+        }
         if record.exc_info and record.exc_info[0] is not None:
             doc["exc_type"] = record.exc_info[0].__name__
             tb = traceback.extract_tb(record.exc_info[2])

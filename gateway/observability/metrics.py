@@ -87,7 +87,7 @@ class _Hist:
 class _Bound:
     """One (endpoint, route, model, upstream, status, error): its label children and pending counts."""
 
-    __slots__ = ("cost", "cost_micros", "decision", "n", "overhead", "requests", "tokens_in", "tokens_in_n",
+    __slots__ = ("cost", "cost_pico", "decision", "n", "overhead", "requests", "tokens_in", "tokens_in_n",
                  "tokens_out", "tokens_out_n", "ttft", "upstream")
 
     def __init__(self, requests: Any, overhead: Any, upstream: Any, ttft: Any, tokens_in: Any, tokens_out: Any,
@@ -103,7 +103,7 @@ class _Bound:
         self.n = 0
         self.tokens_in_n = 0
         self.tokens_out_n = 0
-        self.cost_micros = 0
+        self.cost_pico = 0
 
     def flush(self) -> None:
         self.requests.inc(self.n)
@@ -121,9 +121,9 @@ class _Bound:
         if self.tokens_out_n:
             self.tokens_out.inc(self.tokens_out_n)
             self.tokens_out_n = 0
-        if self.cost_micros:
-            self.cost.inc(self.cost_micros / 1_000_000)
-            self.cost_micros = 0
+        if self.cost_pico:
+            self.cost.inc(self.cost_pico / 1e12)  # a Prometheus float: display only (the ledger is exact)
+            self.cost_pico = 0
 
 
 def _error_label(error: str | None, status: int, upstream: str) -> str:
@@ -271,7 +271,7 @@ class Metrics:
         if b.tokens_in is not None:
             b.tokens_in_n += ctx.input_tokens
             b.tokens_out_n += ctx.output_tokens
-            b.cost_micros += ctx.cost_micros
+            b.cost_pico += ctx.cost_pico
 
     def flush(self) -> None:
         """Move the buffered counts into the shared metric files."""

@@ -24,6 +24,9 @@ import orjson
 from aiohttp import web
 
 from gateway import keys
+from gateway.accounting import set_aside
+from gateway.accounting.ledger import LedgerWriter, db_fingerprint
+from gateway.accounting.sink import UsageSink
 from gateway.config import Config
 from gateway.providers.cloud import credential_checks
 from gateway.resilience.breaker import State
@@ -141,12 +144,33 @@ class Readiness:
             creds = credential_checks(app)
             if creds is not None:
                 checks["credentials"] = creds  # cloud upstreams only: each one's credential, or why not
+            ledger = ledger_check(app.get(keys.USAGE))
+            if ledger is not None:
+                checks["ledger"] = ledger
             metrics = app.get(keys.METRICS)
             # The Redis store reports its own outages to the metrics; Postgres has no such state.
             if metrics is not None and pg["status"] != "disabled":
                 metrics.set_degraded("postgres", pg["status"] == "down")
             self._cached = (time.monotonic(), checks)
             return checks
+
+
+def ledger_check(sink: UsageSink | None) -> dict[str, Any] | None:
+    """The usage ledger writer: degraded while refused records are set aside or batches cannot be written."""
+    if not isinstance(sink, LedgerWriter):
+        return None
+    files = set_aside.files(sink.dir, db_fingerprint(sink.db.dsn))
+    if files:
+        return {
+            "status": "degraded",
+            "reason": f"usage records refused by postgres are set aside in {sink.dir}: inspect, then remove "
+                      "or replay them (README: the usage ledger)",
+            "set_aside_files": sorted(f.name for f in files),
+        }
+    if sink.last_outage:
+        return {"status": "degraded", "reason": f"usage journaled, not yet written: {sink.last_outage}",
+                "pending": sink.pending}
+    return {"status": "ok"}
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -156,7 +180,10 @@ async def readyz(request: web.Request) -> web.Response:
         return web.Response(status=503, body=_DRAINING, content_type="application/json", headers=headers)
     checks = await app[keys.READINESS].check(app)
     ready = all(c["status"] != "down" for c in checks.values())
-    body: dict[str, Any] = {"status": "ready" if ready else "unready", "checks": checks}
+    # Degraded: still serving (200), but an operator must look (the check says why).
+    degraded = any(c["status"] == "degraded" for c in checks.values())
+    status = "unready" if not ready else "degraded" if degraded else "ready"
+    body: dict[str, Any] = {"status": status, "checks": checks}
     return web.Response(
         status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json", headers=headers
     )

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from gateway.config import Limits, model_matches
 from gateway.errors import ErrorKind, GatewayError
+from gateway.policy.output_cap import OutputAsk, cap_problem
 from gateway.policy.principals import Principal
 
 
@@ -27,6 +28,15 @@ class RequestFacts:
     body_len: int
     client_ip: str
     request_id: str
+    # The output ask beyond max_tokens (per choice, above): how many choices
+    # (OpenAI ``n``) and where a cap is written when none was asked
+    # ("" on paths that produce no output); see policy/output_cap.py.
+    choices: int = 1
+    cap_field: str = ""
+
+    @property
+    def output_ask(self) -> OutputAsk:
+        return OutputAsk(self.max_tokens, self.choices, self.cap_field)
 
     @property
     def est_input_tokens(self) -> int:
@@ -50,7 +60,7 @@ class Limiter(Protocol):
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,
-        tokens: int, cost_micros: int,
+        tokens: int, cost_pico: int,
     ) -> None: ...
 
     async def close(self) -> None: ...
@@ -64,7 +74,7 @@ class NullLimiter:
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,
-        tokens: int, cost_micros: int,
+        tokens: int, cost_pico: int,
     ) -> None:
         return None
 
@@ -95,16 +105,21 @@ def check_static(principal: Principal, facts: RequestFacts) -> None:
         raise GatewayError(ErrorKind.AUTHENTICATION, "This API key has expired.")
     if principal.user_disabled:
         raise GatewayError(ErrorKind.PERMISSION, "The user of this API key is disabled.")
-    for limits in (principal.key_limits, principal.user_limits):
+    for who, limits in (("key", principal.key_limits), ("user", principal.user_limits)):
         if limits.allowed_ips is not None and not _ip_allowed(facts.client_ip, limits.allowed_ips):
             raise GatewayError(ErrorKind.PERMISSION, "Requests from this IP address are not allowed for this key.")
         if not model_allowed(facts.model, limits):
             raise GatewayError(ErrorKind.PERMISSION, f"This API key may not use model '{facts.model}'.")
-        if limits.max_tokens is not None and facts.max_tokens is not None and facts.max_tokens > limits.max_tokens:
-            raise GatewayError(
-                ErrorKind.INVALID_REQUEST,
-                f"max_tokens: {facts.max_tokens} is above this key's limit of {limits.max_tokens}.",
-            )
+        if limits.max_tokens is not None:
+            problem = cap_problem(facts.output_ask, limits.max_tokens, who)
+            if problem is not None:
+                raise GatewayError(ErrorKind.INVALID_REQUEST, problem)
+
+
+def output_cap(principal: Principal) -> int | None:
+    """The lowest ``max_tokens`` limit of the key and its user (None: no cap)."""
+    caps = [c for c in (principal.key_limits.max_tokens, principal.user_limits.max_tokens) if c is not None]
+    return min(caps) if caps else None
 
 
 class Admitter:
@@ -117,6 +132,6 @@ class Admitter:
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,
-        tokens: int, cost_micros: int,
+        tokens: int, cost_pico: int,
     ) -> None:
-        await self.limiter.settle(principal, facts, reservation, tokens, cost_micros)
+        await self.limiter.settle(principal, facts, reservation, tokens, cost_pico)

@@ -29,10 +29,10 @@ from gateway import keys
 
 _SPENT_SQL = """
 SELECT s.i,
-       coalesce((SELECT sum(d.cost_micros) FROM usage_daily d
+       coalesce((SELECT sum(d.cost_pico) FROM usage_daily d
                  WHERE d.user_id = s.user_id AND (s.key_id IS NULL OR d.key_id = s.key_id)
                    AND d.day >= s.first_day), 0)
-     + coalesce((SELECT sum(l.cost_micros) FROM usage_ledger l
+     + coalesce((SELECT sum(l.cost_pico) FROM usage_ledger l
                  WHERE l.user_id = s.user_id AND (s.key_id IS NULL OR l.key_id = s.key_id)
                    AND l.ts >= s.since AND l.ts < (s.first_day::timestamp AT TIME ZONE 'UTC')), 0) AS spent
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::date[])
@@ -59,7 +59,7 @@ class LedgerSpend:
 
 
 async def rebuild_budgets(app: web.Application, scopes: Sequence[BudgetScope]) -> LedgerSpend | None:
-    """Micro-dollars each scope has spent since ``scope.since``, from the ledger.
+    """Pico-dollars each scope has spent since ``scope.since``, from the ledger (exact: numeric sums).
 
     Return ``None`` when there is no ledger to ask (standalone, or not yet
     built); raise when the ledger cannot be read (the limiter then degrades

@@ -163,14 +163,14 @@ class Budgets:
 
     # -- settled costs -------------------------------------------------------------
 
-    def settled(self, plan: Plan, cost_micros: int, *, local: bool) -> None:
+    def settled(self, plan: Plan, cost_pico: int, *, local: bool) -> None:
         if local:
             if not self.ledger:  # with a ledger, the commit applies it (apply_committed)
                 for key in plan.budget_keys:
-                    self.outage_spend[key] = self.outage_spend.get(key, 0) + cost_micros
+                    self.outage_spend[key] = self.outage_spend.get(key, 0) + cost_pico
             return
         for key in plan.budget_keys:
-            self.spent[key] = self.spent.get(key, 0) + cost_micros
+            self.spent[key] = self.spent.get(key, 0) + cost_pico
 
     def outage_items(self) -> list[Call]:
         """SETTLE calls adding what was spent under local limits (no ledger), for Redis's return."""
@@ -187,7 +187,7 @@ class Budgets:
 
     async def apply_committed(self, records: Sequence[UsageRecord], xid: str) -> None:
         """Move committed records' costs into their budget counters (the ledger writer calls this)."""
-        items = [Call(list(r.budget_keys), [r.request_id, r.cost_micros, xid]) for r in records]
+        items = [Call(list(r.budget_keys), [r.request_id, r.cost_pico, xid]) for r in records]
         if self.store.healthy:
             try:
                 await self.runner.eval_chunked(scripts.APPLY, items)

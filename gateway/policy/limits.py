@@ -212,7 +212,9 @@ class RedisLimiter:
         except RebuildFailed:
             return await self._degraded(plan, facts)
         n = len(plan.checks)
-        d = Decision(raw[0], raw[1], raw[2], raw[3], list(raw[4 : 4 + 2 * n : 2]), list(raw[5 : 5 + 2 * n : 2]))
+        # A budget's used comes back as a decimal string (exact pico-dollars): int() reads both.
+        d = Decision(raw[0], raw[1], raw[2], raw[3], [int(u) for u in raw[4 : 4 + 2 * n : 2]],
+                     list(raw[5 : 5 + 2 * n : 2]))
         for i in plan.budget_i:
             self.budgets.spent[plan.checks[i].key] = d.used[i] - (cost if d.status else 0)
         headers = decide(self.stats, plan, limits, d, cost)
@@ -241,22 +243,22 @@ class RedisLimiter:
     # -- settlement -------------------------------------------------------------
 
     async def settle(
-        self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_micros: int
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_pico: int
     ) -> None:
         held = reservation.state
         if isinstance(held, Held):
-            await self._settle_held(held, tokens, cost_micros)
+            await self._settle_held(held, tokens, cost_pico)
 
-    async def _settle_held(self, held: Held, tokens: int, cost_micros: int) -> None:
+    async def _settle_held(self, held: Held, tokens: int, cost_pico: int) -> None:
         plan = held.plan
-        self.budgets.settled(plan, cost_micros, local=held.local)
+        self.budgets.settled(plan, cost_pico, local=held.local)
         if held.local:
-            self.local.release(held, tokens, cost_micros)
+            self.local.release(held, tokens, cost_pico)
             return
         self._held.pop(held.member, None)
         keys = plan.settle_keys
         hold_ms = COMMIT_HOLD_MS if self.budgets.ledger else 0
-        args: list[Any] = [held.member, held.sec, tokens - held.tokens, cost_micros, hold_ms]
+        args: list[Any] = [held.member, held.sec, tokens - held.tokens, cost_pico, hold_ms]
         args += (plan.checks[i].kind for i in plan.settle)
         self.stats.settles += 1
         fast = self.store.fast

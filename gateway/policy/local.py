@@ -82,10 +82,10 @@ class LocalLimiter:
         self.stats.settles += 1
 
     async def settle(
-        self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_micros: int
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_pico: int
     ) -> None:
         if isinstance(reservation.state, Held):
-            self.release(reservation.state, tokens, cost_micros)
+            self.release(reservation.state, tokens, cost_pico)
 
     async def close(self) -> None:
         return None

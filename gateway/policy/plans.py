@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from hashlib import sha256
 from typing import Literal
 
+from gateway.accounting.money import usd, usd_to_pico_floor
 from gateway.accounting.pricing import PriceTable
 from gateway.config import Limits
 from gateway.errors import ErrorKind, GatewayError
@@ -49,7 +50,7 @@ class Check:
 
     kind: str
     scope: Literal["key", "user"]
-    limit: int  # requests, tokens, leases or micro-dollars
+    limit: int  # requests, tokens, leases or pico-dollars
     key: str  # the counter's name in Redis (and in local memory)
     period: Period = "total"
     since: float = 0.0
@@ -152,8 +153,8 @@ class Planner:
                 pid, since, ttl = "all", 0.0, 0
             else:
                 pid, since, ttl = getattr(self._period(day), period)
-            micros = round(limits.budget_usd * 1_000_000)
-            checks.append(Check("b", scope, micros, f"{base}:b:{sid}:{pid}", period, since, ttl))
+            pico = usd_to_pico_floor(limits.budget_usd)
+            checks.append(Check("b", scope, pico, f"{base}:b:{sid}:{pid}", period, since, ttl))
         caps = [lim.max_tokens for _, _, lim in scopes if lim.max_tokens is not None]
         if not checks:
             return None
@@ -214,16 +215,17 @@ class LimiterStats:
 
 
 def demand(plan: Plan, facts: RequestFacts, prices: PriceTable, token_cap: int) -> tuple[int, int]:
-    """(tokens, micro-dollars) to reserve: estimated input + the output cap, worst-case priced."""
+    """(tokens, pico-dollars) to reserve: estimated input + every choice's output cap, worst-case priced."""
     if not plan.token_i and not plan.budget_i:
         return 0, 0
-    output = facts.max_tokens or plan.output_cap or DEFAULT_OUTPUT_RESERVE
+    # Worst case: every choice (OpenAI ``n``) produces its whole per-choice ask.
+    output = facts.choices * (facts.max_tokens or plan.output_cap or DEFAULT_OUTPUT_RESERVE)
     est_in = facts.est_input_tokens
     tokens = min(est_in + output, token_cap) if plan.token_i else 0
     cost = 0
     if plan.budget_i:
         price = prices.lookup(facts.model) or prices.default
-        cost = price.worst_case_micros(est_in, output) if price is not None else 0
+        cost = price.worst_case_pico(est_in, output) if price is not None else 0
     return tokens, cost
 
 
@@ -282,8 +284,8 @@ def rejection(plan: Plan, limits: Sequence[int], d: Decision, cost: int, headers
         left = max(0, limits[i] - d.used[i])
         return GatewayError(
             ErrorKind.BUDGET_EXCEEDED,
-            f"Budget exhausted: this {who}'s {_PERIOD_WORD[check.period]} budget of ${check.limit / 1e6:.2f} has "
-            f"${left / 1e6:.4f} left and this request could cost up to ${cost / 1e6:.4f}.",
+            f"Budget exhausted: this {who}'s {_PERIOD_WORD[check.period]} budget of ${usd(check.limit)} has "
+            f"${usd(left)} left and this request could cost up to ${usd(cost)}.",
             headers=headers,
         )
     retry_s = d.retry_ms / 1000.0 if d.retry_ms > 0 else 1.0

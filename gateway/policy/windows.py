@@ -8,7 +8,7 @@ its invariants.
 
 Kinds: ``r`` requests in a rolling minute (exact: one timestamp each), ``t``
 tokens per second bucket over the last 60 seconds, ``c`` leases held by
-in-flight requests, ``b`` micro-dollars spent + reserved.
+in-flight requests, ``b`` pico-dollars spent + reserved.
 """
 
 from __future__ import annotations

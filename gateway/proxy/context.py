@@ -35,7 +35,7 @@ class RequestContext:
     error_kind: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0
-    cost_micros: int = 0
+    cost_pico: int = 0
     attempts: int = 0
     served_model: str = ""  # the model name the serving upstream received
     retries: int = 0  # attempts repeated on the same upstream

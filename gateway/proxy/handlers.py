@@ -18,7 +18,9 @@ from gateway.accounting.responses_tap import ResponsesTap
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
-from gateway.policy.admit import Admitter, RequestFacts, Reservation, model_allowed
+from gateway.policy.admit import Admitter, RequestFacts, Reservation, model_allowed, output_cap
+from gateway.policy.model_names import model_problem
+from gateway.policy.output_cap import BadOutputAsk, effective_output, inject
 from gateway.policy.principals import Principal
 from gateway.proxy.attempts import UpstreamRequest
 from gateway.proxy.context import RequestContext
@@ -71,7 +73,9 @@ def _bad(msg: str) -> GatewayError:
     return GatewayError(ErrorKind.INVALID_REQUEST, msg)
 
 
-def parse_facts(body: bytes, request: web.Request, ctx: RequestContext) -> tuple[dict[str, Any], RequestFacts]:
+def parse_facts(
+    body: bytes, request: web.Request, ctx: RequestContext, path: str = ""
+) -> tuple[dict[str, Any], RequestFacts]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -79,28 +83,29 @@ def parse_facts(body: bytes, request: web.Request, ctx: RequestContext) -> tuple
     if not isinstance(doc, dict):
         raise _bad("Request body must be a JSON object.")
     model = doc.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model: a model name is required.")
+    problem = model_problem(model)
+    if problem is not None:
+        raise _bad(problem)
+    assert isinstance(model, str)  # model_problem checked it
     stream = doc.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise _bad("stream: must be true or false.")
-    max_tokens = doc.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = doc.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = doc.get("max_output_tokens")  # Responses API
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise _bad("max_tokens: must be a positive integer.")
+    try:
+        ask = effective_output(doc, path)
+    except BadOutputAsk as exc:
+        raise _bad(str(exc)) from None
     ctx.model = model
     return doc, RequestFacts(
         model=model,
         stream=stream,
-        max_tokens=max_tokens,
+        max_tokens=ask.per_choice,
         body_len=len(body),
         client_ip=request.remote or "",
         request_id=ctx.request_id,
+        choices=ask.choices,
+        cap_field=ask.cap_field,
     )
 
 
@@ -115,7 +120,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     ctx.dialect = dialect
     principal = await authenticate(request, ctx)
     body = await read_body(request)
-    doc, facts = parse_facts(body, request, ctx)
+    doc, facts = parse_facts(body, request, ctx, path)
     router = app[keys.ROUTER]
     plan = router.plan(facts.model, dialect, path in TRANSLATABLE)
     candidates = router.order(plan)
@@ -136,13 +141,16 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     admitter = app[keys.ADMITTER]
     reservation = await admitter.admit(principal, facts)
 
+    # No output limit asked but one applies: the provider enforces the cap (policy/output_cap.py).
+    rewrite = inject(doc, facts.output_ask, output_cap(principal)) is not None
     strip_usage = False
     if dialect == OPENAI and facts.stream and charge and path != RESPONSES_PATH and not _wants_usage(doc):
         # Ask for the usage chunk; the tap removes it before the client sees it.
         opts = doc.get("stream_options")
         doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        rewrite = strip_usage = True
+    if rewrite:
         body = orjson.dumps(doc)
-        strip_usage = True
 
     usage = Usage()
     tap: StreamTap | None = None
@@ -291,7 +299,7 @@ def _finish(
             usage.cache_read_tokens += extra.cache_read_tokens
     ctx.input_tokens = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
     ctx.output_tokens = usage.output_tokens
-    ctx.cost_micros = cost
+    ctx.cost_pico = cost
     now = time.perf_counter()
     app[keys.USAGE].record(
         UsageRecord(
@@ -309,7 +317,7 @@ def _finish(
             output_tokens=usage.output_tokens,
             cache_write_tokens=usage.cache_write_tokens,
             cache_read_tokens=usage.cache_read_tokens,
-            cost_micros=cost,
+            cost_pico=cost,
             priced=priced,
             upstream_ms=ctx.upstream_s * 1000.0,
             ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000.0,
@@ -336,8 +344,8 @@ def _cost(prices: PriceTable, usage: Usage, served: str, public: str) -> tuple[i
         price = prices.lookup(public)
     if price is None:
         price = prices.default
-        return (price.cost_micros(usage) if price is not None else 0), False
-    return price.cost_micros(usage), True
+        return (price.cost_pico(usage) if price is not None else 0), False
+    return price.cost_pico(usage), True
 
 
 async def messages(request: web.Request) -> web.StreamResponse:

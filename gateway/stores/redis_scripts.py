@@ -2,7 +2,7 @@
 
 All keys of one call share the user's hash tag (``{u:<user>}``) so the
 scripts run unchanged on a Redis Cluster.  The version is part of every key
-name (``<prefix>:v1:...``): a rolling deploy that changes a script's data
+name (``<prefix>:v3:...``): a rolling deploy that changes a script's data
 layout bumps it, and old and new workers then keep separate counters instead
 of misreading each other's.
 
@@ -15,8 +15,8 @@ Counter kinds, one key per (kind, scope):
   last 60 seconds count.
 - ``c`` concurrency: ZSET of request ids scored by lease expiry ms; a lease
   that is neither renewed nor released expires by itself.
-- ``b`` budget: HASH ``v`` = micro-dollars spent (what the ledger holds, as
-  far as this counter knows), ``r`` = micro-dollars held, and per request
+- ``b`` budget: HASH ``v`` = pico-dollars spent (what the ledger holds, as
+  far as this counter knows), ``r`` = pico-dollars held, and per request
   ``h:<id>`` (the worst-case reservation of a request in flight) or
   ``p:<id>`` (its real cost, settled but not yet committed to the ledger),
   each with ``e:<id>``, the ms time at which the hold lapses by itself (a
@@ -38,6 +38,9 @@ in against its own snapshot: a rebase (MARK, ledger read, SEED with the
 mark's token) resets ``v`` to the ledger's figure, exactly, while requests
 keep their holds.  Without a ledger (Redis but no Postgres) SETTLE adds the
 real cost to ``v`` directly (``hold_ms`` 0).
+
+v3 (exact money): amounts are pico-dollars and never pass through a Lua
+number: they are added by HINCRBY and compared as two exact limbs (``_BIG``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-VERSION = "v2"
+VERSION = "v3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,55 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())  # noqa: S324
 
 
+# Budget amounts are pico-dollars (10^-12 USD): past 2^53 (~9,000 USD) a Lua number
+# (a double) is no longer exact, so amounts stay decimal strings.  Redis adds them
+# with HINCRBY (64-bit integers, ~9.2 million USD per counter); the scripts compare
+# them as two limbs, whole dollars and pico-dollars below a dollar (each exact).
+_BIG = r"""
+local BIG_B = 1000000000000
+local function big(s)
+  s = tostring(s)
+  local neg = string.sub(s, 1, 1) == '-'
+  if neg then s = string.sub(s, 2) end
+  local n, hi, lo = #s, 0, 0
+  if n > 12 then
+    hi, lo = tonumber(string.sub(s, 1, n - 12)), tonumber(string.sub(s, n - 11))
+  else
+    lo = tonumber(s)
+  end
+  if neg then
+    hi, lo = -hi, -lo
+    if lo < 0 then lo, hi = lo + BIG_B, hi - 1 end
+  end
+  return {hi, lo}
+end
+local function big_add(a, b)
+  local hi, lo = a[1] + b[1], a[2] + b[2]
+  if lo >= BIG_B then lo, hi = lo - BIG_B, hi + 1 end
+  return {hi, lo}
+end
+local function big_gt(a, b)
+  return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2])
+end
+local function big_str(a)
+  local hi, lo = a[1], a[2]
+  if hi < 0 then
+    -- negative: -(|hi| * B - lo)
+    if lo > 0 then hi, lo = hi + 1, BIG_B - lo else lo = -lo end
+    if hi == 0 then return '-' .. string.format('%d', lo) end
+    return '-' .. string.format('%d', -hi) .. string.format('%012d', lo)
+  end
+  if hi == 0 then return string.format('%d', lo) end
+  return string.format('%d', hi) .. string.format('%012d', lo)
+end
+local function big_neg(s)
+  s = tostring(s)
+  if s == '0' then return '0' end
+  if string.sub(s, 1, 1) == '-' then return string.sub(s, 2) end
+  return '-' .. s
+end
+"""
+
 # KEYS[i]: one counter per check.  ARGV: member, tokens, cost, lease_ms, then
 # per check i: ARGV[3+2i] kind, ARGV[4+2i] limit.
 # Returns {1, sec, 0, 0, used_1, reset_1, ...} (admitted; used counts this
@@ -67,20 +119,20 @@ class Script:
 # counter is missing: rebuild it first, nothing reserved).
 ADMIT = Script(
     f"gw_admit_{VERSION}",
-    r"""
--- Drop a budget's lapsed holds and recount what it holds (also heals a drifted 'r').
+    _BIG
+    + r"""
+-- Drop a budget's lapsed holds and recount what it holds (also heals a drifted 'r'); exact (HINCRBY).
 local function prune(key, now)
   local h = redis.call('HGETALL', key)
   local amount, field, expiry = {}, {}, {}
   for j = 1, #h, 2 do
     local f, p = h[j], string.sub(h[j], 1, 2)
     if p == 'h:' or p == 'p:' then
-      amount[string.sub(f, 3)], field[string.sub(f, 3)] = tonumber(h[j + 1]), f
+      amount[string.sub(f, 3)], field[string.sub(f, 3)] = h[j + 1], f
     elseif p == 'e:' then
       expiry[string.sub(f, 3)] = tonumber(h[j + 1])
     end
   end
-  local held = 0
   for m, e in pairs(expiry) do
     if e <= now then
       if field[m] then redis.call('HDEL', key, field[m]) end
@@ -88,9 +140,9 @@ local function prune(key, now)
       amount[m] = nil
     end
   end
-  for _, a in pairs(amount) do held = held + a end
-  redis.call('HSET', key, 'r', held)
-  return held
+  redis.call('HSET', key, 'r', 0)
+  for _, a in pairs(amount) do redis.call('HINCRBY', key, 'r', a) end
+  return redis.call('HGET', key, 'r')
 end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
@@ -98,6 +150,7 @@ local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
 local member = ARGV[1]
 local tokens = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local costb = big(ARGV[3])
 local lease = tonumber(ARGV[4])
 local n = #KEYS
 local used, reset = {}, {}
@@ -150,18 +203,20 @@ for i = 1, n do
     u = redis.call('ZCARD', key)
     if u + 1 > limit then over = true end
   else
+    -- Pico-dollars: exact two-limb arithmetic (a Lua number is a double), strings out.
     local v = redis.call('HGET', key, 'v')
     if not v then return {-1, sec, 0, 0} end
-    local held = tonumber(redis.call('HGET', key, 'r') or '0')
-    u = tonumber(v) + held
-    if u + cost > limit and held > 0 then
-      u = tonumber(v) + prune(key, now)
+    local held = redis.call('HGET', key, 'r') or '0'
+    local ub, lim = big_add(big(v), big(held)), big(ARGV[4 + 2 * i])
+    if big_gt(big_add(ub, costb), lim) and tonumber(held) > 0 then
+      ub = big_add(big(v), big(prune(key, now)))
     end
-    if u + cost > limit then
+    if big_gt(big_add(ub, costb), lim) then
       over = true
       if not budget_failed then failed = i end
       budget_failed = true
     end
+    u = big_str(ub)
   end
   used[i], reset[i] = u, r
   if over and failed == 0 then failed = i end
@@ -194,7 +249,7 @@ for i = 1, n do
       redis.call('HINCRBY', key, 'r', ARGV[3])
       redis.call('HSET', key, 'h:' .. member, ARGV[3], 'e:' .. member, now + lease)
     end
-    out[3 + 2 * i] = used[i] + cost
+    out[3 + 2 * i] = big_str(big_add(big(used[i]), costb))
   end
 end
 return out
@@ -226,7 +281,8 @@ end
 # left alone: APPLY (or, without a ledger, ``v``) accounts for the cost.
 SETTLE = Script(
     f"gw_settle_{VERSION}",
-    r"""
+    _BIG
+    + r"""
 local member, sec, dtok = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local actual, hold = tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = 0
@@ -240,14 +296,15 @@ for i = 1, #KEYS do
   elseif kind == 'c' then
     redis.call('ZREM', key, member)
   elseif kind == 'b' and redis.call('HEXISTS', key, 'v') == 1 then
-    local amt = tonumber(redis.call('HGET', key, 'h:' .. member) or '-1')
-    if amt >= 0 then
-      local keep = 0
-      if hold > 0 then keep = actual end
-      local r = redis.call('HINCRBY', key, 'r', string.format('%d', keep - amt))
+    local amt = redis.call('HGET', key, 'h:' .. member)
+    if amt then
+      local keep = '0'
+      if hold > 0 then keep = ARGV[4] end
+      redis.call('HINCRBY', key, 'r', keep)
+      local r = redis.call('HINCRBY', key, 'r', big_neg(amt))
       if r < 0 then redis.call('HSET', key, 'r', 0) end
       redis.call('HDEL', key, 'h:' .. member)
-      if keep > 0 then
+      if tonumber(keep) > 0 then
         if now == 0 then
           local t = redis.call('TIME')
           now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -258,7 +315,7 @@ for i = 1, #KEYS do
       end
     end
     if hold == 0 and actual ~= 0 then
-      redis.call('HINCRBY', key, 'v', string.format('%d', actual))
+      redis.call('HINCRBY', key, 'v', ARGV[4])
     end
   end
 end
@@ -305,7 +362,8 @@ end
 # missing or rebasing counter gets the record queued (``q:<id>`` = cost:xid).
 APPLY = Script(
     f"gw_apply_{VERSION}",
-    _VISIBLE
+    _BIG
+    + _VISIBLE
     + _QUEUES
     + r"""
 local t = redis.call('TIME')
@@ -315,7 +373,7 @@ for i = 1, #KEYS do
   local key = KEYS[i]
   local amt = redis.call('HGET', key, 'p:' .. member) or redis.call('HGET', key, 'h:' .. member)
   if amt then
-    local r = redis.call('HINCRBY', key, 'r', string.format('%d', -tonumber(amt)))
+    local r = redis.call('HINCRBY', key, 'r', big_neg(amt))
     if r < 0 then redis.call('HSET', key, 'r', 0) end
     redis.call('HDEL', key, 'p:' .. member, 'h:' .. member, 'e:' .. member)
   end
@@ -326,8 +384,8 @@ for i = 1, #KEYS do
     end
   else
     local snap = redis.call('HGET', key, 's')
-    if not (snap and visible(xid, snap)) then
-      redis.call('HINCRBY', key, 'v', string.format('%d', actual))
+    if not (snap and visible(xid, snap)) and actual ~= 0 then
+      redis.call('HINCRBY', key, 'v', ARGV[2])
     end
   end
 end
@@ -379,24 +437,26 @@ for i = 1, #KEYS do
     end
   end
   if not has or mine then
-    local spent = tonumber(ARGV[2 + 2 * i])
+    -- Pico-dollars stay strings: HSET the ledger's figure, HINCRBY each queued cost (exact).
+    local queued = {}
     local h = redis.call('HGETALL', key)
     for j = 1, #h, 2 do
       if string.sub(h[j], 1, 2) == 'q:' then
         local cost, xid = string.match(h[j + 1], '^(%d+):(%d+)$')
-        if cost and not (snap ~= '' and visible(tonumber(xid), snap)) then spent = spent + tonumber(cost) end
+        if cost and not (snap ~= '' and visible(tonumber(xid), snap)) then queued[#queued + 1] = cost end
         redis.call('HDEL', key, h[j])
       end
     end
     if has then
-      redis.call('HSET', key, 'v', spent, 'g', gen)
+      redis.call('HSET', key, 'v', ARGV[2 + 2 * i], 'g', gen)
       redis.call('HDEL', key, 'x')
     else
       redis.call('DEL', key)
-      redis.call('HSET', key, 'v', spent, 'r', 0, 'g', gen)
+      redis.call('HSET', key, 'v', ARGV[2 + 2 * i], 'r', 0, 'g', gen)
       local ttl = tonumber(ARGV[3 + 2 * i])
       if ttl > 0 then redis.call('EXPIRE', key, ttl) end
     end
+    for _, cost in ipairs(queued) do redis.call('HINCRBY', key, 'v', cost) end
     if snap ~= '' then redis.call('HSET', key, 's', snap) else redis.call('HDEL', key, 's') end
     built = built + 1
   end
