@@ -27,7 +27,9 @@ from gateway.policy.cache import PostgresResolver
 from gateway.policy.limits import LocalLimiter, RedisLimiter
 from gateway.policy.principals import PrincipalResolver, StandaloneResolver
 from gateway.proxy import handlers
+from gateway.proxy.headers import HeaderPolicy
 from gateway.proxy.routing import Router, build_deployments
+from gateway.server import hygiene
 from gateway.stores.postgres import postgres_ctx
 from gateway.stores.redis import RedisStore
 from gateway.tasks import TaskTracker
@@ -144,16 +146,20 @@ def create_app(cfg: Config) -> web.Application:
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes + 1,
         middlewares=[make_middleware(cfg.log.access_log, metrics)],  # type: ignore[list-item]
-        handler_args={"max_field_size": 16384},
+        handler_args={"max_field_size": 16384, "keepalive_timeout": cfg.server.keepalive_timeout,
+                      # Request bodies are decoded by gateway/server/body.py, within the size limit.
+                      "auto_decompress": False},
     )
     app[keys.CONFIG] = cfg
     app[keys.DRAINING] = [False]  # set by the worker when it drains
     app.on_response_prepare.append(_close_when_draining)
+    app.on_response_prepare.append(hygiene.on_response_prepare)
     app[keys.EXTRA] = {}
     app[keys.PRICES] = prices
     app[keys.METRICS] = metrics
     deployments = build_deployments(cfg)
     app[keys.ROUTER] = Router(cfg, deployments)
+    app[keys.HEADER_POLICY] = HeaderPolicy(cfg.server.forward_headers)
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
     # Torn down in reverse: requests' tasks settle, the ledger writer flushes (and
     # applies committed costs through the limiter), then the limiter closes.

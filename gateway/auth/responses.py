@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import retry_headers
+from gateway.server import body as body_codec
 
 _CLASSES: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest,
@@ -72,9 +73,16 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream", ""):
         raise api_error(415, "unsupported_media_type", "Send a JSON body (content-type: application/json).")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise api_error(413, "request_too_large", f"Request body is larger than {MAX_BODY} bytes.")
+    try:
+        raw = body_codec.decode(
+            await body_codec.read_limited(request.content, MAX_BODY), request.headers.get("content-encoding"), MAX_BODY
+        )
+    except body_codec.TooLarge:
+        raise api_error(413, "request_too_large", f"Request body is larger than {MAX_BODY} bytes.") from None
+    except body_codec.UnsupportedEncoding as exc:
+        raise api_error(415, "unsupported_content_encoding", str(exc)) from None
+    except body_codec.BodyError as exc:
+        raise bad_request(str(exc)) from None
     try:
         doc = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:

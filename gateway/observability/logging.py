@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
+from gateway.observability.redact import redact_path  # re-exported: the request line's path
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -122,10 +124,4 @@ class _StdlibJSON(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-def redact_path(path: str) -> str:
-    """``/ak/gwk_secret/v1/messages`` -> ``/ak/***/v1/messages``."""
-    if path.startswith("/ak/"):
-        rest = path[4:]
-        slash = rest.find("/")
-        return "/ak/***" + (rest[slash:] if slash >= 0 else "")
-    return path
+__all__ = ["configure", "flush", "redact_path"]

@@ -18,6 +18,7 @@ from gateway.policy.principals import Principal
 from gateway.proxy.context import RequestContext
 from gateway.proxy.forward import open_upstream
 from gateway.proxy.streaming import relay_body, relay_stream
+from gateway.server import body as body_codec
 
 
 def access_key(request: web.Request) -> str:
@@ -53,9 +54,20 @@ async def read_body(request: web.Request) -> bytes:
     if length is not None and length > limit:
         raise GatewayError(ErrorKind.TOO_LARGE, f"Request body is larger than {limit} bytes.")
     try:
-        return await request.read()
+        raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise GatewayError(ErrorKind.TOO_LARGE, f"Request body is larger than {limit} bytes.") from None
+    encoding = request.headers.get("content-encoding")
+    if encoding is None:
+        return raw
+    try:
+        return body_codec.decode(raw, encoding, limit)  # forwarded decoded, without the header
+    except body_codec.TooLarge:
+        raise GatewayError(ErrorKind.TOO_LARGE, f"Decoded request body is larger than {limit} bytes.") from None
+    except body_codec.UnsupportedEncoding as exc:
+        raise GatewayError(ErrorKind.UNSUPPORTED_ENCODING, str(exc)) from None
+    except body_codec.BodyError as exc:
+        raise GatewayError(ErrorKind.INVALID_REQUEST, str(exc)) from None
 
 
 def _bad(msg: str) -> GatewayError:
@@ -127,7 +139,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     try:
         dep, resp = await open_upstream(
             app[keys.CLIENT], ctx, candidates, request.method, _upstream_path(request, path),
-            request.headers, body,
+            app[keys.HEADER_POLICY].select(request.headers), body,
         )
         status = resp.status
         ctype = resp.headers.get("content-type", "")
@@ -152,8 +164,11 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
 
 
 def _upstream_path(request: web.Request, path: str) -> str:
-    """The path the provider expects: /ak/{key} stripped, the query string kept."""
-    qs = request.query_string
+    """The path the provider expects: /ak/{key} stripped, the query string kept as the client sent it.
+
+    The raw string, never the decoded one: ``?x=%20y`` decoded would put a space
+    into the upstream request line (and ``%00`` a NUL)."""
+    qs = request.rel_url.raw_query_string
     return path + "?" + qs if qs else path
 
 
