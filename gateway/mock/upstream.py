@@ -107,7 +107,7 @@ async def _common(request: web.Request, dialect: str) -> tuple[dict[str, Any], w
     except orjson.JSONDecodeError:
         body = {}
     seen = request.app[SEEN]
-    seen.append({"path": request.path_qs, "headers": {str(k).lower(): v for k, v in request.headers.items()}, "body": body, "ts": time.time()})
+    seen.append({"path": request.path_qs, "raw_path": request.raw_path, "headers": {str(k).lower(): v for k, v in request.headers.items()}, "body": body, "ts": time.time()})
     cfg = request.app[CFG]
     try:
         await _sleep_ms(_num(request, "x-mock-latency-ms", cfg.latency_ms))
