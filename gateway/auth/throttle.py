@@ -1,17 +1,23 @@
-"""Throttling of failed logins, shared by all workers through Postgres.
+"""Throttling of logins, shared by all workers through Postgres: reserve, then evaluate.
 
 Subjects are the email (hashed, so unknown emails are not stored in clear)
-and the client IP.  After ``login_max_failures`` failures within the window
-an email is locked for ``login_lockout_seconds``, doubling with each further
-failure up to 15 minutes; an IP gets the same after
-``login_max_failures_per_ip``.  Unknown and known emails are treated alike.
+and the client IP.  Every attempt first *reserves* a slot, atomically and
+before any password is hashed: within ``login_window_seconds`` an email gets
+``login_max_failures`` attempts (an IP ``login_max_failures_per_ip``); the
+attempt that reaches the limit locks the subject for
+``login_lockout_seconds``, doubling with each further attempt up to 15
+minutes.  A locked subject's attempts are refused without being evaluated, so
+120 parallel guesses for one email evaluate at most the limit, and a correct
+password arriving after them is refused too.  A successful login clears the
+email's count and gives the IP its slot back.  Unknown and known emails are
+treated alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -25,40 +31,76 @@ def subjects(email: str, ip: str) -> tuple[str, str]:
     return "e:" + hashlib.sha256(email.encode()).hexdigest(), "i:" + ip
 
 
-async def locked_for(conn: asyncpg.Connection, email: str, ip: str) -> float:
-    """Seconds until the email or IP may try again (0: not locked)."""
-    until = await conn.fetchval(
-        "SELECT max(locked_until) FROM login_throttle WHERE subject = ANY($1::text[]) AND locked_until > now()",
-        list(subjects(email, ip)),
-    )
-    if until is None:
+def _limited(cfg: AuthConfig, email: str, ip: str) -> list[tuple[str, int]]:
+    pairs = zip(subjects(email, ip), (cfg.login_max_failures, cfg.login_max_failures_per_ip), strict=True)
+    # 0 disables (e.g. per-IP behind a load balancer that hides client addresses).
+    return sorted((s, limit) for s, limit in pairs if limit > 0)  # one lock order for every caller
+
+
+def lock_seconds(cfg: AuthConfig, attempts: int, limit: int) -> float:
+    """The lock an attempt count earns: from login_lockout_seconds at the limit, doubling, capped."""
+    return min(float(MAX_LOCK_S), float(cfg.login_lockout_seconds) * 2.0 ** max(0, attempts - limit))
+
+
+async def reserve(conn: asyncpg.Connection, cfg: AuthConfig, email: str, ip: str) -> float:
+    """Take one attempt for the email and the IP; 0 when it may be evaluated, else seconds to wait.
+
+    One transaction with the subjects' rows locked (in one order), so
+    concurrent attempts for the same email are counted one after another.
+    """
+    limited = _limited(cfg, email, ip)
+    if not limited:
         return 0.0
-    return max(0.0, float((until - datetime.now(UTC)).total_seconds()))
-
-
-async def record_failure(conn: asyncpg.Connection, cfg: AuthConfig, email: str, ip: str) -> None:
+    names = [s for s, _ in limited]
     window = timedelta(seconds=cfg.login_window_seconds)
-    for subject, limit in zip(subjects(email, ip), (cfg.login_max_failures, cfg.login_max_failures_per_ip),
-                              strict=True):
-        if limit <= 0:
-            continue  # 0 disables (e.g. per-IP behind a load balancer that hides client addresses)
+    async with conn.transaction():
         await conn.execute(
-            """
-            INSERT INTO login_throttle AS t (subject, failures, window_start) VALUES ($1, 1, now())
-            ON CONFLICT (subject) DO UPDATE SET
-                failures = CASE WHEN t.window_start < now() - $2::interval THEN 1 ELSE t.failures + 1 END,
-                window_start = CASE WHEN t.window_start < now() - $2::interval THEN now() ELSE t.window_start END
-            """,
-            subject, window,
+            "INSERT INTO login_throttle (subject, failures, window_start) "
+            "SELECT s, 0, now() FROM unnest($1::text[]) AS s ON CONFLICT (subject) DO NOTHING",
+            names,
         )
+        rows = await conn.fetch(
+            "SELECT subject, failures, window_start, locked_until, now() AS now FROM login_throttle "
+            "WHERE subject = ANY($1::text[]) ORDER BY subject FOR UPDATE",
+            names,
+        )
+        now: datetime = rows[0]["now"]
+        waits = [(r["locked_until"] - now).total_seconds() for r in rows
+                 if r["locked_until"] is not None and r["locked_until"] > now]
+        if waits:
+            return float(max(waits))  # refused: not counted, not evaluated
+        limits = dict(limited)
+        counts, starts, locks = [], [], []
+        for r in rows:
+            fresh = r["window_start"] < now - window
+            count = 1 if fresh else r["failures"] + 1
+            limit = limits[r["subject"]]
+            counts.append(count)
+            starts.append(now if fresh else r["window_start"])
+            locks.append(now + timedelta(seconds=lock_seconds(cfg, count, limit)) if count >= limit else None)
         await conn.execute(
-            """
-            UPDATE login_throttle SET locked_until = now() + make_interval(secs =>
-                least($3::float8, $2::float8 * power(2, failures - $4)))
-            WHERE subject = $1 AND failures >= $4
-            """,
-            subject, float(cfg.login_lockout_seconds), float(MAX_LOCK_S), limit,
+            "UPDATE login_throttle AS t SET failures = u.failures, window_start = u.window_start, "
+            "locked_until = u.locked_until FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::timestamptz[]) "
+            "AS u(subject, failures, window_start, locked_until) WHERE t.subject = u.subject",
+            [r["subject"] for r in rows], counts, starts, locks,
         )
+    return 0.0
+
+
+async def succeeded(conn: asyncpg.Connection, cfg: AuthConfig, email: str, ip: str) -> None:
+    """A successful login: the email starts over, the IP gets its attempt back."""
+    email_subject, ip_subject = subjects(email, ip)
+    await conn.execute("DELETE FROM login_throttle WHERE subject = $1", email_subject)
+    if cfg.login_max_failures_per_ip > 0:
+        await conn.execute(
+            "UPDATE login_throttle SET failures = greatest(failures - 1, 0), "
+            "locked_until = CASE WHEN failures - 1 < $2 THEN NULL ELSE locked_until END WHERE subject = $1",
+            ip_subject, cfg.login_max_failures_per_ip,
+        )
+
+
+async def failed(conn: asyncpg.Connection, cfg: AuthConfig) -> None:
+    """A failed login (already counted by its reservation): now and then, forget finished subjects."""
     if random.random() < PURGE_CHANCE:
         await purge(conn, cfg)
 
@@ -74,3 +116,4 @@ async def purge(conn: asyncpg.Connection, cfg: AuthConfig) -> None:
 
 async def clear(conn: asyncpg.Connection, email: str) -> None:
     await conn.execute("DELETE FROM login_throttle WHERE subject = $1", subjects(email, "")[0])
+
