@@ -1,7 +1,8 @@
 """A fake Anthropic + OpenAI server for tests, demos and load tests.
 
 Realistic bodies, usage and SSE sequences.  Behaviour is switched per request
-by headers (which the gateway passes through as provider headers) or for the
+by headers (which the gateway forwards when its server.forward_headers allows
+``x-mock-*``, as the test configurations do) or for the
 whole server by its config:
 
 - ``x-mock-latency-ms``: delay before the response headers
