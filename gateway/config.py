@@ -88,6 +88,12 @@ class AuthConfig:
     login_window_seconds: int = 900
     login_lockout_seconds: int = 30
     max_keys_per_user: int = 100  # active keys a user may hold via /me/keys
+    # Gateway keys not in the worker's filter of live keys (random guesses, or
+    # keys created a moment ago) may cost a Postgres lookup at this rate per
+    # client IP (and database.key_lookup_rate per worker); over it, such a key
+    # waits up to new_key_wait_seconds for its creation to be announced.
+    key_lookup_rate_per_ip: float = 20.0
+    new_key_wait_seconds: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +390,10 @@ def _check(cfg: Config, errors: list[str]) -> None:
                  "negative_cache_size", "key_lookup_rate", "last_used_flush_seconds"):
         if getattr(cfg.database, name) <= 0:
             errors.append(f"database.{name}: must be positive")
+    if cfg.auth.key_lookup_rate_per_ip <= 0:
+        errors.append("auth.key_lookup_rate_per_ip: must be positive")
+    if cfg.auth.new_key_wait_seconds < 0:
+        errors.append("auth.new_key_wait_seconds: must not be negative")
     for name in ("access_token_seconds", "refresh_token_seconds", "argon2_memory_kib", "argon2_time_cost",
                  "argon2_parallelism", "login_max_failures", "login_window_seconds", "login_lockout_seconds",
                  "max_keys_per_user"):

@@ -40,7 +40,7 @@ async def authenticate(request: web.Request, ctx: RequestContext) -> Principal:
     key = access_key(request)
     if not key:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Missing API key: send x-api-key or Authorization: Bearer.")
-    principal = await request.app[keys.RESOLVER].resolve(key)
+    principal = await request.app[keys.RESOLVER].resolve(key, request.remote or "")
     if principal is None:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Invalid API key.")
     ctx.key_prefix = principal.key_prefix
