@@ -27,6 +27,7 @@ from gateway.policy.cache import PostgresResolver
 from gateway.policy.limits import LocalLimiter, RedisLimiter
 from gateway.policy.principals import PrincipalResolver, StandaloneResolver
 from gateway.proxy import handlers
+from gateway.proxy.fairshare import FairShare
 from gateway.proxy.headers import HeaderPolicy
 from gateway.proxy.routing import Router, build_deployments
 from gateway.server import hygiene
@@ -160,6 +161,9 @@ def create_app(cfg: Config) -> web.Application:
     deployments = build_deployments(cfg)
     app[keys.ROUTER] = Router(cfg, deployments)
     app[keys.HEADER_POLICY] = HeaderPolicy(cfg.server.forward_headers)
+    app[keys.FAIR_SHARE] = FairShare(
+        cfg.server.key_pool_share, cfg.server.user_pool_share, cfg.server.share_wait_seconds
+    )
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
     # Torn down in reverse: requests' tasks settle, the ledger writer flushes (and
     # applies committed costs through the limiter), then the limiter closes.

@@ -16,6 +16,7 @@ from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
 from gateway.policy.admit import RequestFacts, Reservation, model_allowed
 from gateway.policy.principals import Principal
 from gateway.proxy.context import RequestContext
+from gateway.proxy.fairshare import Lease, pool_size
 from gateway.proxy.forward import open_upstream
 from gateway.proxy.streaming import relay_body, relay_stream
 from gateway.server import body as body_codec
@@ -136,7 +137,10 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     usage = Usage()
     tap: StreamTap | None = None
     status = 0
+    lease: Lease | None = None
     try:
+        # This key's and user's fair share of the upstream pool (429 when it stays full).
+        lease = await app[keys.FAIR_SHARE].acquire(principal.key_id, principal.user_id, pool_size(candidates))
         dep, resp = await open_upstream(
             app[keys.CLIENT], ctx, candidates, request.method, _upstream_path(request, path),
             app[keys.HEADER_POLICY].select(request.headers), body,
@@ -156,6 +160,8 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
         ctx.partial = True
         raise
     finally:
+        if lease is not None:
+            lease.release()
         if tap is not None:
             usage = tap.usage
             usage.output_tokens = tap.output_estimate
