@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
-from gateway.observability.redact import redact_path  # re-exported: the request line's path
+from gateway.observability.redact import redact_path, redact_text  # redact_path re-exported: the request line's
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -88,6 +88,7 @@ def configure(level: str = "info", worker: int | None = None) -> None:
         processors.append(_worker)
     processors += [
         structlog.processors.format_exc_info,
+        _redact_exception,
         structlog.processors.JSONRenderer(serializer=orjson.dumps),
     ]
     if _writer is not None:
@@ -106,6 +107,14 @@ def configure(level: str = "info", worker: int | None = None) -> None:
     logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), handlers=[handler])
 
 
+def _redact_exception(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A rendered traceback quotes exception messages and values: no key shape survives in it."""
+    exc = event.get("exception")
+    if isinstance(exc, str):
+        event["exception"] = redact_text(exc)
+    return event
+
+
 class _StdlibJSON(logging.Formatter):
     """stdlib records (aiohttp, asyncio) as JSON lines, exceptions without their message.
 
@@ -115,7 +124,9 @@ class _StdlibJSON(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {"level": record.levelname.lower(), "logger": record.name, "event": record.getMessage()}
+        doc: dict[str, Any] = {
+            "level": record.levelname.lower(), "logger": record.name, "event": redact_text(record.getMessage()),
+        }
         if record.exc_info and record.exc_info[0] is not None:
             doc["exc_type"] = record.exc_info[0].__name__
             tb = traceback.extract_tb(record.exc_info[2])
