@@ -94,7 +94,7 @@ async def login(request: web.Request) -> web.Response:
         ok = await passwords.verify(user.password_hash if user else None, password)
         async with db.connection() as conn:
             if not ok or user is None or user.disabled:
-                await throttle.failed(conn, settings.cfg)
+                await throttle.failed(conn, settings.cfg, email, ip)
                 log.info("login failed", user=user.id if user else None)
                 raise api_error(401, "invalid_credentials", _INVALID)
             async with conn.transaction():

@@ -3,13 +3,15 @@
 Subjects are the email (hashed, so unknown emails are not stored in clear)
 and the client IP.  Every attempt first *reserves* a slot, atomically and
 before any password is hashed: within ``login_window_seconds`` an email gets
-``login_max_failures`` attempts (an IP ``login_max_failures_per_ip``); the
-attempt that reaches the limit locks the subject for
-``login_lockout_seconds``, doubling with each further attempt up to 15
-minutes.  A locked subject's attempts are refused without being evaluated, so
-120 parallel guesses for one email evaluate at most the limit, and a correct
-password arriving after them is refused too.  A successful login clears the
-email's count and gives the IP its slot back.  Unknown and known emails are
+``login_max_failures`` attempts (an IP ``login_max_failures_per_ip``).  The
+attempt that reaches the limit locks the subject while it is evaluated (at
+most ``EVALUATING_S``); if it fails, the lock becomes ``login_lockout_seconds``,
+doubling with each further failure up to 15 minutes.  A locked subject's
+attempts are refused without being evaluated, so 120 parallel guesses for one
+email evaluate at most the limit, and a correct password arriving after them
+is refused too.  A successful login clears the email's count (and its lock)
+and gives the IP its slot back, so a few parallel logins of one account that
+all succeed are at most briefly told to retry.  Unknown and known emails are
 treated alike.
 """
 
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import random
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 
 from gateway.config import AuthConfig
 
 MAX_LOCK_S = 900
+EVALUATING_S = 5.0  # the lock held while the attempt that reached the limit is being evaluated
 PURGE_CHANCE = 0.01  # of failures that also purge finished rows
 
 
@@ -37,54 +40,22 @@ def _limited(cfg: AuthConfig, email: str, ip: str) -> list[tuple[str, int]]:
     return sorted((s, limit) for s, limit in pairs if limit > 0)  # one lock order for every caller
 
 
-def lock_seconds(cfg: AuthConfig, attempts: int, limit: int) -> float:
-    """The lock an attempt count earns: from login_lockout_seconds at the limit, doubling, capped."""
-    return min(float(MAX_LOCK_S), float(cfg.login_lockout_seconds) * 2.0 ** max(0, attempts - limit))
-
-
 async def reserve(conn: asyncpg.Connection, cfg: AuthConfig, email: str, ip: str) -> float:
     """Take one attempt for the email and the IP; 0 when it may be evaluated, else seconds to wait.
 
-    One transaction with the subjects' rows locked (in one order), so
-    concurrent attempts for the same email are counted one after another.
+    One round trip to ``login_reserve`` (migrations/0031): the subjects' rows
+    are locked in one order, so concurrent attempts for the same email are
+    counted one after another and the lock is held for microseconds.
     """
     limited = _limited(cfg, email, ip)
     if not limited:
         return 0.0
-    names = [s for s, _ in limited]
-    window = timedelta(seconds=cfg.login_window_seconds)
-    async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO login_throttle (subject, failures, window_start) "
-            "SELECT s, 0, now() FROM unnest($1::text[]) AS s ON CONFLICT (subject) DO NOTHING",
-            names,
-        )
-        rows = await conn.fetch(
-            "SELECT subject, failures, window_start, locked_until, now() AS now FROM login_throttle "
-            "WHERE subject = ANY($1::text[]) ORDER BY subject FOR UPDATE",
-            names,
-        )
-        now: datetime = rows[0]["now"]
-        waits = [(r["locked_until"] - now).total_seconds() for r in rows
-                 if r["locked_until"] is not None and r["locked_until"] > now]
-        if waits:
-            return float(max(waits))  # refused: not counted, not evaluated
-        limits = dict(limited)
-        counts, starts, locks = [], [], []
-        for r in rows:
-            fresh = r["window_start"] < now - window
-            count = 1 if fresh else r["failures"] + 1
-            limit = limits[r["subject"]]
-            counts.append(count)
-            starts.append(now if fresh else r["window_start"])
-            locks.append(now + timedelta(seconds=lock_seconds(cfg, count, limit)) if count >= limit else None)
-        await conn.execute(
-            "UPDATE login_throttle AS t SET failures = u.failures, window_start = u.window_start, "
-            "locked_until = u.locked_until FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::timestamptz[]) "
-            "AS u(subject, failures, window_start, locked_until) WHERE t.subject = u.subject",
-            [r["subject"] for r in rows], counts, starts, locks,
-        )
-    return 0.0
+    wait = await conn.fetchval(
+        "SELECT login_reserve($1::text[], $2::int[], $3::interval, $4, $5, $6)",
+        [s for s, _ in limited], [limit for _, limit in limited], timedelta(seconds=cfg.login_window_seconds),
+        EVALUATING_S, float(cfg.login_lockout_seconds), float(MAX_LOCK_S),
+    )
+    return float(wait)
 
 
 async def succeeded(conn: asyncpg.Connection, cfg: AuthConfig, email: str, ip: str) -> None:
@@ -99,8 +70,17 @@ async def succeeded(conn: asyncpg.Connection, cfg: AuthConfig, email: str, ip: s
         )
 
 
-async def failed(conn: asyncpg.Connection, cfg: AuthConfig) -> None:
-    """A failed login (already counted by its reservation): now and then, forget finished subjects."""
+async def failed(conn: asyncpg.Connection, cfg: AuthConfig, email: str, ip: str) -> None:
+    """A failed login (already counted by its reservation): a subject at its limit is locked for real."""
+    for subject, limit in _limited(cfg, email, ip):
+        await conn.execute(
+            """
+            UPDATE login_throttle SET locked_until = greatest(coalesce(locked_until, now()), now() + make_interval(
+                secs => least($3::float8, $2::float8 * power(2, failures - $4))))
+            WHERE subject = $1 AND failures >= $4
+            """,
+            subject, float(cfg.login_lockout_seconds), float(MAX_LOCK_S), limit,
+        )
     if random.random() < PURGE_CHANCE:
         await purge(conn, cfg)
 
@@ -112,8 +92,3 @@ async def purge(conn: asyncpg.Connection, cfg: AuthConfig) -> None:
         "AND (locked_until IS NULL OR locked_until < now())",
         timedelta(seconds=cfg.login_window_seconds),
     )
-
-
-async def clear(conn: asyncpg.Connection, email: str) -> None:
-    await conn.execute("DELETE FROM login_throttle WHERE subject = $1", subjects(email, "")[0])
-
