@@ -89,4 +89,24 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise bad_request("Request body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise bad_request("Request body must be a JSON object.")
+    if b"\\u0000" in raw and _has_nul(doc):
+        # Postgres text cannot hold NUL: refused here, once for every control-plane field.
+        raise bad_request("Text must not contain NUL (\\u0000) characters.")
     return doc
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def query_error(query_string: str) -> web.HTTPException | None:
+    """A control-plane query string that no parameter can use: NUL or other control characters."""
+    if any(c < " " or c == "\x7f" for c in query_string):
+        return bad_request("The query string must not contain control characters (such as %00).")
+    return None
