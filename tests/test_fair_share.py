@@ -80,6 +80,8 @@ async def test_without_queueing_extra_requests_of_one_key_get_429(make_gateway, 
     await asyncio.gather(*a_tasks)
     assert [200, 200, 429, 429, 429, 429] == sorted(statuses)
     assert ["1"] * 4 == retry_after
+    metrics = await (await gw.get("/metrics")).text()
+    assert 'gateway_fair_share_events_total{event="refused"} 4.0' in metrics
 
 
 @pytest.mark.parametrize(("pool", "caps"), [(256, (128, 192)), (4, (2, 3)), (1, (1, 1)), (3, (1, 2))])

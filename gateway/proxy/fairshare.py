@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from dataclasses import dataclass
 
 from gateway.errors import ErrorKind, GatewayError
 from gateway.proxy.routing import Deployment
@@ -25,6 +26,12 @@ from gateway.proxy.routing import Deployment
 def pool_size(candidates: list[Deployment]) -> int:
     """The pool a request draws from: the largest of its candidate upstreams' (per worker)."""
     return max((d.cfg.max_connections for d in candidates), default=1)
+
+
+@dataclass(slots=True)
+class FairShareStats:
+    queued: int = 0  # requests that had to wait for their share
+    refused: int = 0  # requests answered 429 for being over their share
 
 
 class _Slot:
@@ -59,8 +66,7 @@ class FairShare:
         self.wait_s = wait_s
         self._keys: dict[str, _Slot] = {}
         self._users: dict[str, _Slot] = {}
-        self.refused = 0  # requests answered 429 for being over their share
-        self.queued = 0  # requests that had to wait for their share
+        self.stats = FairShareStats()
 
     def caps(self, pool: int) -> tuple[int, int]:
         return max(1, math.floor(self.key_share * pool)), max(1, math.floor(self.user_share * pool))
@@ -82,11 +88,11 @@ class FairShare:
                 u.busy += 1
                 return Lease(self, key, user)
             if deadline is None:
-                self.queued += 1
+                self.stats.queued += 1
                 deadline = loop.time() + self.wait_s
             remaining = deadline - loop.time()
             if remaining <= 0:
-                self.refused += 1
+                self.stats.refused += 1
                 self._tidy(key, user)
                 raise GatewayError(
                     ErrorKind.RATE_LIMITED,
