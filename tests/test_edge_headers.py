@@ -50,6 +50,9 @@ CLIENT_HEADERS = {
     "referer": "https://evil.example/page",
     "accept-language": "en",
     "dnt": "1",
+    "anthropic-api-key": TEST_KEY,  # credential-shaped under an allowed prefix
+    "openai-secret": "s",
+    "x-stainless-authorization": "s",
 }
 EXPECTED_UPSTREAM = {
     "content-type", "accept", "user-agent", "anthropic-beta", "openai-organization", "x-stainless-lang",

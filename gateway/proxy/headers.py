@@ -41,11 +41,14 @@ NEVER_NAMES = frozenset(
     }
 )
 NEVER_PREFIXES = ("x-forwarded-", "proxy-", "sec-")
+# Credential-shaped names, wherever they appear (``anthropic-api-key``, an operator's ``x-vendor-*``
+# that also matches ``x-vendor-secret``): a key must never ride along under an allowed prefix.
+NEVER_PARTS = ("api-key", "apikey", "api_key", "authorization", "secret", "password", "cookie", "credential")
 
 
 def never_forwarded(name: str) -> bool:
     n = name.lower()
-    return n in NEVER_NAMES or n.startswith(NEVER_PREFIXES)
+    return n in NEVER_NAMES or n.startswith(NEVER_PREFIXES) or any(part in n for part in NEVER_PARTS)
 
 
 class HeaderPolicy:
