@@ -51,7 +51,7 @@ class ServerConfig:
     # keep-alive connection is closed after keepalive_timeout.
     header_timeout: float = 10.0
     body_timeout: float = 60.0
-    keepalive_timeout: float = 15.0
+    keepalive_timeout: float = 75.0  # above common load balancers' idle timeouts (AWS ALB: 60 s)
     # Extra request headers forwarded upstream, beyond the built-in allow-list
     # (gateway/proxy/headers.py): exact names or prefixes ending in "*".
     forward_headers: tuple[str, ...] = ()
