@@ -28,7 +28,10 @@ from gateway.policy.limits import LocalLimiter, RedisLimiter
 from gateway.policy.principals import PrincipalResolver, StandaloneResolver
 from gateway.providers.cloud import clouds_ctx
 from gateway.proxy import handlers
+from gateway.proxy.fairshare import FairShare
+from gateway.proxy.headers import HeaderPolicy
 from gateway.proxy.routing import Router, build_upstreams
+from gateway.server import hygiene
 from gateway.stores.postgres import postgres_ctx
 from gateway.stores.redis import RedisStore
 from gateway.tasks import TaskTracker
@@ -146,15 +149,22 @@ def create_app(cfg: Config) -> web.Application:
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes + 1,
         middlewares=[make_middleware(cfg.log.access_log, metrics)],  # type: ignore[list-item]
-        handler_args={"max_field_size": 16384},
+        handler_args={"max_field_size": 16384, "keepalive_timeout": cfg.server.keepalive_timeout,
+                      # Request bodies are decoded by gateway/server/body.py, within the size limit.
+                      "auto_decompress": False},
     )
     app[keys.CONFIG] = cfg
     app[keys.DRAINING] = [False]  # set by the worker when it drains
     app.on_response_prepare.append(_close_when_draining)
+    app.on_response_prepare.append(hygiene.on_response_prepare)
     app[keys.EXTRA] = {}
     app[keys.PRICES] = prices
     app[keys.METRICS] = metrics
     app[keys.ROUTER] = Router(cfg, build_upstreams(cfg))
+    app[keys.HEADER_POLICY] = HeaderPolicy(cfg.server.forward_headers)
+    app[keys.FAIR_SHARE] = FairShare(
+        cfg.server.key_pool_share, cfg.server.user_pool_share, cfg.server.share_wait_seconds
+    )
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
     # Torn down in reverse: requests' tasks settle, the ledger writer flushes (and
     # applies committed costs through the limiter), then the limiter closes.

@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.proxy.headers import forward_header_errors
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
 
 
@@ -44,6 +46,22 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     drain_seconds: float = 30.0
     worker_ping_seconds: float = 5.0
+    # Slow clients (see gateway/server/protocol.py): the request line and headers
+    # must arrive within header_timeout of their first byte (or of the connection
+    # opening), the whole body within body_timeout of the headers; an idle
+    # keep-alive connection is closed after keepalive_timeout.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0  # above common load balancers' idle timeouts (AWS ALB: 60 s)
+    # Extra request headers forwarded upstream, beyond the built-in allow-list
+    # (gateway/proxy/headers.py): exact names or prefixes ending in "*".
+    forward_headers: tuple[str, ...] = ()
+    # Fair share of each upstream's connection pool (max_connections): one key
+    # may hold at most key_pool_share of it, one user user_pool_share; over that a
+    # request waits up to share_wait_seconds for a slot, then gets 429.
+    key_pool_share: float = 0.5
+    user_pool_share: float = 0.75
+    share_wait_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +89,12 @@ class AuthConfig:
     login_window_seconds: int = 900
     login_lockout_seconds: int = 30
     max_keys_per_user: int = 100  # active keys a user may hold via /me/keys
+    # Gateway keys not in the worker's filter of live keys (random guesses, or
+    # keys created a moment ago) may cost a Postgres lookup at this rate per
+    # client IP (and database.key_lookup_rate per worker); over it, such a key
+    # waits up to new_key_wait_seconds for its creation to be announced.
+    key_lookup_rate_per_ip: float = 20.0
+    new_key_wait_seconds: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,10 +428,23 @@ def _check(cfg: Config, errors: list[str]) -> None:
         errors.append("server.backlog: must be positive")
     if s.worker_ping_seconds <= 0:
         errors.append("server.worker_ping_seconds: must be positive")
+    for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
+        if getattr(s, name) <= 0:
+            errors.append(f"server.{name}: must be positive")
+    for name in ("key_pool_share", "user_pool_share"):
+        if not 0 < getattr(s, name) <= 1:
+            errors.append(f"server.{name}: must be in (0, 1]")
+    if s.share_wait_seconds < 0:
+        errors.append("server.share_wait_seconds: must not be negative")
+    errors.extend(forward_header_errors(s.forward_headers))
     for name in ("pool_max", "timeout_ms", "key_cache_seconds", "key_cache_size", "negative_cache_seconds",
                  "negative_cache_size", "key_lookup_rate", "last_used_flush_seconds"):
         if getattr(cfg.database, name) <= 0:
             errors.append(f"database.{name}: must be positive")
+    if cfg.auth.key_lookup_rate_per_ip <= 0:
+        errors.append("auth.key_lookup_rate_per_ip: must be positive")
+    if cfg.auth.new_key_wait_seconds < 0:
+        errors.append("auth.new_key_wait_seconds: must not be negative")
     for name in ("access_token_seconds", "refresh_token_seconds", "argon2_memory_kib", "argon2_time_cost",
                  "argon2_parallelism", "login_max_failures", "login_window_seconds", "login_lockout_seconds",
                  "max_keys_per_user"):

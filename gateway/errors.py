@@ -46,6 +46,10 @@ class ErrorKind(enum.Enum):
     # (answered in the path's dialect instead of aiohttp's plain text) ...
     UNKNOWN_PATH = _Spec(404, "not_found_error", "invalid_request_error", "not_found", "caller")
     METHOD_NOT_ALLOWED = _Spec(405, "invalid_request_error", "invalid_request_error", "method_not_allowed", "caller")
+    # A request body in a content-encoding other than gzip, deflate or identity (415, RFC 9110 15.5.16).
+    UNSUPPORTED_ENCODING = _Spec(
+        415, "invalid_request_error", "invalid_request_error", "unsupported_content_encoding", "caller"
+    )
     # ... and a bug of ours, still answered in the dialect's shape.
     INTERNAL = _Spec(500, "api_error", "server_error", "internal_error", "gateway")
 

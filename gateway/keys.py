@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from gateway.policy.limits import LocalLimiter, RedisLimiter
     from gateway.policy.principals import PrincipalResolver
     from gateway.proxy.context import RequestContext
+    from gateway.proxy.fairshare import FairShare
+    from gateway.proxy.headers import HeaderPolicy
     from gateway.proxy.routing import Router
     from gateway.stores.postgres import Database
     from gateway.stores.redis import RedisStore
@@ -38,6 +40,8 @@ PG: web.AppKey[Database] = web.AppKey("postgres")  # database mode only
 AUTH: web.AppKey[AuthSettings] = web.AppKey("auth_settings")  # control-plane secrets
 REDIS: web.AppKey[RedisStore] = web.AppKey("redis")  # only when a Redis URL is configured
 LIMITER: web.AppKey[RedisLimiter | LocalLimiter] = web.AppKey("limiter")  # .stats for metrics
+HEADER_POLICY: web.AppKey[HeaderPolicy] = web.AppKey("header_policy")  # request headers forwarded upstream
+FAIR_SHARE: web.AppKey[FairShare] = web.AppKey("fair_share")  # per-key/user share of the upstream pool
 
 # Request-scoped, set by the middleware.
 REQ_CTX: web.RequestKey[RequestContext] = web.RequestKey("gw_ctx")

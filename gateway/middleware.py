@@ -8,7 +8,7 @@ import structlog
 from aiohttp import web
 
 from gateway import keys
-from gateway.auth.responses import error_body
+from gateway.auth.responses import error_body, query_error
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError, render
 from gateway.observability.logging import redact_path
 from gateway.observability.metrics import Metrics
@@ -77,6 +77,11 @@ def make_middleware(
             metrics.started()
         try:
             try:
+                if request.rel_url.raw_query_string and request.path.startswith(_CONTROL_PLANE):
+                    # Decoded query values reach Postgres as text: a %00 would be a 500 there.
+                    refused = query_error(request.query_string)
+                    if refused is not None:
+                        raise refused
                 resp = await handler(request)
             except GatewayError as err:
                 ctx.error_kind = err.kind.label

@@ -31,6 +31,7 @@ from gateway import keys
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.observability import logging as gwlog
+from gateway.server.protocol import GatewayRunner
 
 READY, ALIVE, STOPPED = b"R", b".", b"S"
 RETIRE_SECONDS = 1.0  # at most; never more than a quarter of the grace period
@@ -66,7 +67,7 @@ async def serve(cfg: Config, sock: socket.socket, heartbeat: Heartbeat, index: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(cfg)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app,
         access_log=None,  # our middleware logs one redacted line per request
         handler_cancellation=True,  # a client that goes away cancels its upstream call

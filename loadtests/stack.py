@@ -82,6 +82,7 @@ def gateway_config(port: int, mock_port: int, workers: int, journal: Path, fallb
         port = {port}
         workers = {workers}
         drain_seconds = 10
+        forward_headers = ["x-mock-*"]  # MOCK_LATENCY_MS / MOCK_TTFT_MS reach the mock as headers
 
         [log]
         level = "{os.environ.get('LOADTEST_LOG_LEVEL', 'info')}"

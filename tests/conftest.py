@@ -29,6 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.config import MockUpstreamConfig, parse
 from gateway.mock.upstream import create_mock_app
+from tests.fixtures.http import GatewayTestServer
 from tests.fixtures.servers import PostgresServer, RedisClusterServers, RedisServer, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +141,7 @@ def gateway_toml(upstream_url: str, *, port: int = 0, extra: str = "", workers: 
         workers = {workers}
         drain_seconds = 10
         worker_ping_seconds = 1
+        forward_headers = ["x-mock-*"]  # the mock upstream's per-request switches
 
         [pricing]
         file = "{prices}"
@@ -192,7 +194,7 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     async def factory(toml_text: str) -> TestClient[Any, Any]:
         cfg = parse(toml_text, source=str(CONFIG_DIR / "test.toml"))
         app = create_app(cfg)
-        server = TestServer(app, host="127.0.0.1")
+        server = GatewayTestServer(app, host="127.0.0.1")
         client: TestClient[Any, Any] = TestClient(server)
         await client.start_server()
         clients.append(client)

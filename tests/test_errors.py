@@ -50,6 +50,8 @@ TABLE = {
     # Not in DESIGN.md's table: the router's misses, and a bug of ours.
     ErrorKind.UNKNOWN_PATH: (404, 404, "not_found_error", "invalid_request_error", "not_found"),
     ErrorKind.METHOD_NOT_ALLOWED: (405, 405, "invalid_request_error", "invalid_request_error", "method_not_allowed"),
+    ErrorKind.UNSUPPORTED_ENCODING: (415, 415, "invalid_request_error", "invalid_request_error",
+                                     "unsupported_content_encoding"),
     ErrorKind.INTERNAL: (500, 500, "api_error", "server_error", "internal_error"),
 }
 NO_RETRY = {ErrorKind.AUTHENTICATION, ErrorKind.PERMISSION, ErrorKind.BUDGET_EXCEEDED}

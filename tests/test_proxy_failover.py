@@ -56,6 +56,7 @@ def failover_toml(bad: str, good: str | None, *, threshold: int = 5, cooldown: f
         [server]
         host = "127.0.0.1"
         port = 0
+        forward_headers = ["x-mock-*"]
 
         [pricing]
         file = "{CONFIG_DIR / 'prices.toml'}"

@@ -85,7 +85,8 @@ async def login(request: web.Request) -> web.Response:
     passwords = request.app[PASSWORDS]
     try:
         async with db.connection() as conn:
-            wait = await throttle.locked_for(conn, email, ip)
+            # The attempt is reserved before any hashing: concurrent guesses cannot outrun the count.
+            wait = await throttle.reserve(conn, settings.cfg, email, ip)
             if wait > 0:
                 raise api_error(429, "too_many_attempts", "Too many failed logins; retry later.",
                                 retry_after_s=wait)
@@ -93,11 +94,11 @@ async def login(request: web.Request) -> web.Response:
         ok = await passwords.verify(user.password_hash if user else None, password)
         async with db.connection() as conn:
             if not ok or user is None or user.disabled:
-                await throttle.record_failure(conn, settings.cfg, email, ip)
+                await throttle.failed(conn, settings.cfg, email, ip)
                 log.info("login failed", user=user.id if user else None)
                 raise api_error(401, "invalid_credentials", _INVALID)
             async with conn.transaction():
-                await throttle.clear(conn, email)
+                await throttle.succeeded(conn, settings.cfg, email, ip)
                 refresh, session_id = await sessions.start_family(conn, user.id, settings.cfg.refresh_token_seconds)
                 await audit.record(conn, _actor(request, user.id), "auth.login", "user", user.id)
             if random.random() < PURGE_CHANCE:

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import retry_headers
+from gateway.server import body as body_codec
 
 _CLASSES: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest,
@@ -72,13 +73,40 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream", ""):
         raise api_error(415, "unsupported_media_type", "Send a JSON body (content-type: application/json).")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise api_error(413, "request_too_large", f"Request body is larger than {MAX_BODY} bytes.")
+    try:
+        raw = body_codec.decode(
+            await body_codec.read_limited(request.content, MAX_BODY), request.headers.get("content-encoding"), MAX_BODY
+        )
+    except body_codec.TooLarge:
+        raise api_error(413, "request_too_large", f"Request body is larger than {MAX_BODY} bytes.") from None
+    except body_codec.UnsupportedEncoding as exc:
+        raise api_error(415, "unsupported_content_encoding", str(exc)) from None
+    except body_codec.BodyError as exc:
+        raise bad_request(str(exc)) from None
     try:
         doc = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         raise bad_request("Request body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise bad_request("Request body must be a JSON object.")
+    if b"\\u0000" in raw and _has_nul(doc):
+        # Postgres text cannot hold NUL: refused here, once for every control-plane field.
+        raise bad_request("Text must not contain NUL (\\u0000) characters.")
     return doc
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def query_error(query_string: str) -> web.HTTPException | None:
+    """A control-plane query string that no parameter can use: NUL or other control characters."""
+    if any(c < " " or c == "\x7f" for c in query_string):
+        return bad_request("The query string must not contain control characters (such as %00).")
+    return None

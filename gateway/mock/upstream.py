@@ -1,7 +1,8 @@
 """A fake Anthropic + OpenAI server for tests, demos and load tests.
 
 Realistic bodies, usage and SSE sequences.  Behaviour is switched per request
-by headers (which the gateway passes through as provider headers) or for the
+by headers (which the gateway forwards when its server.forward_headers allows
+``x-mock-*``, as the test configurations do) or for the
 whole server by its config:
 
 - ``x-mock-latency-ms``: delay before the response headers
@@ -169,7 +170,7 @@ async def _common(request: web.Request, dialect: str) -> tuple[dict[str, Any], w
         request[STEP] = step
         stats["fault_steps"] += 1
     seen = request.app[SEEN]
-    seen.append({"path": request.path_qs, "headers": {str(k).lower(): v for k, v in request.headers.items()}, "body": body, "ts": time.time()})
+    seen.append({"path": request.path_qs, "raw_path": request.raw_path, "headers": {str(k).lower(): v for k, v in request.headers.items()}, "body": body, "ts": time.time()})
     cfg = request.app[CFG]
     try:
         await _sleep_ms(_num(request, "x-mock-latency-ms", cfg.latency_ms))

@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
+from gateway.observability.redact import redact_path, redact_text  # redact_path re-exported: the request line's
+
 # Every value of a log line is bounded: a 3 KB model name, a huge upstream error or a
 # long traceback must not make a line that log shippers truncate or drop.
 MAX_VALUE_CHARS = 1024
@@ -115,6 +117,7 @@ def configure(level: str = "info", worker: int | None = None) -> None:
         processors.append(_worker)
     processors += [
         structlog.processors.format_exc_info,
+        _redact_exception,
         bound_values,
         structlog.processors.JSONRenderer(serializer=orjson.dumps),
     ]
@@ -134,6 +137,14 @@ def configure(level: str = "info", worker: int | None = None) -> None:
     logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), handlers=[handler])
 
 
+def _redact_exception(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A rendered traceback quotes exception messages and values: no key shape survives in it."""
+    exc = event.get("exception")
+    if isinstance(exc, str):
+        event["exception"] = redact_text(exc)
+    return event
+
+
 class _StdlibJSON(logging.Formatter):
     """stdlib records (aiohttp, asyncio) as JSON lines, exceptions without their message.
 
@@ -145,7 +156,7 @@ class _StdlibJSON(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "level": record.levelname.lower(), "logger": record.name,
-            "event": _clip(record.getMessage(), MAX_VALUE_CHARS),
+            "event": _clip(redact_text(record.getMessage()), MAX_VALUE_CHARS),
         }
         if record.exc_info and record.exc_info[0] is not None:
             doc["exc_type"] = record.exc_info[0].__name__
@@ -155,10 +166,4 @@ class _StdlibJSON(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-def redact_path(path: str) -> str:
-    """``/ak/gwk_secret/v1/messages`` -> ``/ak/***/v1/messages``."""
-    if path.startswith("/ak/"):
-        rest = path[4:]
-        slash = rest.find("/")
-        return "/ak/***" + (rest[slash:] if slash >= 0 else "")
-    return path
+__all__ = ["configure", "flush", "redact_path"]

@@ -227,6 +227,12 @@ class Metrics:
             "and extra attempts refused by the retry or hedge budget.", ["upstream", "event"], registry=reg,
         )
         self._upstream_seen: dict[tuple[str, str], int] = {}
+        self.fair_share = Counter(
+            "gateway_fair_share_events", "Requests over their key's or user's share of the upstream pool: "
+            "queued (waited for a slot), refused (429 after share_wait_seconds).",
+            ["event"], registry=reg,
+        )
+        self._fair_share_seen: dict[str, int] = {}
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests (and streams) in flight.", multiprocess_mode="livesum", registry=reg,
         )
@@ -346,6 +352,9 @@ class Metrics:
         sink = getattr(app.get(keys.USAGE), "stats", None)
         for name, delta in _deltas(sink, self._usage_seen):
             self.usage_events.labels(name).inc(delta)
+        share = getattr(app.get(keys.FAIR_SHARE), "stats", None)
+        for name, delta in _deltas(share, self._fair_share_seen):
+            self.fair_share.labels(name).inc(delta)
 
     def refresh_circuits(self, app: web.Application) -> None:
         for name, dep in app[keys.ROUTER].upstreams.items():

@@ -2,10 +2,13 @@
 
 - A hit costs no I/O: one SHA-256, one dict lookup (plus a set insert that
   feeds the batched ``last_used_at`` update).
-- Misses go to Postgres once per key at a time (single flight), within a
-  per-worker lookup budget (token bucket), so a flood of random keys can
-  neither fill memory (both caches are bounded LRUs) nor reach Postgres on
-  every request; over budget an unknown key gets 503, never a 401.
+- Misses go to Postgres once per key at a time (single flight).  A key whose
+  hash prefix is in the filter of live keys is looked up at once; any other
+  needs a token from its client IP's budget and the worker's (policy/
+  lookup_gate.py), so a flood of random keys can neither fill memory (both
+  caches are bounded LRUs), nor reach Postgres on every request, nor use up
+  the lookups that real (and freshly created) keys need.  Over budget an
+  unknown key gets 401 while the filter is current, else 503 (never a cached 401).
 - Unknown keys are cached negatively for a few seconds.
 - Changes arrive by LISTEN/NOTIFY ('k:<key id>' or 'u:<user id>') and drop the
   entries at once; the TTL is the backstop, and every (re)connection of the
@@ -23,11 +26,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import asyncpg
 import structlog
 
 from gateway import tasks
 from gateway.config import Config
 from gateway.errors import ErrorKind, GatewayError
+from gateway.policy.lookup_gate import PREFIX_LEN, LookupGate
 from gateway.policy.principals import KEY_PREFIX, Principal, StandaloneResolver, hash_key
 from gateway.stores import access_keys
 from gateway.stores.notify import Listener
@@ -48,6 +53,7 @@ class ResolverStats:
     stale_served: int = 0
     unavailable: int = 0
     throttled: int = 0
+    refused_unknown: int = 0  # over budget and not in the live-key filter: answered without a query
     invalidations: int = 0
 
 
@@ -56,22 +62,6 @@ class _Entry:
     principal: Principal
     fresh_until: float  # monotonic
     retry_at: float = 0.0  # while Postgres is down: serve stale without asking again until then
-
-
-class _TokenBucket:
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class PostgresResolver:
@@ -93,7 +83,8 @@ class PostgresResolver:
         self._by_user: dict[str, set[str]] = {}
         self._inflight: dict[str, asyncio.Task[Principal | None]] = {}
         self._generation = 0  # bumped by every invalidation: a lookup that raced one is not cached
-        self._bucket = _TokenBucket(d.key_lookup_rate)
+        self.gate = LookupGate(d.key_lookup_rate, cfg.auth.key_lookup_rate_per_ip, cfg.auth.new_key_wait_seconds)
+        self._filter_loader: asyncio.Task[None] | None = None
         self._used: set[str] = set()
         self.listener = Listener(db.dsn, CHANNEL, self._on_notify, self._on_connect)
         self._flusher: asyncio.Task[None] | None = None
@@ -107,7 +98,7 @@ class PostgresResolver:
 
     # ---------------------------------------------------------------- hot path
 
-    async def resolve(self, key: str) -> Principal | None:
+    async def resolve(self, key: str, client_ip: str = "") -> Principal | None:
         if self.static is not None:
             p = await self.static.resolve(key)
             if p is not None:
@@ -132,22 +123,27 @@ class PostgresResolver:
                 self.stats.negative_hits += 1
                 return None
             del self._negative[h]
-        principal = await self._lookup(h, entry)
+        principal = await self._lookup(h, entry, client_ip)
         if principal is not None:
             self._used.add(principal.key_id)
         return principal
 
-    async def _lookup(self, h: str, stale: _Entry | None) -> Principal | None:
+    async def _lookup(self, h: str, stale: _Entry | None, client_ip: str) -> Principal | None:
         """One query per key at a time, run as its own task so that a caller who goes away
         (client disconnect) neither cancels it for the others nor leaves it half done."""
         pending = self._inflight.get(h)
-        if pending is None:
-            if not self._bucket.take():
-                self.stats.throttled += 1
-                if stale is not None:
-                    return stale.principal
+        if pending is None and not self.gate.take(h, client_ip):
+            self.stats.throttled += 1
+            if stale is not None:
+                return stale.principal
+            if not await self.gate.wait_announced(h):
+                if self.gate.current:
+                    self.stats.refused_unknown += 1
+                    return None  # not a live key's hash: no query needed to say so
                 raise GatewayError(ErrorKind.UNAVAILABLE,
                                    "Too many unknown API keys are being checked; retry shortly.", retry_after_s=1.0)
+            pending = self._inflight.get(h)  # started by another caller while this one waited
+        if pending is None:
             pending = asyncio.get_running_loop().create_task(self._fetch(h, stale))
             self._inflight[h] = pending
             pending.add_done_callback(lambda t: self._fetched(h, t))
@@ -224,6 +220,9 @@ class PostgresResolver:
 
     def _on_notify(self, payload: str) -> None:
         kind, _, ident = payload.partition(":")
+        if kind == "n":
+            self.gate.announce(ident)  # a key became live: nothing cached changes
+            return
         self._generation += 1
         self.stats.invalidations += 1
         if kind == "k":
@@ -237,6 +236,10 @@ class PostgresResolver:
     def _on_connect(self) -> None:
         # Notifications may have been missed while disconnected: start over.
         self._generation += 1
+        self.gate.forget()
+        if self._filter_loader is not None:
+            self._filter_loader.cancel()  # a load from before this reconnection may miss announcements
+        self._filter_loader = asyncio.get_running_loop().create_task(self._load_filter())
         if self._cache:
             log.info("key cache dropped after listener (re)connect", entries=len(self._cache))
         self._cache.clear()
@@ -252,6 +255,20 @@ class PostgresResolver:
 
     def sizes(self) -> tuple[int, int]:
         return len(self._cache), len(self._negative)
+
+    async def _load_filter(self) -> None:
+        """The live keys' hash prefixes, retried until Postgres answers (the gate budgets meanwhile)."""
+        delay = 0.5
+        while True:
+            try:
+                async with self.db.connection(timeout=5.0) as conn:
+                    prefixes = await access_keys.live_hash_prefixes(conn, PREFIX_LEN, timeout=30.0)
+            except (DatabaseUnavailable, TimeoutError, asyncpg.PostgresError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.gate.loaded(prefixes)
+            return
 
     # ---------------------------------------------------------------- last_used
 
@@ -272,6 +289,7 @@ class PostgresResolver:
 
     async def close(self) -> None:
         await tasks.stop(self._flusher)
+        await tasks.stop(self._filter_loader)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush_last_used(), timeout=2.0)
         await self.listener.close()

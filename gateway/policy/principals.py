@@ -39,7 +39,7 @@ class Principal:
 
 
 class PrincipalResolver(Protocol):
-    async def resolve(self, key: str) -> Principal | None: ...
+    async def resolve(self, key: str, client_ip: str = "") -> Principal | None: ...
 
     async def close(self) -> None: ...
 
@@ -71,7 +71,7 @@ class StandaloneResolver:
                 expires_at=parse_expiry(k.expires_at),
             )
 
-    async def resolve(self, key: str) -> Principal | None:
+    async def resolve(self, key: str, client_ip: str = "") -> Principal | None:
         return self._by_hash.get(hash_key(key))
 
     async def close(self) -> None:

@@ -22,11 +22,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Request headers that carry the caller's gateway credentials or are ours to set.
-# (``expect``: the gateway already read the body; 100-continue is between it and the client.)
-CLIENT_ONLY = frozenset(
-    {"x-api-key", "authorization", "cookie", "accept-encoding", "forwarded", "x-forwarded-for", "expect"}
-)
+# Request headers reach the provider by allow-list: gateway/proxy/headers.py.
 
 # Response headers we never relay (ours to set, or meaningless to the client).
 # content-encoding is relayed: the gateway asks for identity, but an upstream

@@ -12,23 +12,12 @@ from multidict import CIMultiDict
 
 from gateway.errors import ANTHROPIC
 from gateway.providers.anthropic import DEFAULT_VERSION
-from gateway.providers.base import CLIENT_ONLY, HOP_BY_HOP
 from gateway.proxy.routing import Deployment
-
-_SKIP_REQUEST = HOP_BY_HOP | CLIENT_ONLY
 
 
 def upstream_headers(incoming: Mapping[str, str], dep: Deployment) -> CIMultiDict[str]:
-    """The client's headers minus credentials and hop-by-hop, plus the provider key."""
-    out: CIMultiDict[str] = CIMultiDict()
-    skip = _SKIP_REQUEST
-    conn = incoming.get("connection")
-    if conn and conn.lower() not in ("keep-alive", "close"):
-        # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-        skip = skip | {t.strip().lower() for t in conn.split(",")}
-    for name, value in incoming.items():
-        if name.lower() not in skip:
-            out.add(name, value)
+    """The allowed client headers (proxy/headers.py selected them), plus the provider key."""
+    out: CIMultiDict[str] = CIMultiDict(incoming)
     if dep.auth_value:
         out[dep.provider.auth_header] = dep.auth_value
     if dep.dialect == ANTHROPIC and "anthropic-version" not in out:

@@ -25,9 +25,11 @@ from gateway.policy.principals import Principal
 from gateway.proxy.attempts import UpstreamRequest
 from gateway.proxy.context import RequestContext
 from gateway.proxy.failover import Failover
+from gateway.proxy.fairshare import Lease, pool_size
 from gateway.proxy.forward import upstream_headers
 from gateway.proxy.routing import Deployment
 from gateway.proxy.streaming import relay_body, relay_stream, served_headers
+from gateway.server import body as body_codec
 from gateway.translate.attempt import TRANSLATABLE, Translation, prepare
 
 
@@ -50,7 +52,7 @@ async def authenticate(request: web.Request, ctx: RequestContext) -> Principal:
     key = access_key(request)
     if not key:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Missing API key: send x-api-key or Authorization: Bearer.")
-    principal = await request.app[keys.RESOLVER].resolve(key)
+    principal = await request.app[keys.RESOLVER].resolve(key, request.remote or "")
     if principal is None:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Invalid API key.")
     ctx.key_prefix = principal.key_prefix
@@ -64,9 +66,20 @@ async def read_body(request: web.Request) -> bytes:
     if length is not None and length > limit:
         raise GatewayError(ErrorKind.TOO_LARGE, f"Request body is larger than {limit} bytes.")
     try:
-        return await request.read()
+        raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise GatewayError(ErrorKind.TOO_LARGE, f"Request body is larger than {limit} bytes.") from None
+    encoding = request.headers.get("content-encoding")
+    if encoding is None:
+        return raw
+    try:
+        return body_codec.decode(raw, encoding, limit)  # forwarded decoded, without the header
+    except body_codec.TooLarge:
+        raise GatewayError(ErrorKind.TOO_LARGE, f"Decoded request body is larger than {limit} bytes.") from None
+    except body_codec.UnsupportedEncoding as exc:
+        raise GatewayError(ErrorKind.UNSUPPORTED_ENCODING, str(exc)) from None
+    except body_codec.BodyError as exc:
+        raise GatewayError(ErrorKind.INVALID_REQUEST, str(exc)) from None
 
 
 def _bad(msg: str) -> GatewayError:
@@ -156,15 +169,18 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     tap: StreamTap | None = None
     status = 0
     hedges: list[Reservation] = []
+    lease: Lease | None = None
     failover = Failover(
         app[keys.CLIENT], ctx,
         UpstreamRequest(request.method, _upstream_path(request, path), BodyFor(facts.model, body, doc, translation),
-                        HeadersFor(request.headers), facts.stream,
+                        HeadersFor(app[keys.HEADER_POLICY].select(request.headers)), facts.stream,
                         None if translation is None else translation.path_for),
         candidates, plan.context, route.hedge_after_ms,
         _hedge_reserver(admitter, principal, facts, hedges) if route.hedge_after_ms > 0 else None,
     )
     try:
+        # This key's and user's fair share of the upstream pool (429 when it stays full).
+        lease = await app[keys.FAIR_SHARE].acquire(principal.key_id, principal.user_id, pool_size(candidates))
         opened = await failover.open()
         status = opened.status or opened.resp.status
         if translation is not None and opened.dep.dialect == dialect:
@@ -190,6 +206,8 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
         raise
     finally:
         failover.close()
+        if lease is not None:
+            lease.release()
         if tap is not None:
             usage = tap.usage
             usage.output_tokens = tap.output_estimate
@@ -259,8 +277,11 @@ def _max_tokens_cap(principal: Principal) -> int | None:
 
 
 def _upstream_path(request: web.Request, path: str) -> str:
-    """The path the provider expects: /ak/{key} stripped, the query string kept."""
-    qs = request.query_string
+    """The path the provider expects: /ak/{key} stripped, the query string kept as the client sent it.
+
+    The raw string, never the decoded one: ``?x=%20y`` decoded would put a space
+    into the upstream request line (and ``%00`` a NUL)."""
+    qs = request.rel_url.raw_query_string
     return path + "?" + qs if qs else path
 
 

@@ -195,3 +195,11 @@ async def touch_last_used(conn: asyncpg.Connection, key_ids: Iterable[str], at: 
         "AND (last_used_at IS NULL OR last_used_at < $2)",
         list(key_ids), at, timeout=timeout,
     )
+
+
+async def live_hash_prefixes(conn: asyncpg.Connection, length: int, timeout: float) -> set[str]:
+    """The first ``length`` hex digits of every unrevoked key's hash (the lookup filter)."""
+    rows = await conn.fetch(
+        "SELECT substr(key_hash, 1, $1) AS p FROM access_keys WHERE revoked_at IS NULL", length, timeout=timeout
+    )
+    return {r["p"] for r in rows}

@@ -1,0 +1,42 @@
+"""Headers every answer gets (or loses) on its way out.
+
+- No ``Server`` header anywhere: it names the exact aiohttp and Python
+  versions, which helps nobody but a scanner.
+- Control-plane answers (``/auth``, ``/admin``, ``/me``) carry tokens, keys
+  shown once, user data: ``Cache-Control: no-store`` keeps them out of every
+  cache, ``X-Content-Type-Options: nosniff`` keeps a browser from reading
+  JSON as anything else.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+SECRET_PREFIXES = ("/auth/", "/admin/", "/me/")
+SECRET_EXACT = frozenset({"/admin", "/me"})
+NO_STORE = "no-store"
+NOSNIFF = "nosniff"
+
+
+def carries_secrets(path: str) -> bool:
+    return path.startswith(SECRET_PREFIXES) or path in SECRET_EXACT
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp sets its ``Server`` default before this signal runs, so it can be removed here."""
+    h = response.headers
+    h.popall("Server", None)
+    if carries_secrets(request.path):
+        h["Cache-Control"] = NO_STORE
+        h["X-Content-Type-Options"] = NOSNIFF
+
+
+class BareResponse(web.Response):
+    """A response made outside the application (the protocol's own error answers):
+    no app signal runs for it, so it drops the ``Server`` default itself."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall("Server", None)
+        self.headers["X-Content-Type-Options"] = NOSNIFF
+        self.headers["Cache-Control"] = NO_STORE
