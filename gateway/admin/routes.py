@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin import audit_log, keys, me, openapi, users
+from gateway.admin import audit_log, key_rotation, keys, me, openapi, users
 from gateway.auth import handlers as auth
 
 
@@ -30,3 +30,5 @@ def setup(app: web.Application) -> None:
     r.add_get("/me/keys/{id}", keys.own_get)
     r.add_patch("/me/keys/{id}", keys.own_patch)
     r.add_delete("/me/keys/{id}", keys.own_revoke)
+    r.add_post("/admin/keys/{id}/rotate", key_rotation.admin_rotate)
+    r.add_post("/me/keys/{id}/rotate", key_rotation.own_rotate)

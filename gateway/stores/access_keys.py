@@ -166,10 +166,22 @@ async def list_page(conn: asyncpg.Connection, *, limit: int, after: tuple[dateti
 
 _LOOKUP = """
 SELECT k.id, k.prefix, k.name, k.user_id, k.limits, k.expires_at, k.revoked_at,
-       u.limits AS user_limits, u.disabled, u.deleted_at
+       u.limits AS user_limits, u.disabled, u.deleted_at, NULL::timestamptz AS grace_until
 FROM access_keys k JOIN users u ON u.id = k.user_id
 WHERE k.key_hash = $1
+UNION ALL
+SELECT k.id, p.prefix, k.name, k.user_id, k.limits, k.expires_at, k.revoked_at,
+       u.limits AS user_limits, u.disabled, u.deleted_at, p.valid_until AS grace_until
+FROM access_key_previous_hashes p JOIN access_keys k ON k.id = p.key_id JOIN users u ON u.id = k.user_id
+WHERE p.key_hash = $1 AND p.valid_until > now()
+LIMIT 1
 """
+
+
+def _expiry(expires_at: datetime | None, grace_until: datetime | None) -> float | None:
+    """A rotated-out secret expires when its grace ends (or the key expires, if sooner)."""
+    ends = [t.timestamp() for t in (expires_at, grace_until) if t is not None]
+    return min(ends) if ends else None
 
 
 async def lookup_principal(conn: asyncpg.Connection, key_hash: str, timeout: float) -> Principal | None:
@@ -184,7 +196,7 @@ async def lookup_principal(conn: asyncpg.Connection, key_hash: str, timeout: flo
         user_id=str(r["user_id"]),
         key_limits=limits_from_json(r["limits"]),
         user_limits=limits_from_json(r["user_limits"]),
-        expires_at=r["expires_at"].timestamp() if r["expires_at"] else None,
+        expires_at=_expiry(r["expires_at"], r["grace_until"]),
         user_disabled=r["disabled"],
     )
 
