@@ -12,9 +12,11 @@ from aiohttp.resolver import AsyncResolver
 
 from gateway import keys
 from gateway.accounting import reports as usage_reports
+from gateway.accounting import tag_reports
 from gateway.accounting.ledger import LedgerWriter
 from gateway.accounting.pricing import PriceTable
 from gateway.accounting.sink import LogSink, NullSink, UsageSink
+from gateway.accounting.tags import TagPolicy
 from gateway.admin import routes as admin_routes
 from gateway.config import Config
 from gateway.middleware import make_middleware
@@ -152,6 +154,7 @@ def create_app(cfg: Config) -> web.Application:
     app[keys.EXTRA] = {}
     app[keys.PRICES] = prices
     app[keys.METRICS] = metrics
+    app[keys.TAGS] = TagPolicy(cfg.tags, metrics.registry)
     deployments = build_deployments(cfg)
     app[keys.ROUTER] = Router(cfg, deployments)
     # Torn down in reverse: accounting flushes after the tracked tasks drained.
@@ -162,6 +165,7 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)
+    tag_reports.setup(app)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     for method, path, handler in DATA_PLANE:

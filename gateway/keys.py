@@ -9,6 +9,7 @@ from aiohttp import ClientSession, web
 if TYPE_CHECKING:
     from gateway.accounting.pricing import PriceTable
     from gateway.accounting.sink import UsageSink
+    from gateway.accounting.tags import TagPolicy
     from gateway.auth.settings import AuthSettings
     from gateway.config import Config
     from gateway.observability.metrics import Metrics
@@ -38,6 +39,7 @@ PG: web.AppKey[Database] = web.AppKey("postgres")  # database mode only
 AUTH: web.AppKey[AuthSettings] = web.AppKey("auth_settings")  # control-plane secrets
 REDIS: web.AppKey[RedisStore] = web.AppKey("redis")  # only when a Redis URL is configured
 LIMITER: web.AppKey[RedisLimiter | LocalLimiter] = web.AppKey("limiter")  # .stats for metrics
+TAGS: web.AppKey[TagPolicy] = web.AppKey("tags")  # request tags for cost attribution
 
 # Request-scoped, set by the middleware.
 REQ_CTX: web.RequestKey[RequestContext] = web.RequestKey("gw_ctx")

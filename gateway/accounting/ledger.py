@@ -64,6 +64,9 @@ _TYPES = (
     "text", "timestamptz", "text", "text", "text", "text", "text", "int4", "bool", "bool",
     "int8", "int8", "int8", "int8", "int8", "bool", "float4", "float4", "float4", "text",
 )
+# Cost-attribution tags (migration 0021), last: columns() gives them via tag_column().
+_COLUMNS = (*_COLUMNS, "tags")  # type: ignore[assignment]  # one more column
+_TYPES = (*_TYPES, "jsonb")  # type: ignore[assignment]
 
 # One statement: insert what is new, then roll up exactly those rows (daily and hourly).
 _SUMS = ("requests", "partial_requests", "unpriced_requests", "input_tokens", "output_tokens",
@@ -153,6 +156,11 @@ def columns(batch: list[UsageRecord]) -> list[list[Any]]:
         [r.gateway_ms for r in batch],
         [r.error_kind for r in batch],
     ]
+
+
+def tag_column(batch: list[UsageRecord]) -> list[Any]:
+    """The tags array for INSERT_SQL (after the columns() arrays)."""
+    return [r.tags for r in batch]
 
 
 def read_segment(path: Path, batch_size: int) -> Iterator[list[UsageRecord]]:
@@ -427,7 +435,7 @@ class LedgerWriter:
                     "SELECT usage_ledger_ensure_partition($1)", datetime(y, m, 1, tzinfo=UTC), timeout=10.0
                 )
                 self._partitions.add((y, m))
-            row = await conn.fetchrow(INSERT_SQL, *columns(batch), self.shard, timeout=30.0)
+            row = await conn.fetchrow(INSERT_SQL, *columns(batch), tag_column(batch), self.shard, timeout=30.0)
         ids = row["ids"] or []
         n = len(ids)
         self.written += n

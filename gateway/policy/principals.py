@@ -36,6 +36,7 @@ class Principal:
     user_limits: Limits = field(default_factory=Limits)
     expires_at: float | None = None  # unix seconds
     user_disabled: bool = False
+    tags: dict[str, str] | None = None  # the key's default cost-attribution tags
 
 
 class PrincipalResolver(Protocol):

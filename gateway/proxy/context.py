@@ -37,6 +37,7 @@ class RequestContext:
     output_tokens: int = 0
     cost_micros: int = 0
     attempts: int = 0
+    tags: dict[str, str] | None = None  # cost-attribution tags (accounting/tags.py)
 
     @classmethod
     def start_now(cls) -> RequestContext:

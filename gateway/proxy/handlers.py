@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.accounting.record import UsageRecord
 from gateway.accounting.sse import StreamTap
+from gateway.accounting.tags import HEADER as TAGS_HEADER
 from gateway.accounting.usage import Usage
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
 from gateway.policy.admit import RequestFacts, Reservation, model_allowed
@@ -105,6 +106,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     principal = await authenticate(request, ctx)
     body = await read_body(request)
     doc, facts = parse_facts(body, request, ctx)
+    ctx.tags = app[keys.TAGS].for_request(request.headers.get(TAGS_HEADER), doc, dialect, principal.tags)
     route, candidates = app[keys.ROUTER].candidates(facts.model, dialect)
     ctx.route = route.match
     if charge and app[keys.PRICES].refuses(facts.model):
@@ -206,8 +208,11 @@ def _finish(
             gateway_ms=ctx.gateway_ms(now),
             error_kind=ctx.error_kind,
             budget_keys=reservation.budget_keys,
+            tags=ctx.tags,
         )
     )
+    if ctx.tags:
+        app[keys.TAGS].observe(ctx.tags, cost)
     if reservation.state is not None:
         app[keys.TASKS].spawn(
             app[keys.ADMITTER].settle(principal, facts, reservation, usage.total_tokens, cost)
