@@ -18,6 +18,7 @@ from gateway.accounting.pricing import PriceTable
 from gateway.accounting.sink import LogSink, NullSink, UsageSink
 from gateway.accounting.tags import TagPolicy
 from gateway.admin import routes as admin_routes
+from gateway.alerts.service import alerts_ctx
 from gateway.config import Config
 from gateway.middleware import make_middleware
 from gateway.observability.health import healthz
@@ -162,6 +163,7 @@ def create_app(cfg: Config) -> web.Application:
     # applies committed costs through the limiter), then the limiter closes.
     app.cleanup_ctx.extend([postgres_ctx, _client_session, _principals, _limits, _accounting, _tasks])
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
+    app.cleanup_ctx.append(alerts_ctx)  # spend alerts: evaluation and webhook delivery
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)
