@@ -5,8 +5,13 @@ Same parameters as /admin/usage (``from``, ``to``, ``user_id``, ``key_id``,
 
 - ``tag=name=value`` (repeatable): only records carrying every such tag;
   ``tag=name`` alone: records carrying tag ``name`` with any value;
-- ``group_by``: ``day``, ``model``, ``key``, ``user`` and ``tag:NAME`` (the
-  value of tag NAME, null for records without it), comma separated.
+- ``team_id``: only the usage of that team's (current) members;
+- ``group_by``: ``day``, ``model``, ``key``, ``user``, ``team`` (the user's
+  current team) and ``tag:NAME`` (the value of tag NAME, null for records
+  without it), comma separated.
+
+``GET /admin/teams/{id}/usage`` is the same report for one team, open to
+that team's team admin.
 
 Tags live on ledger rows (not in the rollups), so these reports read the
 ledger of the chosen range (GIN index on ``tags`` for the filters).
@@ -14,6 +19,8 @@ ledger of the chosen range (GIN index on ``tags`` for the filters).
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
@@ -23,14 +30,24 @@ from gateway import keys
 from gateway.accounting import reports
 from gateway.accounting.tags import TagError
 from gateway.admin.common import connect
+from gateway.admin.teams import team_access
 from gateway.auth.guard import require_admin, require_user
 from gateway.auth.responses import bad_request, json_response
 
-PARAMS = frozenset({"from", "to", "user_id", "key_id", "model", "tag", "group_by"})
+PARAMS = frozenset({"from", "to", "user_id", "key_id", "model", "team_id", "tag", "group_by"})
 MAX_TAG_FILTERS = 10
 
 
-def parse(request: web.Request) -> tuple[reports.UsageQuery, dict[str, str], list[str], tuple[str, ...]]:
+@dataclass(frozen=True, slots=True)
+class TagQuery:
+    base: reports.UsageQuery
+    equal: dict[str, str]  # tag=value filters
+    present: list[str]  # tag-present filters
+    group_by: tuple[str, ...]  # day, model, key, user, team, tag:NAME
+    team_id: str | None = None  # members of this team (current membership)
+
+
+def parse(request: web.Request) -> TagQuery:
     """(base query, tag=value filters, tag-present filters, group_by with tag:NAME entries)."""
     q = request.query
     for name in q:
@@ -57,20 +74,30 @@ def parse(request: web.Request) -> tuple[reports.UsageQuery, dict[str, str], lis
         for g in group_by:
             if g.startswith("tag:"):
                 rules.name(g[4:], "group_by")
-            elif g not in reports.GROUPS:
-                raise TagError("group_by: one or more of day, model, key, user, tag:NAME (comma separated).")
+            elif g not in reports.GROUPS and g != "team":
+                raise TagError("group_by: one or more of day, model, key, user, team, tag:NAME (comma separated).")
     except TagError as exc:
         raise bad_request(str(exc), field="group_by") from None
     if not group_by or len(set(group_by)) != len(group_by):
-        raise bad_request("group_by: one or more of day, model, key, user, tag:NAME (comma separated).",
+        raise bad_request("group_by: one or more of day, model, key, user, team, tag:NAME (comma separated).",
                           field="group_by")
     base = {k: v for k, v in q.items() if k in reports.KNOWN_PARAMS and k != "group_by"}
-    uq = reports.parse_query(base)
-    return uq, equal, present, group_by
+    team_id = None
+    if "team_id" in q:
+        try:
+            team_id = str(uuid.UUID(q["team_id"]))
+        except ValueError:
+            raise bad_request("team_id: must be a team's id.", field="team_id") from None
+    return TagQuery(reports.parse_query(base), equal, present, group_by, team_id)
 
 
-def build_sql(uq: reports.UsageQuery, equal: dict[str, str], present: list[str],
-              group_by: tuple[str, ...]) -> tuple[str, list[Any]]:
+# Team of each ledger row's user (current membership); config-file users have none.
+_TEAMS = "LEFT JOIN (SELECT id::text AS uid, team_id::text AS team FROM users WHERE team_id IS NOT NULL) tm " \
+         "ON tm.uid = usage_ledger.user_id"
+
+
+def build_sql(tq: TagQuery) -> tuple[str, list[Any]]:
+    uq, equal, present, group_by = tq.base, tq.equal, tq.present, tq.group_by
     args: list[Any] = []
 
     def arg(v: Any) -> str:
@@ -89,26 +116,33 @@ def build_sql(uq: reports.UsageQuery, equal: dict[str, str], present: list[str],
         conds.append(f"tags @> {arg(equal)}::jsonb")
     for name in present:
         conds.append(f"tags ? {arg(name)}")
+    if tq.team_id is not None:
+        conds.append(f"tm.team = {arg(tq.team_id)}")
     where = " WHERE " + " AND ".join(conds) if conds else ""
     cols = []
     for i, g in enumerate(group_by):
-        cols.append(f"tags ->> {arg(g[4:])} AS g{i}" if g.startswith("tag:") else f"{reports.GROUPS[g]} AS g{i}")
+        if g.startswith("tag:"):
+            cols.append(f"tags ->> {arg(g[4:])} AS g{i}")
+        else:
+            cols.append(f"{'team_id' if g == 'team' else reports.GROUPS[g]} AS g{i}")
     positions = ", ".join(str(i + 1) for i in range(len(group_by)))
     sums = ", ".join(f"sum({s})::bigint AS {s}" for s in reports.SUMS)
     sql = (
-        f"SELECT {', '.join(cols)}, {sums} FROM (SELECT {reports._RAW_COLUMNS}, tags "  # noqa: S608 - placeholders only
-        f"FROM usage_ledger{where}) u GROUP BY {positions} ORDER BY {positions} LIMIT {reports.MAX_ROWS + 1}"
+        f"SELECT {', '.join(cols)}, {sums} FROM (SELECT {reports._RAW_COLUMNS}, tags, tm.team AS team_id "  # noqa: S608 - placeholders only
+        f"FROM usage_ledger {_TEAMS}{where}) u GROUP BY {positions} ORDER BY {positions} LIMIT {reports.MAX_ROWS + 1}"
     )
     return sql, args
 
 
 def _name(g: str) -> str:
+    if g == "team":
+        return "team_id"
     return g if g.startswith("tag:") or g == "day" else reports.GROUPS[g]
 
 
-async def _report(request: web.Request, uq: reports.UsageQuery, equal: dict[str, str], present: list[str],
-                  group_by: tuple[str, ...]) -> web.Response:
-    sql, args = build_sql(uq, equal, present, group_by)
+async def report(request: web.Request, tq: TagQuery) -> web.Response:
+    uq, equal, present, group_by = tq.base, tq.equal, tq.present, tq.group_by
+    sql, args = build_sql(tq)
     async with connect(request) as conn:
         records = await conn.fetch(sql, *args, timeout=reports.QUERY_TIMEOUT_S)
     truncated = len(records) > reports.MAX_ROWS
@@ -128,8 +162,8 @@ async def _report(request: web.Request, uq: reports.UsageQuery, equal: dict[str,
         "from": uq.start.isoformat() if uq.start else None,
         "to": uq.end.isoformat() if uq.end else None,
         "group_by": list(group_by),
-        "filters": {"user_id": uq.user_id, "key_id": uq.key_id, "model": uq.model, "tags": equal,
-                    "tags_present": present},
+        "filters": {"user_id": uq.user_id, "key_id": uq.key_id, "model": uq.model, "team_id": tq.team_id,
+                    "tags": equal, "tags_present": present},
         "data": data,
         "totals": totals,
         "truncated": truncated,
@@ -138,18 +172,27 @@ async def _report(request: web.Request, uq: reports.UsageQuery, equal: dict[str,
 
 async def admin_usage_by_tag(request: web.Request) -> web.Response:
     await require_admin(request)
-    return await _report(request, *parse(request))
+    return await report(request, parse(request))
 
 
 async def me_usage_by_tag(request: web.Request) -> web.Response:
     ident = await require_user(request)
-    uq, equal, present, group_by = parse(request)
+    tq = parse(request)
+    uq = tq.base
     if uq.user_id is not None and uq.user_id != ident.user_id:
         raise bad_request("user_id: /me/usage/tags only reports your own usage.", field="user_id")
     own = reports.UsageQuery(uq.start, uq.end, ident.user_id, uq.key_id, uq.model, uq.group_by)
-    return await _report(request, own, equal, present, group_by)
+    return await report(request, TagQuery(own, tq.equal, tq.present, tq.group_by))
+
+
+async def team_usage(request: web.Request) -> web.Response:
+    """One team's usage (admins, or that team's team admin)."""
+    _, team_id = await team_access(request)
+    tq = parse(request)
+    return await report(request, replace(tq, team_id=team_id))
 
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/admin/usage/tags", admin_usage_by_tag)
     app.router.add_get("/me/usage/tags", me_usage_by_tag)
+    app.router.add_get("/admin/teams/{id}/usage", team_usage)

@@ -35,11 +35,11 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return doc
 
 
-async def rotate_key(request: web.Request, *, owner: str | None = None,
-                     owners: list[str] | None = None) -> web.Response:
+async def rotate_key(request: web.Request, *, owner: str | None = None, owners: list[str] | None = None,
+                     key_id: str | None = None) -> web.Response:
     """Shared by the admin, own-key and team-admin routes (the caller checked the role)."""
     ident = await identify(request)
-    key_id = v.object_id(request, "Key")
+    key_id = key_id or v.object_id(request, "Key")
     grace = grace_seconds(await _body(request))
     async with connect(request, transaction=True) as conn:
         rotation = await key_rotation.rotate(conn, key_id, timedelta(seconds=grace), user_id=owner, user_ids=owners)

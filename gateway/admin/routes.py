@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin import alerts, audit_log, key_rotation, key_tags, keys, me, openapi, users
+from gateway.admin import alerts, audit_log, key_rotation, key_tags, keys, me, openapi, teams, users
 from gateway.auth import handlers as auth
 
 
@@ -37,3 +37,4 @@ def setup(app: web.Application) -> None:
     r.add_get("/me/keys/{id}/tags", key_tags.own_get)
     r.add_put("/me/keys/{id}/tags", key_tags.own_put)
     alerts.setup(app)
+    teams.setup(app)

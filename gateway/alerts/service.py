@@ -66,14 +66,14 @@ class AlertService:
         if fired:
             self.fired += fired
             log.info("spend alerts fired", events=fired)
+            if not self.secret and not self._warned:
+                log.warning("spend alerts are not delivered: no signing secret", env=self.cfg.secret_env)
+                self._warned = True
         return fired
 
     async def deliver_due(self) -> int:
         if not self.secret:
-            if not self._warned:
-                log.warning("spend alerts are not delivered: no signing secret", env=self.cfg.secret_env)
-                self._warned = True
-            return 0
+            return 0  # events stay pending (and visible) until a secret is configured
         assert self._session is not None
         async with self.db.connection(timeout=5.0) as conn:
             claimed = await deliver.claim(conn, lease_s=self.cfg.timeout_seconds * 2 + 5)

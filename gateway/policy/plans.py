@@ -48,7 +48,7 @@ class Check:
     """One counter a request must pass: kind ``r``/``t``/``c``/``b`` of the key or of its user."""
 
     kind: str
-    scope: Literal["key", "user"]
+    scope: Literal["key", "user", "team"]
     limit: int  # requests, tokens, leases or micro-dollars
     key: str  # the counter's name in Redis (and in local memory)
     period: Period = "total"
@@ -76,6 +76,7 @@ class Plan:
     renew_kinds: tuple[str, ...]
     budget_keys: tuple[str, ...]
     output_cap: int  # the lowest max_tokens limit, 0 when none
+    team_id: str | None = None  # set when the principal's user is in a team
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,15 +98,18 @@ def scope_of(key: str, user_id: str, key_id: str) -> tuple[BudgetScope, int]:
     """The ledger scope and TTL of a budget counter named by ``Planner`` (its period id is its last part)."""
     pid = key.rsplit(":", 1)[1]
     # "<prefix>:<version>:{u:<tag>}:b:u:<pid>" or "...}:b:k:<tag>:<pid>"; tags never hold braces.
-    scope_key = None if key[key.index("}:b:") + 4 :].startswith("u:") else key_id
+    # A team member's counters carry the team's tag "{t:<team id>}"; its team budget is "...}:b:t:<pid>".
+    kind = key[key.index("}:b:") + 4 :]
+    scope_key = None if kind.startswith(("u:", "t:")) else key_id
+    team = key[key.index("{t:") + 3 : key.index("}")] if kind.startswith("t:") else None
     if pid == "all":
-        return BudgetScope(user_id, scope_key, "total", 0.0), 0
+        return BudgetScope(user_id, scope_key, "total", 0.0, team), 0
     if pid[0] == "d":
         day = int(datetime.strptime(pid[1:], "%Y%m%d").replace(tzinfo=UTC).timestamp()) // _DAY
-        return BudgetScope(user_id, scope_key, "day", _periods(day).day[1]), _periods(day).day[2]
+        return BudgetScope(user_id, scope_key, "day", _periods(day).day[1], team), _periods(day).day[2]
     d = datetime.strptime(pid[1:], "%Y%m").replace(tzinfo=UTC)
     period = _periods(int(d.timestamp()) // _DAY).month
-    return BudgetScope(user_id, scope_key, "month", period[1]), period[2]
+    return BudgetScope(user_id, scope_key, "month", period[1], team), period[2]
 
 
 class Planner:
@@ -133,11 +137,24 @@ class Planner:
         return self._periods[1]
 
     def _build(self, p: Principal, day: int) -> Plan | None:
-        base = f"{self.prefix}:{{u:{_tag(p.user_id)}}}"
-        scopes: tuple[tuple[Literal["key", "user"], str, Limits], ...] = (
-            ("key", f"k:{_tag(p.key_id)}", p.key_limits),
-            ("user", "u", p.user_limits),
-        )
+        # Redis Cluster: every counter of one request shares one hash slot.  A team
+        # member's counters (key, user and team) all carry the team's tag; a user
+        # outside a team keeps the user's tag.  Joining or leaving a team therefore
+        # moves a user's counters: rolling windows start afresh, budget counters are
+        # rebuilt from the ledger on first use (README, "Teams").
+        if p.team_id is not None:
+            base = f"{self.prefix}:{{t:{_tag(p.team_id)}}}"
+            scopes: tuple[tuple[Literal["key", "user", "team"], str, Limits], ...] = (
+                ("key", f"k:{_tag(p.key_id)}", p.key_limits),
+                ("user", f"u:{_tag(p.user_id)}", p.user_limits),
+                ("team", "t", p.team_limits),
+            )
+        else:
+            base = f"{self.prefix}:{{u:{_tag(p.user_id)}}}"
+            scopes = (
+                ("key", f"k:{_tag(p.key_id)}", p.key_limits),
+                ("user", "u", p.user_limits),
+            )
         checks: list[Check] = []
         for kind, attr in (("r", "rpm"), ("t", "tpm"), ("c", "max_concurrency")):
             for scope, sid, limits in scopes:
@@ -177,6 +194,7 @@ class Planner:
             renew_kinds=tuple(c.kind for c in checks if c.kind in ("c", "b")),
             budget_keys=tuple(c.key for c in checks if c.kind == "b"),
             output_cap=min(caps) if caps else 0,
+            team_id=p.team_id,
         )
 
 
@@ -277,7 +295,7 @@ def decide(stats: LimiterStats, plan: Plan, limits: Sequence[int], d: Decision, 
 def rejection(plan: Plan, limits: Sequence[int], d: Decision, cost: int, headers: dict[str, str]) -> GatewayError:
     i = d.failed - 1
     check = plan.checks[i]
-    who = "API key" if check.scope == "key" else "user"
+    who = {"key": "API key", "user": "user", "team": "team"}[check.scope]
     if check.kind == "b":
         left = max(0, limits[i] - d.used[i])
         return GatewayError(

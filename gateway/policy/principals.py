@@ -37,6 +37,8 @@ class Principal:
     expires_at: float | None = None  # unix seconds
     user_disabled: bool = False
     tags: dict[str, str] | None = None  # the key's default cost-attribution tags
+    team_id: str | None = None  # the user's team (its counters share the team's hash tag)
+    team_limits: Limits = field(default_factory=Limits)
 
 
 class PrincipalResolver(Protocol):

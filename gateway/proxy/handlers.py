@@ -249,6 +249,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     names = [
         m for m in request.app[keys.ROUTER].listed_models(request.app[keys.PRICES].exact_models())
         if model_allowed(m, principal.key_limits) and model_allowed(m, principal.user_limits)
+        and model_allowed(m, principal.team_limits)
     ]
     if anthropic:
         data: dict[str, Any] = {

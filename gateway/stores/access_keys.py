@@ -166,13 +166,17 @@ async def list_page(conn: asyncpg.Connection, *, limit: int, after: tuple[dateti
 
 _LOOKUP = """
 SELECT k.id, k.prefix, k.name, k.user_id, k.limits, k.expires_at, k.revoked_at,
-       u.limits AS user_limits, u.disabled, u.deleted_at, NULL::timestamptz AS grace_until, k.tags AS key_tags
+       u.limits AS user_limits, u.disabled, u.deleted_at, NULL::timestamptz AS grace_until, k.tags AS key_tags,
+       t.id AS team_id, t.limits AS team_limits
 FROM access_keys k JOIN users u ON u.id = k.user_id
+LEFT JOIN teams t ON t.id = u.team_id AND t.deleted_at IS NULL
 WHERE k.key_hash = $1
 UNION ALL
 SELECT k.id, p.prefix, k.name, k.user_id, k.limits, k.expires_at, k.revoked_at,
-       u.limits AS user_limits, u.disabled, u.deleted_at, p.valid_until AS grace_until, k.tags AS key_tags
+       u.limits AS user_limits, u.disabled, u.deleted_at, p.valid_until AS grace_until, k.tags AS key_tags,
+       t.id AS team_id, t.limits AS team_limits
 FROM access_key_previous_hashes p JOIN access_keys k ON k.id = p.key_id JOIN users u ON u.id = k.user_id
+LEFT JOIN teams t ON t.id = u.team_id AND t.deleted_at IS NULL
 WHERE p.key_hash = $1 AND p.valid_until > now()
 LIMIT 1
 """
@@ -199,6 +203,8 @@ async def lookup_principal(conn: asyncpg.Connection, key_hash: str, timeout: flo
         expires_at=_expiry(r["expires_at"], r["grace_until"]),
         user_disabled=r["disabled"],
         tags=r["key_tags"] or None,
+        team_id=str(r["team_id"]) if r["team_id"] else None,
+        team_limits=limits_from_json(r["team_limits"]),
     )
 
 
