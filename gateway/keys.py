@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from gateway.accounting.sink import UsageSink
     from gateway.accounting.tags import TagPolicy
     from gateway.alerts.service import AlertService
+    from gateway.auth.oidc import OidcClient
     from gateway.auth.settings import AuthSettings
     from gateway.config import Config
     from gateway.observability.metrics import Metrics
@@ -42,6 +43,7 @@ REDIS: web.AppKey[RedisStore] = web.AppKey("redis")  # only when a Redis URL is 
 LIMITER: web.AppKey[RedisLimiter | LocalLimiter] = web.AppKey("limiter")  # .stats for metrics
 TAGS: web.AppKey[TagPolicy] = web.AppKey("tags")  # request tags for cost attribution
 ALERTS: web.AppKey[AlertService] = web.AppKey("alerts")  # database mode with [alerts] enabled
+OIDC: web.AppKey[OidcClient] = web.AppKey("oidc")  # single sign-on, when [oidc] enabled
 
 # Request-scoped, set by the middleware.
 REQ_CTX: web.RequestKey[RequestContext] = web.RequestKey("gw_ctx")

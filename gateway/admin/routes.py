@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.admin import alerts, audit_log, key_rotation, key_tags, keys, me, openapi, teams, users
 from gateway.auth import handlers as auth
+from gateway.auth import oidc_login
 
 
 def setup(app: web.Application) -> None:
@@ -38,3 +39,4 @@ def setup(app: web.Application) -> None:
     r.add_put("/me/keys/{id}/tags", key_tags.own_put)
     alerts.setup(app)
     teams.setup(app)
+    oidc_login.setup(app)
