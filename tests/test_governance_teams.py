@@ -288,3 +288,43 @@ async def test_team_limits_hold_on_a_redis_cluster(make_gateway, mock_upstream, 
                                   fire([(gw, CHAT)], 5, k2, chat_body(5), SLOW))
     assert {200: 4, 429: 6} == statuses(a1 + a2)
     assert 0 == gw.server.app[keys.LIMITER].stats.degraded
+
+
+async def test_a_team_per_model_budget_caps_only_matching_models_and_is_rebuilt_from_the_ledger(
+        make_gateway, mock_upstream, pg_env, with_redis, tmp_path: Path):
+    """model_budgets {"demo-gpt*": 3 worst cases}: of 10 concurrent demo-gpt requests 3 pass (the 429
+    names the models), demo-claude is not capped; after Redis loses the counter it is rebuilt from
+    the ledger's demo-gpt* spend only."""
+    body = chat_body(5)
+    wc = worst_case(body, 5)
+    gw = await make_gateway(ledger_toml(mock_upstream.base_url, tmp_path, flush_ms=50))
+    r = await gw.post("/admin/teams", headers=ADMIN, json={
+        "name": "per-model", "model_budgets": {"demo-gpt*": {"budget_usd": (3 * wc + 1) / 1e6}}})
+    assert 201 == r.status, await r.text()
+    team = await r.json()
+    _, key = await member_with_key(gw, team["id"])
+    answers = await fire([(gw, CHAT)], 10, key, body, HOLD)
+    assert {200: 3, 429: 7} == statuses(answers)
+    assert all("for models matching 'demo-gpt*'" in a.json()["error"]["message"] for a in answers if a.status == 429)
+    claude = chat_body(5, model="demo-claude")
+    assert {200: 4} == statuses(await fire([(gw, CHAT)], 4, key, claude))
+    await settle(gw)
+    r2 = aioredis.Redis.from_url(with_redis, decode_responses=True)
+    try:
+        name = f"gw:v2:{{t:{team['id']}}}:b:tm:{b'demo-gpt*'.hex()}:all"
+        before = int(await r2.hget(name, "v"))
+        await r2.delete(name)
+    finally:
+        await r2.aclose()
+    again = statuses(await fire([(gw, CHAT)], 1, key, body))  # the counter is rebuilt first
+    await settle(gw)
+    r2 = aioredis.Redis.from_url(with_redis, decode_responses=True)
+    try:
+        # The ledger's demo-gpt* spend (3 equal requests, plus this one if it fitted); the 4
+        # demo-claude requests are not counted.
+        assert (before * 4 // 3 if again == {200: 1} else before) == int(await r2.hget(name, "v"))
+    finally:
+        await r2.aclose()
+    for bad in ({"x[0]": {"budget_usd": 1}}, {"m": {"budget_usd": -1}}, {"m": {"budget_period": "week"}}, {"m": 5}):
+        r = await gw.patch(f"/admin/teams/{team['id']}", headers=ADMIN, json={"model_budgets": bad})
+        assert 400 == r.status, bad

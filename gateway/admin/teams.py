@@ -13,6 +13,8 @@ A user belongs to at most one team: adding a user who is in another team is 409.
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from typing import Any
 
@@ -27,7 +29,9 @@ from gateway.auth.handlers import PASSWORDS
 from gateway.auth.responses import api_error, bad_request, json_response, not_found, read_json_object
 from gateway.stores import access_keys, audit, teams, users
 
-TEAM_FIELDS = frozenset({"name", "limits"})
+TEAM_FIELDS = frozenset({"name", "limits", "model_budgets"})
+MAX_MODEL_BUDGETS = 20
+_MODEL_GLOB = re.compile(r"^[A-Za-z0-9_.:/@+*?-]{1,100}$")
 MEMBER_CREATE = frozenset({"email", "name", "password", "limits", "disabled"})
 MEMBER_ADD = frozenset({"user_id", "role"})
 MEMBER_PATCH = frozenset({"name", "limits", "disabled", "role"})
@@ -67,9 +71,10 @@ async def create_team(request: web.Request) -> web.Response:
     if not name:
         raise bad_request("name: must not be empty.", field="name")
     limits = v.limits(doc["limits"]) if doc.get("limits") is not None else v.limits({})
+    budgets = model_budgets(doc["model_budgets"]) if doc.get("model_budgets") is not None else ()
     async with connect(request, transaction=True) as conn:
         try:
-            team = await teams.create(conn, name=name, limits=limits)
+            team = await teams.create(conn, name=name, limits=limits, model_budgets=budgets)
         except teams.TeamNameTaken:
             raise api_error(409, "conflict", "A team with this name already exists.", field="name") from None
         await audit.record(conn, ident.actor(request), "team.create", "team", team.id, {"fields": sorted(doc)})
@@ -97,8 +102,9 @@ async def patch_team(request: web.Request) -> web.Response:
             raise not_found("Team")
         name = v.name(doc["name"]) if "name" in doc else None
         limits = v.limits(doc["limits"], base=current.limits) if "limits" in doc else None
+        budgets = model_budgets(doc["model_budgets"] or {}) if "model_budgets" in doc else None
         try:
-            team = await teams.update(conn, team_id, name=name or None, limits=limits)
+            team = await teams.update(conn, team_id, name=name or None, limits=limits, model_budgets=budgets)
         except teams.TeamNameTaken:
             raise api_error(409, "conflict", "A team with this name already exists.", field="name") from None
         if team is None:
@@ -304,6 +310,27 @@ def _uuid(value: Any, field: str) -> str:
         return str(uuid.UUID(str(value)))
     except ValueError:
         raise bad_request(f"{field}: must be a user's id.", field=field) from None
+
+
+def model_budgets(doc: Any) -> tuple[tuple[str, float, str], ...]:
+    """``{"gpt-4o*": {"budget_usd": 100, "budget_period": "month"}}`` (replaces the whole set)."""
+    f = "model_budgets"
+    if not isinstance(doc, dict) or len(doc) > MAX_MODEL_BUDGETS:
+        raise bad_request(f"{f}: an object of at most {MAX_MODEL_BUDGETS} model names or globs.", field=f)
+    out = []
+    for glob, b in doc.items():
+        if not _MODEL_GLOB.match(glob):
+            raise bad_request(f"{f}: {glob[:40]!r} is not a model name or glob (* and ? only).", field=f)
+        if not isinstance(b, dict) or set(b) - {"budget_usd", "budget_period"}:
+            raise bad_request(f"{f}.{glob}: must be {{\"budget_usd\": N, \"budget_period\": ...}}.", field=f)
+        usd = b.get("budget_usd")
+        if isinstance(usd, bool) or not isinstance(usd, int | float) or not math.isfinite(usd) or usd < 0:
+            raise bad_request(f"{f}.{glob}.budget_usd: must be a number >= 0.", field=f)
+        period = b.get("budget_period", "total")
+        if period not in ("day", "month", "total"):
+            raise bad_request(f"{f}.{glob}.budget_period: must be 'day', 'month' or 'total'.", field=f)
+        out.append((glob, float(usd), str(period)))
+    return tuple(sorted(out))
 
 
 def _team_role(value: Any) -> str:

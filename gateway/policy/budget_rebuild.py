@@ -49,6 +49,7 @@ class BudgetScope:
     period: Literal["day", "month", "total"]
     since: float  # unix seconds: the start of the period (UTC); 0.0 for "total"
     team_id: str | None = None  # a team's counter: the spend of all its current members
+    model: str | None = None  # a team's per-model budget: only models matching this name or glob
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +94,21 @@ _TEAM_SPENT_SQL = """
 SELECT s.i,
        coalesce((SELECT sum(d.cost_micros) FROM usage_daily d
                  WHERE d.user_id IN (SELECT id::text FROM users WHERE team_id = s.team_id::uuid)
+                   AND (s.pattern IS NULL OR d.model LIKE s.pattern ESCAPE '\\')
                    AND d.day >= s.first_day), 0)
      + coalesce((SELECT sum(l.cost_micros) FROM usage_ledger l
                  WHERE l.user_id IN (SELECT id::text FROM users WHERE team_id = s.team_id::uuid)
+                   AND (s.pattern IS NULL OR l.model LIKE s.pattern ESCAPE '\\')
                    AND l.ts >= s.since AND l.ts < (s.first_day::timestamp AT TIME ZONE 'UTC')), 0) AS spent
-FROM unnest($1::text[], $2::timestamptz[], $3::date[]) WITH ORDINALITY AS s(team_id, since, first_day, i)
+FROM unnest($1::text[], $2::timestamptz[], $3::date[], $4::text[])
+     WITH ORDINALITY AS s(team_id, since, first_day, pattern, i)
 """
+
+
+def glob_to_like(pattern: str) -> str:
+    """A model glob (``*`` and ``?`` only, as team model budgets allow) as a LIKE pattern."""
+    out = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return out.replace("*", "%").replace("?", "_")
 
 
 async def team_spend(conn: Any, scopes: Sequence[BudgetScope], since: list[datetime],
@@ -108,5 +118,7 @@ async def team_spend(conn: Any, scopes: Sequence[BudgetScope], since: list[datet
     if not idx:
         return {}
     rows = await conn.fetch(_TEAM_SPENT_SQL, [scopes[i].team_id for i in idx], [since[i] for i in idx],
-                            [first_day[i] for i in idx], timeout=2.0)
+                            [first_day[i] for i in idx],
+                            [glob_to_like(m) if (m := scopes[i].model) is not None else None for i in idx],
+                            timeout=2.0)
     return {scopes[idx[r["i"] - 1]]: int(r["spent"]) for r in rows}

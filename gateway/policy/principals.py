@@ -39,6 +39,8 @@ class Principal:
     tags: dict[str, str] | None = None  # the key's default cost-attribution tags
     team_id: str | None = None  # the user's team (its counters share the team's hash tag)
     team_limits: Limits = field(default_factory=Limits)
+    # The team's per-model budgets: (model name or glob, USD, period).
+    team_model_budgets: tuple[tuple[str, float, str], ...] = ()
 
 
 class PrincipalResolver(Protocol):

@@ -10,10 +10,11 @@ import asyncpg
 
 from gateway.config import Limits
 from gateway.stores.limits_codec import limits_from_json, limits_to_json
+from gateway.stores.teams_codec import ModelBudgets, model_budgets_from_json, model_budgets_to_json
 from gateway.stores.users import _COLUMNS as USER_COLUMNS
 from gateway.stores.users import User, _user
 
-_COLUMNS = "id, name, limits, created_at, updated_at"
+_COLUMNS = "id, name, limits, model_budgets, created_at, updated_at"
 
 
 class TeamNameTaken(Exception):
@@ -25,11 +26,13 @@ class Team:
     id: str
     name: str
     limits: Limits
+    model_budgets: ModelBudgets
     created_at: datetime
     updated_at: datetime
 
     def public(self, members: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "name": self.name, "limits": limits_to_json(self.limits),
+                               "model_budgets": model_budgets_to_json(self.model_budgets),
                                "created_at": self.created_at, "updated_at": self.updated_at}
         if members is not None:
             out["members"] = members
@@ -38,13 +41,16 @@ class Team:
 
 def _team(r: asyncpg.Record) -> Team:
     return Team(id=str(r["id"]), name=r["name"], limits=limits_from_json(r["limits"]),
+                model_budgets=model_budgets_from_json(r["model_budgets"]),
                 created_at=r["created_at"], updated_at=r["updated_at"])
 
 
-async def create(conn: asyncpg.Connection, *, name: str, limits: Limits) -> Team:
+async def create(conn: asyncpg.Connection, *, name: str, limits: Limits, model_budgets: ModelBudgets = ()) -> Team:
     try:
-        r = await conn.fetchrow(f"INSERT INTO teams (name, limits) VALUES ($1, $2) RETURNING {_COLUMNS}",  # noqa: S608 - constant SQL
-                                name, limits_to_json(limits))
+        r = await conn.fetchrow(
+            f"INSERT INTO teams (name, limits, model_budgets) VALUES ($1, $2, $3) RETURNING {_COLUMNS}",  # noqa: S608 - constant SQL
+            name, limits_to_json(limits), model_budgets_to_json(model_budgets),
+        )
     except asyncpg.UniqueViolationError:
         raise TeamNameTaken(name) from None
     return _team(r)
@@ -61,12 +67,14 @@ async def get_by_name(conn: asyncpg.Connection, name: str) -> Team | None:
 
 
 async def update(conn: asyncpg.Connection, team_id: str, *, name: str | None = None,
-                 limits: Limits | None = None) -> Team | None:
+                 limits: Limits | None = None, model_budgets: ModelBudgets | None = None) -> Team | None:
     try:
         r = await conn.fetchrow(
-            f"UPDATE teams SET name = coalesce($2, name), limits = coalesce($3, limits), updated_at = now() "  # noqa: S608 - constant SQL
+            f"UPDATE teams SET name = coalesce($2, name), limits = coalesce($3, limits), "  # noqa: S608 - constant SQL
+            f"model_budgets = coalesce($4, model_budgets), updated_at = now() "
             f"WHERE id = $1 AND deleted_at IS NULL RETURNING {_COLUMNS}",
             team_id, name, limits_to_json(limits) if limits is not None else None,
+            model_budgets_to_json(model_budgets) if model_budgets is not None else None,
         )
     except asyncpg.UniqueViolationError:
         raise TeamNameTaken(name or "") from None
