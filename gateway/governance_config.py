@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+_LOCAL_HTTP = ("http://127.0.0.1", "http://localhost", "http://[::1]")
 TAG_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
 
 
@@ -82,7 +83,7 @@ def check(tags: TagsConfig, alerts: AlertsConfig, oidc: OidcConfig, errors: list
         for name in ("issuer", "client_id", "redirect_uri"):
             if not getattr(oidc, name):
                 errors.append(f"oidc.{name}: required when oidc.enabled")
-        if oidc.issuer and not oidc.issuer.startswith(("https://", "http://")):
-            errors.append("oidc.issuer: must be an http(s) URL")
+        if oidc.issuer and not oidc.issuer.startswith("https://") and not oidc.issuer.startswith(_LOCAL_HTTP):
+            errors.append("oidc.issuer: must be an https URL (http only for localhost)")
         if "openid" not in oidc.scopes:
             errors.append("oidc.scopes: must include 'openid'")

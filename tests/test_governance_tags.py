@@ -48,9 +48,11 @@ async def _ledger(dsn: str, n: int) -> list[dict]:
         await asyncio.sleep(0.05)
 
 
-async def test_tags_from_header_metadata_and_key_defaults_are_stored_with_each_usage_record(tgw, pg_env):
+async def test_tags_from_header_metadata_and_key_defaults_are_stored_with_each_usage_record(tgw, pg_env,
+                                                                                         mock_upstream):
     """Key default tags, overridden by OpenAI metadata (allow-listed names only), overridden by the
-    header; Anthropic metadata.user_id becomes end_user; untagged requests store NULL."""
+    header; Anthropic metadata.user_id becomes end_user; untagged requests store NULL; the header
+    never reaches the provider."""
     user = await create_user(tgw, "tags@example.com")
     key = await create_key(tgw, user["id"])
     r = await tgw.put(f"/admin/keys/{key['id']}/tags", headers=ADMIN, json={"tags": {"project": "base", "env": "dev"}})
@@ -73,6 +75,8 @@ async def test_tags_from_header_metadata_and_key_defaults_are_stored_with_each_u
     assert 200 == r.status
     r4 = r.headers["x-request-id"]
 
+    seen = await mock_upstream.requests()
+    assert seen and not any("x-gateway-tags" in {k.lower() for k in r["headers"]} for r in seen)
     got = {row["request_id"]: row["tags"] for row in await _ledger(pg_env, 4)}
     assert {"project": "search", "env": "prod"} == got[r1]
     assert {"project": "ads", "env": "dev"} == got[r2]

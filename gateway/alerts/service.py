@@ -48,6 +48,7 @@ class AlertService:
 
     async def _run(self) -> None:
         next_eval = 0.0
+        failing = False
         tick = min(self.cfg.deliver_seconds, self.cfg.evaluate_seconds)
         while True:
             try:
@@ -55,8 +56,13 @@ class AlertService:
                     next_eval = time.monotonic() + self.cfg.evaluate_seconds
                     await self.evaluate()
                 await self.deliver_due()
+                if failing:
+                    log.info("alert rounds work again")
+                failing = False
             except (DatabaseUnavailable, asyncpg.PostgresError, OSError, TimeoutError) as exc:
-                log.warning("alert round failed; retrying", error=type(exc).__name__)
+                if not failing:  # once per outage, not every tick
+                    log.warning("alert round failed; retrying", error=type(exc).__name__)
+                failing = True
             await asyncio.sleep(tick)
 
     async def evaluate(self) -> int | None:

@@ -27,6 +27,8 @@ HOP_BY_HOP = frozenset(
 CLIENT_ONLY = frozenset(
     {"x-api-key", "authorization", "cookie", "accept-encoding", "forwarded", "x-forwarded-for", "expect"}
 )
+# The gateway's own cost-attribution tags (accounting/tags.py) are not the provider's business.
+CLIENT_ONLY = CLIENT_ONLY | {"x-gateway-tags"}
 
 # Response headers we never relay (ours to set, or meaningless to the client).
 # content-encoding is relayed: the gateway asks for identity, but an upstream
