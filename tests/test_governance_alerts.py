@@ -245,3 +245,36 @@ async def test_a_two_worker_serve_and_a_second_gateway_deliver_each_threshold_on
     assert [50, 80, 100] == sorted(d["threshold"] for d in receiver.accepted)
     assert {3} == set(receiver.posts.values())
     assert 0 == receiver.bad_signatures
+
+
+async def test_a_team_rule_uses_the_teams_own_budget_and_all_members_spend(
+        make_gateway, mock_upstream, pg_env, receiver, tmp_path, monkeypatch):
+    """scope=team without a budget of its own: the team's monthly budget_usd, spent by two members,
+    fires 50 % once both have spent (neither alone reaches it)."""
+    monkeypatch.setenv("GATEWAY_ALERT_SECRET", SECRET)
+    gw = await make_gateway(pg_toml(mock_upstream.base_url, alerts_toml(tmp_path)))
+    r = await gw.post("/admin/teams", headers=ADMIN, json={
+        "name": "alerting", "limits": {"budget_usd": 300 / 1_000_000, "budget_period": "month"}})
+    team = await r.json()
+    member_keys = []
+    for i in range(2):
+        user = await create_user(gw, f"tm{i}@example.com")
+        assert 201 == (await gw.post(f"/admin/teams/{team['id']}/users", headers=ADMIN,
+                                     json={"user_id": user["id"]})).status
+        r = await gw.post(f"/admin/teams/{team['id']}/keys", headers=ADMIN, json={"user_id": user["id"]})
+        member_keys.append((await r.json())["key"])
+    r = await gw.post("/admin/alerts", headers=ADMIN, json={
+        "scope": "team", "target_id": team["id"], "thresholds": [50], "webhook_url": receiver.url})
+    assert 201 == r.status, await r.text()
+    assert 200 == (await gw.post("/v1/messages", json=MSG, headers={
+        "x-api-key": member_keys[0], "anthropic-version": "2023-06-01"})).status  # 33 %
+    service = gw.server.app[keys.ALERTS]
+    mark = service.evaluations
+    await _until(lambda: service.evaluations >= mark + 3, what="evaluations")
+    assert [] == receiver.accepted
+    assert 200 == (await gw.post("/v1/messages", json=MSG, headers={
+        "x-api-key": member_keys[1], "anthropic-version": "2023-06-01"})).status  # 66 %
+    await _until(lambda: 1 == len(receiver.accepted), what="team 50 % delivered")
+    doc = receiver.accepted[0]
+    assert ("team", team["id"], 50, "month", 2 * COST / 1_000_000) == (
+        doc["scope"], doc["target_id"], doc["threshold"], doc["period"], doc["spend_usd"])
