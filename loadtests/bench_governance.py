@@ -59,7 +59,7 @@ async def policy_round(limiter: RedisLimiter, principal: Principal, n: int, tag:
     return 1e6 * (time.process_time() - t0) / n
 
 
-def tags_round(policy: TagPolicy, header: str | None, defaults: dict[str, str] | None, n: int) -> float:
+def tags_round(policy: TagPolicy, header: str | None, defaults: tuple[tuple[str, str], ...] | None, n: int) -> float:
     doc = {"model": "bench-model", "max_tokens": 100, "messages": []}
     t0 = time.process_time()
     for _ in range(n):
@@ -84,7 +84,7 @@ async def run(port: int, n: int, rounds: int) -> None:
         solo.append(await policy_round(limiter, SOLO, n, f"a{r}"))
         team.append(await policy_round(limiter, TEAM, n, f"b{r}"))
         plain.append(tags_round(policy, None, None, n))
-        tagged.append(tags_round(policy, "project=search,env=prod", {"team": "ml"}, n))
+        tagged.append(tags_round(policy, "project=search,env=prod", (("team", "ml"),), n))
     await asyncio.sleep(0)
     med = statistics.median
     print(f"policy, key+user limits:       {med(solo):6.1f} CPU-us/request (rounds: {', '.join(f'{x:.1f}' for x in solo)})")

@@ -15,7 +15,7 @@ on; they never become a metric label except the names configured in
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -117,7 +117,7 @@ class TagPolicy:
                                     "Requests by allow-listed tag (tags.metric_labels).", ["tag", "value"], **kw)
 
     def for_request(self, header: str | None, doc: Mapping[str, Any], dialect: str,
-                    defaults: Mapping[str, str] | None) -> Tags | None:
+                    defaults: Iterable[tuple[str, str]] | None) -> Tags | None:
         """The request's tags, or None when it has none; raises GatewayError(400) for a bad one."""
         meta = doc.get("metadata") if self.from_metadata else None
         if header is None and not defaults and not meta:

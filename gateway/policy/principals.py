@@ -36,7 +36,7 @@ class Principal:
     user_limits: Limits = field(default_factory=Limits)
     expires_at: float | None = None  # unix seconds
     user_disabled: bool = False
-    tags: dict[str, str] | None = None  # the key's default cost-attribution tags
+    tags: tuple[tuple[str, str], ...] = ()  # the key's default cost-attribution tags (hashable, like all fields)
     team_id: str | None = None  # the user's team (its counters share the team's hash tag)
     team_limits: Limits = field(default_factory=Limits)
     # The team's per-model budgets: (model name or glob, USD, period).

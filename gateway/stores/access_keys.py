@@ -203,7 +203,7 @@ async def lookup_principal(conn: asyncpg.Connection, key_hash: str, timeout: flo
         user_limits=limits_from_json(r["user_limits"]),
         expires_at=_expiry(r["expires_at"], r["grace_until"]),
         user_disabled=r["disabled"],
-        tags=r["key_tags"] or None,
+        tags=tuple(sorted((r["key_tags"] or {}).items())),
         team_id=str(r["team_id"]) if r["team_id"] else None,
         team_limits=limits_from_json(r["team_limits"]),
         team_model_budgets=model_budgets_from_json(r["team_model_budgets"]),
