@@ -134,6 +134,15 @@ def build_sql(tq: TagQuery) -> tuple[str, list[Any]]:
     return sql, args
 
 
+def _usd(row: dict[str, Any]) -> float | None:
+    """USD from whichever cost sum the main report has (micro-dollars today; the money work moves it to pico)."""
+    if "cost_micros" in row:
+        return float(row["cost_micros"]) / 1_000_000
+    if "cost_pico" in row:
+        return float(row["cost_pico"]) / 1_000_000_000_000
+    return None
+
+
 def _name(g: str) -> str:
     if g == "team":
         return "team_id"
@@ -154,10 +163,10 @@ async def report(request: web.Request, tq: TagQuery) -> web.Response:
             row[_name(g)] = v.isoformat() if isinstance(v, date) else v
         for s in reports.SUMS:
             row[s] = r[s] or 0
-        row["cost_usd"] = row["cost_micros"] / 1_000_000
+        row["cost_usd"] = _usd(row)
         data.append(row)
     totals: dict[str, Any] = {s: sum(d[s] for d in data) for s in reports.SUMS}
-    totals["cost_usd"] = totals["cost_micros"] / 1_000_000
+    totals["cost_usd"] = _usd(totals)
     return json_response({
         "from": uq.start.isoformat() if uq.start else None,
         "to": uq.end.isoformat() if uq.end else None,
