@@ -8,6 +8,7 @@ workers adds neither duplicate events nor duplicate deliveries.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -47,9 +48,12 @@ class AlertService:
             await self._session.close()
 
     async def _run(self) -> None:
-        next_eval = 0.0
+        # Start after a random part of a period: workers started together spread out, and a
+        # starting worker's first requests do not meet the evaluation's queries.
+        next_eval = time.monotonic() + random.uniform(0.2, 1.0) * self.cfg.evaluate_seconds
         failing = False
         tick = min(self.cfg.deliver_seconds, self.cfg.evaluate_seconds)
+        await asyncio.sleep(random.uniform(0.5, 1.0) * tick)
         while True:
             try:
                 if time.monotonic() >= next_eval:
