@@ -187,6 +187,11 @@ async def test_a_team_admin_manages_its_own_team_only(cp):
         ("POST", "/admin/teams", {"name": "mine-too"}),
         ("GET", "/admin/teams", None),
         ("GET", "/admin/users", None),
+        ("GET", "/admin/keys", None),
+        ("DELETE", f"/admin/keys/{key['id']}", None),
+        ("POST", f"/admin/keys/{key['id']}/rotate", None),
+        ("GET", "/admin/alerts", None),
+        ("GET", "/admin/usage/tags", None),
         ("POST", f"/admin/teams/{mine['id']}/users", {"user_id": outsider["id"]}),
         ("PATCH", f"/admin/teams/{mine['id']}/users/{newbie['id']}", {"role": "team_admin"}),
     ]
