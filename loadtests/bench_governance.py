@@ -47,6 +47,7 @@ from gateway.stores.redis import RedisStore
 HIGH = Limits(models=("bench-*",), rpm=100_000_000, tpm=10**12, max_concurrency=100_000, budget_usd=1e9)
 SOLO = Principal("k1", "gwk_bench", "", "u1", key_limits=HIGH, user_limits=HIGH)
 TEAM = Principal("k2", "gwk_bench2", "", "u2", key_limits=HIGH, user_limits=HIGH, team_id="t1", team_limits=HIGH)
+SOLO_B = Principal("k3", "gwk_bench3", "", "u3", key_limits=HIGH, user_limits=HIGH)  # --calibrate: an A/A run
 
 
 async def policy_round(limiter: RedisLimiter, principal: Principal, n: int, tag: str) -> float:
@@ -67,7 +68,7 @@ def tags_round(policy: TagPolicy, header: str | None, defaults: tuple[tuple[str,
     return 1e6 * (time.process_time() - t0) / n
 
 
-async def run(port: int, n: int, rounds: int) -> None:
+async def run(port: int, n: int, rounds: int, calibrate: bool = False) -> None:
     cfg = parse("[redis]\ntimeout_ms = 5000\n")  # a busy machine must not push the bench into degraded mode
 
     async def ledger(scopes: list[BudgetScope]) -> LedgerSpend:
@@ -80,20 +81,26 @@ async def run(port: int, n: int, rounds: int) -> None:
     await policy_round(limiter, SOLO, 500, "warm-a")
     await policy_round(limiter, TEAM, 500, "warm-b")
     solo, team, plain, tagged = [], [], [], []
+    chunk = 250  # alternate in small chunks: a busy machine's drifts hit both variants alike
     for r in range(rounds):
-        solo.append(await policy_round(limiter, SOLO, n, f"a{r}"))
-        team.append(await policy_round(limiter, TEAM, n, f"b{r}"))
+        a_us = b_us = 0.0
+        for c in range(max(1, n // chunk)):
+            a_us += await policy_round(limiter, SOLO, chunk, f"a{r}_{c}")
+            b_us += await policy_round(limiter, SOLO_B if calibrate else TEAM, chunk, f"b{r}_{c}")
+        solo.append(a_us / max(1, n // chunk))
+        team.append(b_us / max(1, n // chunk))
         plain.append(tags_round(policy, None, None, n))
         tagged.append(tags_round(policy, "project=search,env=prod", (("team", "ml"),), n))
     await asyncio.sleep(0)
     med = statistics.median
     print(f"policy, key+user limits:       {med(solo):6.1f} CPU-us/request (rounds: {', '.join(f'{x:.1f}' for x in solo)})")
-    print(f"policy, key+user+team limits:  {med(team):6.1f} CPU-us/request (rounds: {', '.join(f'{x:.1f}' for x in team)})")
+    label = "policy, second solo key (A/A):" if calibrate else "policy, key+user+team limits: "
+    print(f"{label} {med(team):6.1f} CPU-us/request (rounds: {', '.join(f'{x:.1f}' for x in team)})")
     print(f"tags, none:                    {med(plain):6.2f} CPU-us/request")
     print(f"tags, header (2) + key default:{med(tagged):6.2f} CPU-us/request")
-    print(f"added by a team:               {med(team) - med(solo):6.1f} CPU-us/request (median); "
-          f"{min(team) - min(solo):.1f} (min); per-round pairs: "
-          f"{', '.join(f'{b - a:+.1f}' for a, b in zip(solo, team, strict=True))}")
+    pairs = [b - a for a, b in zip(solo, team, strict=True)]
+    print(f"added by a team:               {med(pairs):6.1f} CPU-us/request (median of per-round pairs: "
+          f"{', '.join(f'{d:+.1f}' for d in pairs)})")
     print(f"added by tags:                 {med(tagged) - med(plain):6.2f} CPU-us/request")
     assert limiter.stats.degraded == 0, "Redis timed out: the figures would be the local limiter's"
     await limiter.close()
@@ -103,6 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calibrate", action="store_true", help="A/A: the second variant is a key without a team")
     args = ap.parse_args()
     port = bench.free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +121,7 @@ def main() -> None:
         )
         try:
             bench.wait_port(port)
-            uvloop.run(run(port, args.requests, args.rounds))
+            uvloop.run(run(port, args.requests, args.rounds, args.calibrate))
         finally:
             redis.terminate()
             redis.wait()
