@@ -17,6 +17,7 @@ from gateway import keys
 from gateway.config import Limits
 from gateway.policy.plans import Planner, scope_of
 from gateway.policy.principals import Principal
+from gateway.stores.redis_scripts import VERSION
 from tests.fixtures.control_plane import ADMIN, ADMIN_TOKEN, JWT_SECRET, bearer, create_user, login
 from tests.fixtures.limits import CHAT, HOLD, SLOW, chat_body, fire, statuses, worst_case
 from tests.test_limits_ledger import ledger_toml, settle
@@ -108,7 +109,7 @@ async def test_flushed_redis_rebuilds_a_team_budget_from_the_ledger(
     await settle(gw)
     r = aioredis.Redis.from_url(with_redis, decode_responses=True)
     try:
-        name = f"gw:v2:{{t:{team['id']}}}:b:t:all"
+        name = f"gw:{VERSION}:{{t:{team['id']}}}:b:t:all"
         before = int(await r.hget(name, "v"))
         await r.delete(name)
     finally:
@@ -316,7 +317,7 @@ async def test_a_team_per_model_budget_caps_only_matching_models_and_is_rebuilt_
     await settle(gw)
     r2 = aioredis.Redis.from_url(with_redis, decode_responses=True)
     try:
-        name = f"gw:v2:{{t:{team['id']}}}:b:tm:{b'demo-gpt*'.hex()}:all"
+        name = f"gw:{VERSION}:{{t:{team['id']}}}:b:tm:{b'demo-gpt*'.hex()}:all"
         before = int(await r2.hget(name, "v"))
         await r2.delete(name)
     finally:
