@@ -12,10 +12,13 @@ from aiohttp.resolver import AsyncResolver
 
 from gateway import keys
 from gateway.accounting import reports as usage_reports
+from gateway.accounting import tag_reports
 from gateway.accounting.ledger import LedgerWriter
 from gateway.accounting.pricing import PriceTable
 from gateway.accounting.sink import LogSink, NullSink, UsageSink
+from gateway.accounting.tags import TagPolicy
 from gateway.admin import routes as admin_routes
+from gateway.alerts.service import alerts_ctx
 from gateway.config import Config
 from gateway.middleware import make_middleware
 from gateway.observability.health import healthz
@@ -160,6 +163,7 @@ def create_app(cfg: Config) -> web.Application:
     app[keys.EXTRA] = {}
     app[keys.PRICES] = prices
     app[keys.METRICS] = metrics
+    app[keys.TAGS] = TagPolicy(cfg.tags, metrics.registry)
     app[keys.ROUTER] = Router(cfg, build_upstreams(cfg))
     app[keys.HEADER_POLICY] = HeaderPolicy(cfg.server.forward_headers)
     app[keys.FAIR_SHARE] = FairShare(
@@ -171,9 +175,11 @@ def create_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.extend([postgres_ctx, _client_session, _principals, _limits, _accounting, _tasks])
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
     app.cleanup_ctx.append(clouds_ctx)  # cloud credentials: fetched once, kept fresh
+    app.cleanup_ctx.append(alerts_ctx)  # spend alerts: evaluation and webhook delivery
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)
+    tag_reports.setup(app)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     for method, path, handler in DATA_PLANE:

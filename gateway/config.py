@@ -24,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway import governance_config
+from gateway.governance_config import AlertsConfig, OidcConfig, TagsConfig
 from gateway.proxy.headers import forward_header_errors
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
@@ -259,6 +261,9 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     keys: tuple[StandaloneKeyConfig, ...] = ()
     users: tuple[StandaloneUserConfig, ...] = ()
+    tags: TagsConfig = field(default_factory=TagsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    oidc: OidcConfig = field(default_factory=OidcConfig)
     source: str = ""  # the file this came from; not settable in TOML
 
     # Secrets resolved from the environment at load time (never from the file).
@@ -534,6 +539,7 @@ def _check(cfg: Config, errors: list[str]) -> None:
     for i, user in enumerate(cfg.users):
         if user is not None:
             _check_limits(user.limits, f"users[{i}].limits", errors)
+    governance_config.check(cfg.tags, cfg.alerts, cfg.oidc, errors)
 
 
 def route_for(routes: typing.Sequence[RouteConfig], model: str) -> int | None:

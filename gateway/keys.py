@@ -9,6 +9,9 @@ from aiohttp import ClientSession, web
 if TYPE_CHECKING:
     from gateway.accounting.pricing import PriceTable
     from gateway.accounting.sink import UsageSink
+    from gateway.accounting.tags import TagPolicy
+    from gateway.alerts.service import AlertService
+    from gateway.auth.oidc import OidcClient
     from gateway.auth.settings import AuthSettings
     from gateway.config import Config
     from gateway.observability.metrics import Metrics
@@ -42,6 +45,9 @@ REDIS: web.AppKey[RedisStore] = web.AppKey("redis")  # only when a Redis URL is 
 LIMITER: web.AppKey[RedisLimiter | LocalLimiter] = web.AppKey("limiter")  # .stats for metrics
 HEADER_POLICY: web.AppKey[HeaderPolicy] = web.AppKey("header_policy")  # request headers forwarded upstream
 FAIR_SHARE: web.AppKey[FairShare] = web.AppKey("fair_share")  # per-key/user share of the upstream pool
+TAGS: web.AppKey[TagPolicy] = web.AppKey("tags")  # request tags for cost attribution
+ALERTS: web.AppKey[AlertService] = web.AppKey("alerts")  # database mode with [alerts] enabled
+OIDC: web.AppKey[OidcClient] = web.AppKey("oidc")  # single sign-on, when [oidc] enabled
 
 # Request-scoped, set by the middleware.
 REQ_CTX: web.RequestKey[RequestContext] = web.RequestKey("gw_ctx")

@@ -87,6 +87,9 @@ _TYPES = (
     "int8", "int8", "int8", "int8", "int8", "bool", "float4", "float4", "float4", "text",
     "text", "int8",
 )
+# Cost-attribution tags (migration 0021), last: _columns() ends with tag_column().
+_COLUMNS = (*_COLUMNS, "tags")  # type: ignore[assignment]  # one more column
+_TYPES = (*_TYPES, "jsonb")  # type: ignore[assignment]
 
 # One statement: insert what is new, then roll up exactly those rows (daily and hourly).
 # cost_pico (exact, numeric in the rollups) is the truth; cost_micros (each record rounded up to
@@ -184,7 +187,13 @@ def _columns(batch: list[UsageRecord]) -> list[list[Any]]:
         [r.error_kind for r in batch],
         [r.served_model for r in batch],
         [r.cost_pico for r in batch],
+        tag_column(batch),
     ]
+
+
+def tag_column(batch: list[UsageRecord]) -> list[Any]:
+    """The tags array for INSERT_SQL (after the columns() arrays)."""
+    return [r.tags for r in batch]
 
 
 def read_segment(path: Path, batch_size: int) -> Iterator[list[UsageRecord]]:

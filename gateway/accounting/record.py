@@ -32,6 +32,7 @@ class UsageRecord:
     # Not a ledger column: the Redis budget counters this cost is applied to
     # once the record is committed (kept in the journal for replays).
     budget_keys: tuple[str, ...] = ()
+    tags: dict[str, str] | None = None  # cost-attribution tags (usage_ledger.tags, migration 0021)
 
     def to_dict(self) -> dict[str, Any]:
         # Every field is a scalar: a shallow dict is what asdict() would give,
@@ -39,6 +40,8 @@ class UsageRecord:
         d = {name: getattr(self, name) for name in _FIELDS}
         if not self.budget_keys:
             del d["budget_keys"]
+        if self.tags is None:
+            del d["tags"]
         return d
 
 

@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
+from gateway.admin import openapi_governance
 
 _REF = "#/components/schemas/"
 
@@ -165,6 +166,7 @@ SPEC: dict[str, Any] = {
     },
 }
 
+SPEC["paths"].update(openapi_governance.PATHS)
 _BODY = orjson.dumps(SPEC)
 
 

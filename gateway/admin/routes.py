@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin import audit_log, keys, me, openapi, users
+from gateway.admin import alerts, audit_log, key_rotation, key_tags, keys, me, openapi, teams, users
 from gateway.auth import handlers as auth
+from gateway.auth import oidc_login
 
 
 def setup(app: web.Application) -> None:
@@ -30,3 +31,12 @@ def setup(app: web.Application) -> None:
     r.add_get("/me/keys/{id}", keys.own_get)
     r.add_patch("/me/keys/{id}", keys.own_patch)
     r.add_delete("/me/keys/{id}", keys.own_revoke)
+    r.add_post("/admin/keys/{id}/rotate", key_rotation.admin_rotate)
+    r.add_post("/me/keys/{id}/rotate", key_rotation.own_rotate)
+    r.add_get("/admin/keys/{id}/tags", key_tags.admin_get)
+    r.add_put("/admin/keys/{id}/tags", key_tags.admin_put)
+    r.add_get("/me/keys/{id}/tags", key_tags.own_get)
+    r.add_put("/me/keys/{id}/tags", key_tags.own_put)
+    alerts.setup(app)
+    teams.setup(app)
+    oidc_login.setup(app)

@@ -105,7 +105,7 @@ def check_static(principal: Principal, facts: RequestFacts) -> None:
         raise GatewayError(ErrorKind.AUTHENTICATION, "This API key has expired.")
     if principal.user_disabled:
         raise GatewayError(ErrorKind.PERMISSION, "The user of this API key is disabled.")
-    for who, limits in (("key", principal.key_limits), ("user", principal.user_limits)):
+    for who, limits in (("key", principal.key_limits), ("user", principal.user_limits), ("team", principal.team_limits)):
         if limits.allowed_ips is not None and not _ip_allowed(facts.client_ip, limits.allowed_ips):
             raise GatewayError(ErrorKind.PERMISSION, "Requests from this IP address are not allowed for this key.")
         if not model_allowed(facts.model, limits):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -48,6 +48,8 @@ class BudgetScope:
     key_id: str | None
     period: Literal["day", "month", "total"]
     since: float  # unix seconds: the start of the period (UTC); 0.0 for "total"
+    team_id: str | None = None  # a team's counter: the spend of all its current members
+    model: str | None = None  # a team's per-model budget: only models matching this name or glob
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +79,46 @@ async def rebuild_budgets(app: web.Application, scopes: Sequence[BudgetScope]) -
         rows = await conn.fetch(
             _SPENT_SQL, [sc.user_id for sc in scopes], [sc.key_id for sc in scopes], since, first_day, timeout=2.0
         ) if scopes else []
-    return LedgerSpend({scopes[r["i"] - 1]: int(r["spent"]) for r in rows}, snapshot)
+        spent = {scopes[r["i"] - 1]: int(r["spent"]) for r in rows}
+        spent.update(await team_spend(conn, scopes, since, first_day))
+    return LedgerSpend(spent, snapshot)
 
 
 def _first_whole_day(t: datetime) -> date:
     d = t.date()
     return d if t == datetime(d.year, d.month, d.day, tzinfo=UTC) else d + timedelta(days=1)
+
+
+# Team scopes: the spend of every current member of the team (same day/slice split).
+_TEAM_SPENT_SQL = """
+SELECT s.i,
+       coalesce((SELECT sum(d.cost_pico) FROM usage_daily d
+                 WHERE d.user_id IN (SELECT id::text FROM users WHERE team_id = s.team_id::uuid)
+                   AND (s.pattern IS NULL OR d.model LIKE s.pattern ESCAPE '\\')
+                   AND d.day >= s.first_day), 0)
+     + coalesce((SELECT sum(l.cost_pico) FROM usage_ledger l
+                 WHERE l.user_id IN (SELECT id::text FROM users WHERE team_id = s.team_id::uuid)
+                   AND (s.pattern IS NULL OR l.model LIKE s.pattern ESCAPE '\\')
+                   AND l.ts >= s.since AND l.ts < (s.first_day::timestamp AT TIME ZONE 'UTC')), 0) AS spent
+FROM unnest($1::text[], $2::timestamptz[], $3::date[], $4::text[])
+     WITH ORDINALITY AS s(team_id, since, first_day, pattern, i)
+"""
+
+
+def glob_to_like(pattern: str) -> str:
+    """A model glob (``*`` and ``?`` only, as team model budgets allow) as a LIKE pattern."""
+    out = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return out.replace("*", "%").replace("?", "_")
+
+
+async def team_spend(conn: Any, scopes: Sequence[BudgetScope], since: list[datetime],
+                     first_day: list[date]) -> dict[BudgetScope, int]:
+    """Team scopes' spend in the caller's snapshot (the other scopes' rows for them are replaced)."""
+    idx = [i for i, sc in enumerate(scopes) if sc.team_id is not None]
+    if not idx:
+        return {}
+    rows = await conn.fetch(_TEAM_SPENT_SQL, [scopes[i].team_id for i in idx], [since[i] for i in idx],
+                            [first_day[i] for i in idx],
+                            [glob_to_like(m) if (m := scopes[i].model) is not None else None for i in idx],
+                            timeout=2.0)
+    return {scopes[idx[r["i"] - 1]]: int(r["spent"]) for r in rows}

@@ -278,4 +278,5 @@ def amounts(ledger: LedgerSpend | Mapping[BudgetScope, int]) -> Mapping[BudgetSc
 
 def scopes(plan: Plan, checks: Sequence[Check]) -> list[BudgetScope]:
     """The ledger scopes (user, key or whole user, period) of a plan's budget checks."""
-    return [BudgetScope(plan.user_id, plan.key_id if c.scope == "key" else None, c.period, c.since) for c in checks]
+    return [BudgetScope(plan.user_id, plan.key_id if c.scope == "key" else None, c.period, c.since,
+                        plan.team_id if c.scope == "team" else None, c.model) for c in checks]

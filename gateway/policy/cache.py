@@ -79,7 +79,8 @@ class PostgresResolver:
         self.stats = ResolverStats()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._negative: OrderedDict[str, float] = OrderedDict()
-        self._by_key: dict[str, str] = {}
+        # A rotated key has two live secrets (hashes) under one key id.
+        self._by_key: dict[str, set[str]] = {}
         self._by_user: dict[str, set[str]] = {}
         self._inflight: dict[str, asyncio.Task[Principal | None]] = {}
         self._generation = 0  # bumped by every invalidation: a lookup that raced one is not cached
@@ -197,7 +198,7 @@ class PostgresResolver:
         self._negative.pop(h, None)
         self._cache[h] = _Entry(principal, now + self.ttl)
         self._cache.move_to_end(h)
-        self._by_key[principal.key_id] = h
+        self._by_key.setdefault(principal.key_id, set()).add(h)
         self._by_user.setdefault(principal.user_id, set()).add(h)
         while len(self._cache) > self.size:
             old, _ = next(iter(self._cache.items()))
@@ -208,8 +209,11 @@ class PostgresResolver:
         if entry is None:
             return
         p = entry.principal
-        if self._by_key.get(p.key_id) == h:
-            del self._by_key[p.key_id]
+        key_hashes = self._by_key.get(p.key_id)
+        if key_hashes is not None:
+            key_hashes.discard(h)
+            if not key_hashes:
+                del self._by_key[p.key_id]
         hashes = self._by_user.get(p.user_id)
         if hashes is not None:
             hashes.discard(h)
@@ -226,8 +230,7 @@ class PostgresResolver:
         self._generation += 1
         self.stats.invalidations += 1
         if kind == "k":
-            h = self._by_key.get(ident)
-            if h is not None:
+            for h in list(self._by_key.get(ident, ())):
                 self._drop(h)
         elif kind == "u":
             for h in list(self._by_user.get(ident, ())):

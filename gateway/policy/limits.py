@@ -184,7 +184,7 @@ class RedisLimiter:
     # -- admission --------------------------------------------------------------
 
     async def reserve(self, principal: Principal, facts: RequestFacts) -> Reservation:
-        plan = self.planner.plan(principal)
+        plan = self.planner.plan(principal, model=facts.model)
         if plan is None:
             return Reservation()
         res = await self._reserve(plan, facts)

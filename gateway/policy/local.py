@@ -55,7 +55,7 @@ class LocalLimiter:
         return limits
 
     async def reserve(self, principal: Principal, facts: RequestFacts) -> Reservation:
-        plan = self.planner.plan(principal)
+        plan = self.planner.plan(principal, model=facts.model)
         if plan is None:
             return Reservation()
         return self.reserve_plan(plan, facts)

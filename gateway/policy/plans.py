@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import sha256
-from typing import Literal
+from typing import Literal, cast
 
 from gateway.accounting.money import usd, usd_to_pico_floor
 from gateway.accounting.pricing import PriceTable
-from gateway.config import Limits
+from gateway.config import Limits, model_matches
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy.admit import RequestFacts
 from gateway.policy.budget_rebuild import BudgetScope
@@ -49,12 +49,13 @@ class Check:
     """One counter a request must pass: kind ``r``/``t``/``c``/``b`` of the key or of its user."""
 
     kind: str
-    scope: Literal["key", "user"]
+    scope: Literal["key", "user", "team"]
     limit: int  # requests, tokens, leases or pico-dollars
     key: str  # the counter's name in Redis (and in local memory)
     period: Period = "total"
     since: float = 0.0
     ttl_s: int = 0
+    model: str | None = None  # a team's per-model budget: the model name or glob it covers
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class Plan:
     renew_kinds: tuple[str, ...]
     budget_keys: tuple[str, ...]
     output_cap: int  # the lowest max_tokens limit, 0 when none
+    team_id: str | None = None  # set when the principal's user is in a team
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +100,20 @@ def scope_of(key: str, user_id: str, key_id: str) -> tuple[BudgetScope, int]:
     """The ledger scope and TTL of a budget counter named by ``Planner`` (its period id is its last part)."""
     pid = key.rsplit(":", 1)[1]
     # "<prefix>:<version>:{u:<tag>}:b:u:<pid>" or "...}:b:k:<tag>:<pid>"; tags never hold braces.
-    scope_key = None if key[key.index("}:b:") + 4 :].startswith("u:") else key_id
+    # A team member's counters carry the team's tag "{t:<team id>}"; its team budget is "...}:b:t:<pid>".
+    # A team's per-model budget is "...}:b:tm:<hex of the model glob>:<pid>".
+    kind = key[key.index("}:b:") + 4 :]
+    scope_key = None if kind.startswith(("u:", "t:", "tm:")) else key_id
+    team = key[key.index("{t:") + 3 : key.index("}")] if kind.startswith(("t:", "tm:")) else None
+    model = bytes.fromhex(kind.split(":", 2)[1]).decode() if kind.startswith("tm:") else None
     if pid == "all":
-        return BudgetScope(user_id, scope_key, "total", 0.0), 0
+        return BudgetScope(user_id, scope_key, "total", 0.0, team, model), 0
     if pid[0] == "d":
         day = int(datetime.strptime(pid[1:], "%Y%m%d").replace(tzinfo=UTC).timestamp()) // _DAY
-        return BudgetScope(user_id, scope_key, "day", _periods(day).day[1]), _periods(day).day[2]
+        return BudgetScope(user_id, scope_key, "day", _periods(day).day[1], team, model), _periods(day).day[2]
     d = datetime.strptime(pid[1:], "%Y%m").replace(tzinfo=UTC)
     period = _periods(int(d.timestamp()) // _DAY).month
-    return BudgetScope(user_id, scope_key, "month", period[1]), period[2]
+    return BudgetScope(user_id, scope_key, "month", period[1], team, model), period[2]
 
 
 class Planner:
@@ -115,10 +122,13 @@ class Planner:
     def __init__(self, prefix: str) -> None:
         self.prefix = f"{prefix}:{scripts.VERSION}"
         self._cache: dict[int, tuple[Principal, int, Plan | None]] = {}
+        self._by_model: dict[tuple[int, str], tuple[Principal, int, Plan | None]] = {}
         self._periods: tuple[int, _PeriodKeys] | None = None
 
-    def plan(self, principal: Principal, now: float | None = None) -> Plan | None:
+    def plan(self, principal: Principal, now: float | None = None, model: str | None = None) -> Plan | None:
         day = int((time.time() if now is None else now) // _DAY)
+        if principal.team_model_budgets and model is not None:
+            return self._model_plan(principal, day, model)
         hit = self._cache.get(id(principal))
         if hit is not None and hit[0] is principal and hit[1] == day:
             return hit[2]
@@ -128,17 +138,42 @@ class Planner:
         self._cache[id(principal)] = (principal, day, plan)
         return plan
 
+    def _model_plan(self, principal: Principal, day: int, model: str) -> Plan | None:
+        """A team with per-model budgets: plans differ by the request's model (cached per model)."""
+        ck = (id(principal), model)
+        hit = self._by_model.get(ck)
+        if hit is not None and hit[0] is principal and hit[1] == day:
+            return hit[2]
+        plan = self._build(principal, day, model)
+        if len(self._by_model) >= PLAN_CACHE_MAX:
+            self._by_model.clear()
+        self._by_model[ck] = (principal, day, plan)
+        return plan
+
     def _period(self, day: int) -> _PeriodKeys:
         if self._periods is None or self._periods[0] != day:
             self._periods = (day, _periods(day))
         return self._periods[1]
 
-    def _build(self, p: Principal, day: int) -> Plan | None:
-        base = f"{self.prefix}:{{u:{_tag(p.user_id)}}}"
-        scopes: tuple[tuple[Literal["key", "user"], str, Limits], ...] = (
-            ("key", f"k:{_tag(p.key_id)}", p.key_limits),
-            ("user", "u", p.user_limits),
-        )
+    def _build(self, p: Principal, day: int, model: str | None = None) -> Plan | None:
+        # Redis Cluster: every counter of one request shares one hash slot.  A team
+        # member's counters (key, user and team) all carry the team's tag; a user
+        # outside a team keeps the user's tag.  Joining or leaving a team therefore
+        # moves a user's counters: rolling windows start afresh, budget counters are
+        # rebuilt from the ledger on first use (README, "Teams").
+        if p.team_id is not None:
+            base = f"{self.prefix}:{{t:{_tag(p.team_id)}}}"
+            scopes: tuple[tuple[Literal["key", "user", "team"], str, Limits], ...] = (
+                ("key", f"k:{_tag(p.key_id)}", p.key_limits),
+                ("user", f"u:{_tag(p.user_id)}", p.user_limits),
+                ("team", "t", p.team_limits),
+            )
+        else:
+            base = f"{self.prefix}:{{u:{_tag(p.user_id)}}}"
+            scopes = (
+                ("key", f"k:{_tag(p.key_id)}", p.key_limits),
+                ("user", "u", p.user_limits),
+            )
         checks: list[Check] = []
         for kind, attr in (("r", "rpm"), ("t", "tpm"), ("c", "max_concurrency")):
             for scope, sid, limits in scopes:
@@ -155,6 +190,16 @@ class Planner:
                 pid, since, ttl = getattr(self._period(day), period)
             pico = usd_to_pico_floor(limits.budget_usd)
             checks.append(Check("b", scope, pico, f"{base}:b:{sid}:{pid}", period, since, ttl))
+        if p.team_id is not None and model is not None:
+            for glob, amount, per in p.team_model_budgets:
+                if not model_matches(glob, model):
+                    continue
+                if per == "total":
+                    pid, since, ttl = "all", 0.0, 0
+                else:
+                    pid, since, ttl = getattr(self._period(day), per)
+                checks.append(Check("b", "team", usd_to_pico_floor(amount), f"{base}:b:tm:{glob.encode().hex()}:{pid}",
+                                    cast(Period, per), since, ttl, glob))
         caps = [lim.max_tokens for _, _, lim in scopes if lim.max_tokens is not None]
         if not checks:
             return None
@@ -178,6 +223,7 @@ class Planner:
             renew_kinds=tuple(c.kind for c in checks if c.kind in ("c", "b")),
             budget_keys=tuple(c.key for c in checks if c.kind == "b"),
             output_cap=min(caps) if caps else 0,
+            team_id=p.team_id,
         )
 
 
@@ -279,12 +325,13 @@ def decide(stats: LimiterStats, plan: Plan, limits: Sequence[int], d: Decision, 
 def rejection(plan: Plan, limits: Sequence[int], d: Decision, cost: int, headers: dict[str, str]) -> GatewayError:
     i = d.failed - 1
     check = plan.checks[i]
-    who = "API key" if check.scope == "key" else "user"
+    who = {"key": "API key", "user": "user", "team": "team"}[check.scope]
     if check.kind == "b":
         left = max(0, limits[i] - d.used[i])
+        which = f" for models matching {check.model!r}" if check.model is not None else ""
         return GatewayError(
             ErrorKind.BUDGET_EXCEEDED,
-            f"Budget exhausted: this {who}'s {_PERIOD_WORD[check.period]} budget of ${usd(check.limit)} has "
+            f"Budget exhausted: this {who}'s {_PERIOD_WORD[check.period]} budget{which} of ${usd(check.limit)} has "
             f"${usd(left)} left and this request could cost up to ${usd(cost)}.",
             headers=headers,
         )

@@ -36,6 +36,11 @@ class Principal:
     user_limits: Limits = field(default_factory=Limits)
     expires_at: float | None = None  # unix seconds
     user_disabled: bool = False
+    tags: tuple[tuple[str, str], ...] = ()  # the key's default cost-attribution tags (hashable, like all fields)
+    team_id: str | None = None  # the user's team (its counters share the team's hash tag)
+    team_limits: Limits = field(default_factory=Limits)
+    # The team's per-model budgets: (model name or glob, USD, period).
+    team_model_budgets: tuple[tuple[str, float, str], ...] = ()
 
 
 class PrincipalResolver(Protocol):

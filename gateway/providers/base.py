@@ -22,7 +22,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Request headers reach the provider by allow-list: gateway/proxy/headers.py.
+# Request headers reach the provider by allow-list: gateway/proxy/headers.py (which never
+# lists x-gateway-tags: the gateway's own cost-attribution tags are not the provider's business).
 
 # Response headers we never relay (ours to set, or meaningless to the client).
 # content-encoding is relayed: the gateway asks for identity, but an upstream

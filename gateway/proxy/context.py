@@ -40,6 +40,7 @@ class RequestContext:
     served_model: str = ""  # the model name the serving upstream received
     retries: int = 0  # attempts repeated on the same upstream
     hedges: int = 0  # second attempts raced against a slow first one
+    tags: dict[str, str] | None = None  # cost-attribution tags (accounting/tags.py)
 
     @classmethod
     def start_now(cls) -> RequestContext:

@@ -16,6 +16,7 @@ from gateway.accounting.pricing import PriceTable
 from gateway.accounting.record import UsageRecord
 from gateway.accounting.responses_tap import ResponsesTap
 from gateway.accounting.sse import StreamTap
+from gateway.accounting.tags import HEADER as TAGS_HEADER
 from gateway.accounting.usage import Usage
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
 from gateway.policy.admit import Admitter, RequestFacts, Reservation, model_allowed, output_cap
@@ -134,6 +135,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     principal = await authenticate(request, ctx)
     body = await read_body(request)
     doc, facts = parse_facts(body, request, ctx, path)
+    ctx.tags = app[keys.TAGS].for_request(request.headers.get(TAGS_HEADER), doc, dialect, principal.tags)
     router = app[keys.ROUTER]
     plan = router.plan(facts.model, dialect, path in TRANSLATABLE)
     candidates = router.order(plan)
@@ -346,8 +348,11 @@ def _finish(
             error_kind=ctx.error_kind,
             served_model=ctx.served_model,
             budget_keys=reservation.budget_keys,
+            tags=ctx.tags,
         )
     )
+    if ctx.tags:
+        app[keys.TAGS].observe(ctx.tags, cost)
     if reservation.state is not None:
         app[keys.TASKS].spawn(
             app[keys.ADMITTER].settle(principal, facts, reservation, usage.total_tokens, cost)
@@ -407,6 +412,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     names = [
         m for m in request.app[keys.ROUTER].listed_models(request.app[keys.PRICES].exact_models())
         if model_allowed(m, principal.key_limits) and model_allowed(m, principal.user_limits)
+        and model_allowed(m, principal.team_limits)
     ]
     if anthropic:
         data: dict[str, Any] = {

@@ -40,7 +40,7 @@ NEVER_NAMES = frozenset(
         "proxy-connection", "te", "trailer", "trailers", "upgrade", "expect", "accept-encoding",
     }
 )
-NEVER_PREFIXES = ("x-forwarded-", "proxy-", "sec-")
+NEVER_PREFIXES = ("x-forwarded-", "proxy-", "sec-", "x-gateway-")  # x-gateway-*: ours (tags, ...)
 # Credential-shaped names, wherever they appear (``anthropic-api-key``, an operator's ``x-vendor-*``
 # that also matches ``x-vendor-secret``): a key must never ride along under an allowed prefix.
 NEVER_PARTS = ("api-key", "apikey", "api_key", "authorization", "secret", "password", "cookie", "credential")

@@ -13,6 +13,7 @@ import asyncpg
 from gateway.config import Limits
 from gateway.policy.principals import KEY_PREFIX, Principal, display_prefix, hash_key
 from gateway.stores.limits_codec import limits_from_json, limits_to_json
+from gateway.stores.teams_codec import model_budgets_from_json
 
 _COLUMNS = ("id, user_id, name, prefix, limits, expires_at, revoked_at, last_used_at, created_by, "
             "created_at, updated_at")
@@ -166,10 +167,26 @@ async def list_page(conn: asyncpg.Connection, *, limit: int, after: tuple[dateti
 
 _LOOKUP = """
 SELECT k.id, k.prefix, k.name, k.user_id, k.limits, k.expires_at, k.revoked_at,
-       u.limits AS user_limits, u.disabled, u.deleted_at
+       u.limits AS user_limits, u.disabled, u.deleted_at, NULL::timestamptz AS grace_until, k.tags AS key_tags,
+       t.id AS team_id, t.limits AS team_limits, t.model_budgets AS team_model_budgets
 FROM access_keys k JOIN users u ON u.id = k.user_id
+LEFT JOIN teams t ON t.id = u.team_id AND t.deleted_at IS NULL
 WHERE k.key_hash = $1
+UNION ALL
+SELECT k.id, p.prefix, k.name, k.user_id, k.limits, k.expires_at, k.revoked_at,
+       u.limits AS user_limits, u.disabled, u.deleted_at, p.valid_until AS grace_until, k.tags AS key_tags,
+       t.id AS team_id, t.limits AS team_limits, t.model_budgets AS team_model_budgets
+FROM access_key_previous_hashes p JOIN access_keys k ON k.id = p.key_id JOIN users u ON u.id = k.user_id
+LEFT JOIN teams t ON t.id = u.team_id AND t.deleted_at IS NULL
+WHERE p.key_hash = $1 AND p.valid_until > now()
+LIMIT 1
 """
+
+
+def _expiry(expires_at: datetime | None, grace_until: datetime | None) -> float | None:
+    """A rotated-out secret expires when its grace ends (or the key expires, if sooner)."""
+    ends = [t.timestamp() for t in (expires_at, grace_until) if t is not None]
+    return min(ends) if ends else None
 
 
 async def lookup_principal(conn: asyncpg.Connection, key_hash: str, timeout: float) -> Principal | None:
@@ -184,8 +201,12 @@ async def lookup_principal(conn: asyncpg.Connection, key_hash: str, timeout: flo
         user_id=str(r["user_id"]),
         key_limits=limits_from_json(r["limits"]),
         user_limits=limits_from_json(r["user_limits"]),
-        expires_at=r["expires_at"].timestamp() if r["expires_at"] else None,
+        expires_at=_expiry(r["expires_at"], r["grace_until"]),
         user_disabled=r["disabled"],
+        tags=tuple(sorted((r["key_tags"] or {}).items())),
+        team_id=str(r["team_id"]) if r["team_id"] else None,
+        team_limits=limits_from_json(r["team_limits"]),
+        team_model_budgets=model_budgets_from_json(r["team_model_budgets"]),
     )
 
 
