@@ -15,8 +15,11 @@ from gateway.accounting import reports as usage_reports
 from gateway.accounting.ledger import LedgerWriter
 from gateway.accounting.pricing import PriceTable
 from gateway.accounting.sink import LogSink, NullSink, UsageSink
+from gateway.admin import budgets as admin_budgets
+from gateway.admin import health as admin_health
 from gateway.admin import routes as admin_routes
 from gateway.config import Config
+from gateway.console import routes as console_routes
 from gateway.middleware import make_middleware
 from gateway.observability.health import healthz
 from gateway.observability.metrics import Metrics, metrics_ctx, metrics_handler
@@ -162,6 +165,9 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)
+    app.router.add_get("/admin/budgets", admin_budgets.list_budgets)
+    app.router.add_get("/admin/health", admin_health.health)
+    console_routes.setup(app, enabled=cfg.console.enabled)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     for method, path, handler in DATA_PLANE:

@@ -16,6 +16,8 @@ the sub-hour slices at the very edges of a range from the ledger itself.
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -70,7 +72,8 @@ def _filter(q: Any, name: str) -> str | None:
     return str(value)
 
 
-KNOWN_PARAMS = frozenset({"from", "to", "user_id", "key_id", "model", "group_by"})
+KNOWN_PARAMS = frozenset({"from", "to", "user_id", "key_id", "model", "group_by", "format"})
+FORMATS = ("json", "csv")
 
 
 def parse_query(q: Any) -> UsageQuery:
@@ -187,11 +190,16 @@ def _row(r: Any, group_by: tuple[str, ...]) -> dict[str, Any]:
 
 
 async def _report(request: web.Request, uq: UsageQuery) -> web.Response:
+    fmt = request.query.get("format", "json")
+    if fmt not in FORMATS:
+        raise bad_request("format: json or csv.", field="format")
     sql, args = build_sql(uq)
     async with connect(request) as conn:
         records = await conn.fetch(sql, *args, timeout=QUERY_TIMEOUT_S)
     truncated = len(records) > MAX_ROWS
     data = [_row(r, uq.group_by) for r in records[:MAX_ROWS]]
+    if fmt == "csv":
+        return csv_response(data, uq.group_by, truncated)
     totals: dict[str, Any] = {s: sum(d[s] for d in data) for s in SUMS}
     totals["cost_usd"] = totals["cost_micros"] / 1_000_000
     return json_response({
@@ -203,6 +211,25 @@ async def _report(request: web.Request, uq: UsageQuery) -> web.Response:
         "totals": totals,
         "truncated": truncated,
     })
+
+
+def csv_response(data: list[dict[str, Any]], group_by: tuple[str, ...], truncated: bool) -> web.Response:
+    """The report's rows as CSV (one header line; cost in exact micro-dollars and in USD)."""
+    buf = io.StringIO()
+    cols = [GROUPS[g] if g != "day" else "day" for g in group_by] + [*SUMS, "cost_usd"]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for d in data:
+        w.writerow([_csv_cell(d[c]) for c in cols])
+    headers = {"content-disposition": 'attachment; filename="usage.csv"', "x-truncated": str(truncated).lower()}
+    return web.Response(text=buf.getvalue(), content_type="text/csv", headers=headers)
+
+
+def _csv_cell(v: Any) -> Any:
+    # Keep a spreadsheet from running a model or key name as a formula.
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
 
 
 async def admin_usage(request: web.Request) -> web.Response:
