@@ -158,6 +158,7 @@ export async function keysView(params, { own }) {
     ev.preventDefault(); msg.replaceChildren();
     try {
       const created = await api.post(base, values(create));
+      create.name.value = "";
       showOnce(created);
       await list.reload();
     } catch (e) { msg.append(errorBox(e)); }

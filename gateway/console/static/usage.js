@@ -45,6 +45,8 @@ export async function usageView(params, { own }) {
       const g = q.group_by || "day";
       const col = { day: "day", model: "model", key: "key_id", user: "user_id" }[g];
       const rows = rep.data.slice(0, MAX_TABLE_ROWS);
+      const more = rep.data.length > rows.length
+        ? [h("p", { class: "muted" }, `First ${rows.length} of ${rep.data.length} rows; export CSV for all.`)] : [];
       tableBox.replaceChildren(
         table([
           { title: g, cell: (r) => r[col] },
@@ -53,8 +55,7 @@ export async function usageView(params, { own }) {
           { title: "Output tokens", num: true, cell: (r) => int(r.output_tokens) },
           { title: "Cache read", num: true, cell: (r) => int(r.cache_read_tokens) },
           { title: "Cost", num: true, cell: (r) => usd(r.cost_usd) },
-        ], rows, { empty: "No usage in this range." }),
-        rep.data.length > rows.length ? h("p", { class: "muted" }, `First ${rows.length} of ${rep.data.length} rows; export CSV for all.`) : null);
+        ], rows, { empty: "No usage in this range." }), ...more);
     } catch (e) {
       msg.append(errorBox(e));
     }
