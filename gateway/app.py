@@ -21,6 +21,7 @@ from gateway.admin import routes as admin_routes
 from gateway.config import Config
 from gateway.console import routes as console_routes
 from gateway.middleware import make_middleware
+from gateway.observability.budget_watch import budget_watch_ctx
 from gateway.observability.health import healthz
 from gateway.observability.metrics import Metrics, metrics_ctx, metrics_handler
 from gateway.observability.readiness import readiness_ctx, readyz
@@ -162,6 +163,7 @@ def create_app(cfg: Config) -> web.Application:
     # applies committed costs through the limiter), then the limiter closes.
     app.cleanup_ctx.extend([postgres_ctx, _client_session, _principals, _limits, _accounting, _tasks])
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
+    app.cleanup_ctx.append(budget_watch_ctx)
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)

@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway.observability.budget_watch import count_budgets
 from tests.fixtures.control_plane import ADMIN, PASSWORD, bearer, create_key, create_user, login
 
 CSRF = {"x-gateway-csrf": "1"}
@@ -143,21 +144,23 @@ async def _seed_usage(db_url: str, rows: list[tuple[str, str, str, int, datetime
 async def test_budgets_show_spend_against_limit_in_the_current_period(cp, db_url):
     """A monthly key budget counts this month's spend only; a daily user budget today's; keys without
     a budget are not listed; paging follows the cursor."""
-    u = await create_user(cp, "budget@example.com", limits={"budget_usd": 10, "budget_period": "day"})
+    u = await create_user(cp, "budget@example.com", limits={"budget_usd": 3.5, "budget_period": "day"})
     k1 = await create_key(cp, u["id"], name="monthly", limits={"budget_usd": 4, "budget_period": "month"})
     k2 = await create_key(cp, u["id"], name="total", limits={"budget_usd": 1, "budget_period": "total"})
     await create_key(cp, u["id"], name="unlimited")
+    k3 = await create_key(cp, u["id"], name="over", limits={"budget_usd": 2, "budget_period": "total"})
     now = datetime.now(UTC)
     last_month = now.replace(day=1) - timedelta(days=1)
     await _seed_usage(db_url, [
         (k1["id"], u["id"], "demo-claude", 3_000_000, now),
         (k1["id"], u["id"], "demo-claude", 7_000_000, last_month),  # another period: not counted
         (k2["id"], u["id"], "demo-claude", 500_000, last_month),
+        (k3["id"], u["id"], "demo-claude", 2_500_000, last_month),
     ])
     r = await cp.get("/admin/budgets", headers=ADMIN)
     assert 200 == r.status, await r.text()
     data = {d["name"]: d for d in (await r.json())["data"]}
-    assert {"monthly", "total"} == set(data)
+    assert {"monthly", "total", "over"} == set(data)
     assert 3.0 == data["monthly"]["spent_usd"] and 0.75 == data["monthly"]["used_ratio"]
     assert now.replace(day=1).date().isoformat() == data["monthly"]["period_start"]
     assert 0.5 == data["total"]["spent_usd"] and data["total"]["period_start"] is None
@@ -168,6 +171,13 @@ async def test_budgets_show_spend_against_limit_in_the_current_period(cp, db_url
     page2 = await (await cp.get(f"/admin/budgets?limit=1&cursor={page1['next_cursor']}", headers=ADMIN)).json()
     assert page1["data"][0]["id"] != page2["data"][0]["id"]
     assert 400 == (await cp.get("/admin/budgets?scope=team", headers=ADMIN)).status
+    # The alerting gauge's count: the user at 3.0 of 3.5 today is near; the "over" key is exhausted.
+    conn = await asyncpg.connect(db_url)
+    try:
+        counts = await count_budgets(conn)
+    finally:
+        await conn.close()
+    assert {("key", "near"): 0, ("key", "exhausted"): 1, ("user", "near"): 1, ("user", "exhausted"): 0} == counts
 
 
 async def test_usage_csv_export(cp, db_url):
