@@ -21,6 +21,7 @@ from gateway.admin import routes as admin_routes
 from gateway.config import Config
 from gateway.console import routes as console_routes
 from gateway.middleware import make_middleware
+from gateway.observability import tracing
 from gateway.observability.budget_watch import budget_watch_ctx
 from gateway.observability.health import healthz
 from gateway.observability.metrics import Metrics, metrics_ctx, metrics_handler
@@ -64,6 +65,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
         timeout=aiohttp.ClientTimeout(total=None),
+        trace_configs=tracing.client_trace_configs(app),  # None unless [tracing] is enabled
     )
     app[keys.CLIENT] = session
     yield
@@ -164,6 +166,7 @@ def create_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.extend([postgres_ctx, _client_session, _principals, _limits, _accounting, _tasks])
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
     app.cleanup_ctx.append(budget_watch_ctx)
+    tracing.install(app, cfg)  # nothing when [tracing] is off (the default)
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)
