@@ -138,6 +138,21 @@ def plan_ranges(start: datetime | None, end: datetime | None) -> list[tuple[str,
     return out
 
 
+_TOTALS_COLUMNS = "day, NULL::text AS user_id, NULL::text AS key_id, model, " + ", ".join(SUMS)
+_USERS_COLUMNS = "day, user_id, NULL::text AS key_id, model, " + ", ".join(SUMS)
+
+
+def daily_source(uq: UsageQuery) -> tuple[str, str]:
+    """The smallest daily rollup that answers ``uq`` (migration 0041): by (day, model) when no key
+    or user is asked for, by (day, user, model) when no key is, else the full one."""
+    groups = set(uq.group_by)
+    if uq.key_id is None and "key" not in groups:
+        if uq.user_id is None and "user" not in groups:
+            return "usage_daily_totals", _TOTALS_COLUMNS
+        return "usage_daily_users", _USERS_COLUMNS
+    return "usage_daily", _DAILY_COLUMNS
+
+
 def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
     """One query: whole days from the daily rollup, whole hours of edge days from the hourly one,
     sub-hour edges from the ledger; then grouped."""
@@ -156,7 +171,7 @@ def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
     for source, lo, hi in plan_ranges(uq.start, uq.end):
         conds = list(filters)
         if source == "daily":
-            table, cols, col = "usage_daily", _DAILY_COLUMNS, "day"
+            table, cols, col = (*daily_source(uq), "day")
             lo_v: Any = lo.date() if lo is not None else None
             hi_v: Any = hi.date() if hi is not None else None
         else:
