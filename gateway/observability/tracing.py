@@ -81,7 +81,12 @@ class Tracing:
         self.cfg = cfg.tracing
         self.provider: TracerProvider | None = None
         self.tracer: Tracer | None = None
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        try:
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        except ImportError:
+            raise RuntimeError(
+                "tracing.enabled needs the OpenTelemetry packages: pip install 'llm-gateway[tracing]'"
+            ) from None
 
         self.propagator = TraceContextTextMapPropagator()
 
