@@ -54,6 +54,8 @@ def seed_sql(users: int, keys: int, rows: int, days: int) -> list[str]:
         "id::text AS key_id, user_id::text AS user_id FROM access_keys",
         "CREATE UNIQUE INDEX ON bench_keys (n)",
         *[f"SELECT usage_ledger_ensure_partition(now() - make_interval(days => {d}))" for d in range(0, days + 31, 28)],
+        # Bulk load: the ledger's indexes are built once afterwards (as a restore would), not row by row.
+        "DROP INDEX usage_ledger_request, usage_ledger_ts, usage_ledger_user_ts, usage_ledger_key_ts",
         f"""INSERT INTO usage_ledger (request_id, ts, key_id, user_id, model, route, upstream, status, streamed, partial,
                 input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros, priced,
                 upstream_ms, ttft_ms, gateway_ms, error_kind)
@@ -63,6 +65,10 @@ def seed_sql(users: int, keys: int, rows: int, days: int) -> list[str]:
                    500 + g % 1000, 100 + g % 300, 0, 0, 3000 + g % 5000, true, 800, 300, 0.4, NULL
             FROM (SELECT g, floor(power(random(), 3) * {keys})::bigint AS kn FROM generate_series(1, {rows}) g) s
             JOIN bench_keys b ON b.n = s.kn""",
+        "CREATE UNIQUE INDEX usage_ledger_request ON usage_ledger (request_id, ts)",
+        "CREATE INDEX usage_ledger_ts ON usage_ledger (ts)",
+        "CREATE INDEX usage_ledger_user_ts ON usage_ledger (user_id, ts)",
+        "CREATE INDEX usage_ledger_key_ts ON usage_ledger (key_id, ts)",
         """INSERT INTO usage_daily SELECT (ts AT TIME ZONE 'UTC')::date, user_id, key_id, model, 0, count(*),
                count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced), sum(input_tokens), sum(output_tokens),
                sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_micros)
@@ -79,12 +85,18 @@ def pages(user_id: str, key_id: str) -> dict[str, list[list[str]]]:
     """Console view -> the API calls it makes: a list of steps, each step's calls run concurrently."""
     today = datetime.now(UTC).date()
     month = (today - timedelta(days=29)).isoformat()
+    # The console's default range: since the first day of last month.
+    since = (today.replace(day=1) - timedelta(days=1)).replace(day=1).isoformat()
     return {
         "users": [["/admin/users?limit=50"]],
         "users, email filter": [["/admin/users?limit=50&email=user4242"]],
         "keys": [["/admin/keys?limit=50"]],
         "keys of a user": [[f"/admin/keys?limit=50&user_id={user_id}"]],
         "keys, revoked": [["/admin/keys?limit=50&status=revoked"]],
+        "usage (default range, by day)": [[f"/admin/usage?from={since}&group_by=day"]],
+        "usage (default range, by model)": [[f"/admin/usage?from={since}&group_by=day", f"/admin/usage?from={since}&group_by=model"]],
+        "usage (default range, by key)": [[f"/admin/usage?from={since}&group_by=day", f"/admin/usage?from={since}&group_by=key"]],
+        "usage (default range, by user)": [[f"/admin/usage?from={since}&group_by=day", f"/admin/usage?from={since}&group_by=user"]],
         "usage (30 days, by day)": [[f"/admin/usage?from={month}&group_by=day"]],
         "usage (30 days, by model)": [[f"/admin/usage?from={month}&group_by=day", f"/admin/usage?from={month}&group_by=model"]],
         "usage (30 days, by key)": [[f"/admin/usage?from={month}&group_by=day", f"/admin/usage?from={month}&group_by=key"]],
@@ -130,7 +142,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 seed_s[" ".join(sql.split()[:3])] = round(time.perf_counter() - t0, 1)
             counts = {t: await conn.fetchval(f"SELECT count(*) FROM {t}")
                       for t in ("users", "access_keys", "usage_ledger", "usage_daily", "usage_hourly",
-                                "usage_daily_totals", "usage_daily_users")}
+                                "usage_daily_totals", "usage_daily_users", "usage_monthly_keys")}
             user_id = str(await conn.fetchval("SELECT id FROM users ORDER BY created_at OFFSET 7 LIMIT 1"))
             key_id = await conn.fetchval("SELECT key_id FROM usage_daily GROUP BY key_id ORDER BY sum(requests) DESC LIMIT 1")
         finally:

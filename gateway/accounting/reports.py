@@ -153,6 +153,37 @@ def daily_source(uq: UsageQuery) -> tuple[str, str]:
     return "usage_daily", _DAILY_COLUMNS
 
 
+_MONTHLY_COLUMNS = "month AS day, user_id, key_id, NULL::text AS model, " + ", ".join(SUMS)
+
+
+def monthly_eligible(uq: UsageQuery) -> bool:
+    """Whole months can come from usage_monthly_keys: nothing asks for a model or a day."""
+    return uq.model is None and "model" not in uq.group_by and "day" not in uq.group_by
+
+
+def _month_floor(d: datetime) -> datetime:
+    return datetime(d.year, d.month, 1, tzinfo=UTC)
+
+
+def _next_month(d: datetime) -> datetime:
+    return datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
+
+
+def split_months(lo: datetime | None, hi: datetime | None) -> list[tuple[str, datetime | None, datetime | None]]:
+    """A whole-day range [lo, hi) as whole months (monthly rollup) plus the days at its edges (daily).
+    An open end stays open: the monthly rollup holds nothing beyond what has been recorded."""
+    m_lo = None if lo is None else (lo if lo == _month_floor(lo) else _next_month(lo))
+    m_hi = None if hi is None else _month_floor(hi)
+    if m_lo is not None and m_hi is not None and m_lo >= m_hi:
+        return [("daily", lo, hi)]
+    out: list[tuple[str, datetime | None, datetime | None]] = [("monthly", m_lo, m_hi)]
+    if lo is not None and m_lo is not None and lo < m_lo:
+        out.append(("daily", lo, m_lo))
+    if hi is not None and m_hi is not None and m_hi < hi:
+        out.append(("daily", m_hi, hi))
+    return out
+
+
 def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
     """One query: whole days from the daily rollup, whole hours of edge days from the hourly one,
     sub-hour edges from the ledger; then grouped."""
@@ -168,12 +199,20 @@ def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
             filters.append(f"{col} = {arg(v)}")
 
     parts: list[str] = []
-    for source, lo, hi in plan_ranges(uq.start, uq.end):
+    ranges = plan_ranges(uq.start, uq.end)
+    if monthly_eligible(uq):
+        ranges = [r for rng in ranges for r in (split_months(rng[1], rng[2]) if rng[0] == "daily" else [rng])]
+    for source, lo, hi in ranges:
         conds = list(filters)
-        if source == "daily":
+        lo_v: Any
+        hi_v: Any
+        if source == "monthly":
+            table, cols, col = "usage_monthly_keys", _MONTHLY_COLUMNS, "month"
+            lo_v, hi_v = (lo.date() if lo is not None else None), (hi.date() if hi is not None else None)
+        elif source == "daily":
             table, cols, col = (*daily_source(uq), "day")
-            lo_v: Any = lo.date() if lo is not None else None
-            hi_v: Any = hi.date() if hi is not None else None
+            lo_v = lo.date() if lo is not None else None
+            hi_v = hi.date() if hi is not None else None
         else:
             table, cols, col = (("usage_hourly", _HOURLY_COLUMNS, "hour") if source == "hourly"
                                 else ("usage_ledger", _RAW_COLUMNS, "ts"))

@@ -11,7 +11,8 @@ export async function usageView(params, { own }) {
   const path = own ? "/me/usage" : "/admin/usage";
   const today = new Date();
   const inputs = {
-    from: h("input", { name: "from", type: "date", value: params.get("from") || isoDay(new Date(today.getTime() - 29 * 864e5)) }),
+    // Default: since the first day of last month (whole months come from the monthly rollup: fast by key).
+    from: h("input", { name: "from", type: "date", value: params.get("from") || isoDay(new Date(Date.UTC(today.getUTCFullYear(), today.getUTCMonth() - 1, 1))) }),
     to: h("input", { name: "to", type: "date", value: params.get("to") || "" }),
     group_by: h("select", { name: "group_by" }, (own ? ["day", "model", "key"] : ["day", "model", "key", "user"])
       .map((g) => h("option", { value: g, selected: (params.get("group_by") || "day") === g }, g))),
