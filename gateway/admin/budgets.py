@@ -2,8 +2,8 @@
 
 ``scope=key`` (default) or ``scope=user``; keyset paging (``limit``,
 ``cursor``) over the budgeted keys (not revoked) or users (not deleted),
-oldest first.  Spend comes from the ``usage_daily`` rollup, the ledger's
-committed truth, summed from the start of each budget's period (UTC day,
+oldest first.  Spend comes from the ``usage_daily`` rollup (a user's from
+``usage_daily_users``), the ledger's committed truth, summed from the start of each budget's period (UTC day,
 UTC month, or all time): one indexed query per page.
 """
 
@@ -38,7 +38,7 @@ _AFTER = {"key": " AND (k.created_at, k.id) > ($2, $3)", "user": " AND (u.create
 _SPEND = (
     "SELECT x.id, coalesce(sum(d.cost_micros), 0)::bigint AS spent "
     "FROM unnest($1::text[], $2::date[]) AS x(id, since) "
-    "LEFT JOIN usage_daily d ON d.{col} = x.id AND d.day >= x.since GROUP BY x.id"
+    "LEFT JOIN {rollup} d ON d.{col} = x.id AND d.day >= x.since GROUP BY x.id"
 )
 
 
@@ -73,8 +73,9 @@ async def list_budgets(request: web.Request) -> web.Response:
         limits = [limits_from_json(r["limits"]) for r in rows]
         starts = [period_start(lim.budget_period, today) for lim in limits]
         ids = [str(r["id"]) for r in rows]
-        col = "key_id" if scope == "key" else "user_id"
-        spent = {r["id"]: r["spent"] for r in await conn.fetch(_SPEND.format(col=col), ids, starts)} if ids else {}
+        col, rollup = ("key_id", "usage_daily") if scope == "key" else ("user_id", "usage_daily_users")
+        sql = _SPEND.format(col=col, rollup=rollup)
+        spent = {r["id"]: r["spent"] for r in await conn.fetch(sql, ids, starts)} if ids else {}
     data = []
     for r, lim, since in zip(rows, limits, starts, strict=True):
         rid = str(r["id"])

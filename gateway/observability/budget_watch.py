@@ -34,16 +34,17 @@ SELECT '{scope}' AS scope,
        count(*) FILTER (WHERE s.spent >= b.cap) AS exhausted
 FROM (SELECT t.id::text AS id, (t.limits->>'budget_usd')::float8 * 1e6 AS cap, {since} AS since
       FROM {table} t WHERE t.limits ? 'budget_usd' AND {live}) b
-CROSS JOIN LATERAL (SELECT coalesce(sum(d.cost_micros), 0) AS spent FROM usage_daily d
+CROSS JOIN LATERAL (SELECT coalesce(sum(d.cost_micros), 0) AS spent FROM {rollup} d
                     WHERE d.{column} = b.id AND d.day >= b.since) s
 """
-# Each half walks its own partial index (migration 0040) and the rollup's (column, day) index.
+# Each half walks its own partial index (migration 0040) and a rollup's (column, day) index
+# (a user's spend from the smaller per-user rollup of migration 0041).
 _COUNT = (
     _SCOPE.format(scope="key", table="access_keys", live="t.revoked_at IS NULL", column="key_id",
-                  since=_SINCE.format(t="t"))
+                  rollup="usage_daily", since=_SINCE.format(t="t"))
     + " UNION ALL "
     + _SCOPE.format(scope="user", table="users", live="t.deleted_at IS NULL", column="user_id",
-                    since=_SINCE.format(t="t"))
+                    rollup="usage_daily_users", since=_SINCE.format(t="t"))
 )
 
 
