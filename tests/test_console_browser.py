@@ -144,6 +144,9 @@ def operator_session(driver, base: str, admin_email: str) -> None:
         visible(driver, {"budgets": "#budgets-table", "audit": "#audit-table table", "health": "#health table"}[view])
         screenshot(driver, f"04-{view}")
     text_in(driver, "#health", "postgres")
+    go(driver, base, "budgets")
+    text_in(driver, "#budgets-table", "history")
+    text_in(driver, "#budgets-table", "75.0%")  # $1.50 of the seeded history against a $2 total budget
     go(driver, base, "audit")
     text_in(driver, "#audit-table", "key.revoke")
 
@@ -186,7 +189,8 @@ async def test_console_end_to_end_in_headless_chromium(serve, pg_env, mock_upstr
         r = await http.post("/admin/users", json={"email": "ops@example.com", "password": PASSWORD, "role": "admin"})
         assert 201 == r.status_code, r.text
         admin_id = r.json()["id"]
-        r = await http.post("/admin/keys", json={"user_id": admin_id, "name": "history"})
+        r = await http.post("/admin/keys", json={"user_id": admin_id, "name": "history",
+                                                 "limits": {"budget_usd": 2, "budget_period": "total"}})
         history = r.json()
     # Three earlier days of usage, written by the ledger writer's own statement.
     now = datetime.now(UTC)
