@@ -96,6 +96,19 @@ async def test_cookie_session_login_refresh_logout(cp):
     assert 401 == (await cp.get("/admin/users", headers=bearer(token))).status  # session ended
 
 
+async def test_console_logout_works_with_a_stale_access_token(cp):
+    """Logging out of the console needs only its cookie: a stale bearer does not keep the session alive."""
+    await create_user(cp, "stale@example.com")
+    r = await cp.post("/auth/session", json={"email": "stale@example.com", "password": PASSWORD}, headers=CSRF)
+    cookie = r.cookies["gw_refresh"].value
+    cp.session.cookie_jar.clear()
+    out = await cp.post("/auth/session/logout",
+                        headers={**CSRF, "authorization": "Bearer not-a-token", "cookie": f"gw_refresh={cookie}"})
+    assert 204 == out.status
+    again = await cp.post("/auth/session/refresh", headers={**CSRF, "cookie": f"gw_refresh={cookie}"})
+    assert 401 == again.status
+
+
 async def test_cookie_endpoints_refuse_cross_site_requests(cp):
     """Without the custom header, or from another origin, the cookie endpoints answer 403."""
     await create_user(cp, "csrf@example.com")

@@ -152,10 +152,11 @@ async def logout(request: web.Request) -> web.Response:
     return await logout_with(request, _string(doc, "refresh_token", 512))
 
 
-async def logout_with(request: web.Request, token: str) -> web.Response:
-    """Revoke the session of ``token``: the answer of /auth/logout (also the console's)."""
+async def logout_with(request: web.Request, token: str, *, check_bearer: bool = True) -> web.Response:
+    """Revoke the session of ``token``: the answer of /auth/logout (also the console's, whose
+    cookie alone names the session: an expired access token must not keep it alive)."""
     db = _db(request)
-    if request.headers.get("authorization"):
+    if check_bearer and request.headers.get("authorization"):
         await identify(request)  # a stale or forged access token is an error, not ignored
     try:
         async with db.transaction() as conn:

@@ -87,7 +87,7 @@ async def refresh(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     _same_origin(request)
     token = request.cookies.get(COOKIE)
-    resp = await auth.logout_with(request, token) if token else web.Response(status=204)
+    resp = await auth.logout_with(request, token, check_bearer=False) if token else web.Response(status=204)
     return _with_cookie(request, resp, keep=False)
 
 

@@ -49,8 +49,8 @@ export async function resume() {
 }
 
 export async function logout() {
-  const headers = access ? { authorization: `Bearer ${access.token}` } : {};
-  await fetch("/auth/session/logout", { method: "POST", credentials: "same-origin", headers: { ...CSRF, ...headers } })
+  // The cookie names the session; an expired access token must not stand in the way.
+  await fetch("/auth/session/logout", { method: "POST", credentials: "same-origin", headers: CSRF })
     .catch(() => null);
   access = null; user = null;
 }
