@@ -181,7 +181,10 @@ def user_session(driver, base: str) -> None:
 
 async def test_console_end_to_end_in_headless_chromium(serve, pg_env, mock_upstream, browser):  # noqa: F811
     env = {"GATEWAY_DATABASE_URL": pg_env, "GATEWAY_JWT_SECRET": JWT_SECRET, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
-    extra = "\n[accounting]\nflush_ms = 50\n"
+    # Access tokens of 5 s: the page refreshes (cookie rotation) before nearly every API call, also
+    # for the usage page's two concurrent calls, which must share one refresh (a spent refresh
+    # token presented twice would end the session).
+    extra = "\n[accounting]\nflush_ms = 50\n[auth]\naccess_token_seconds = 5\n"
     proc = serve(gateway_toml(mock_upstream.base_url, extra=extra), workers=1, env=env)
     # localhost is a secure context for Chromium: the default Secure cookie works over http here.
     base = f"http://localhost:{proc.port}"

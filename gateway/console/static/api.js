@@ -37,15 +37,17 @@ export async function login(email, password) {
   return user;
 }
 
-export async function resume() {
+let refreshing = null;  // one refresh at a time: a spent refresh token presented twice ends the session
+
+export function resume() {
   // A reload keeps the session through the cookie; no cookie: not logged in.
-  try {
-    remember(await session("/refresh"));
-    return user;
-  } catch (e) {
-    access = null; user = null;
-    return null;
+  if (!refreshing) {
+    refreshing = session("/refresh")
+      .then((doc) => { remember(doc); return user; })
+      .catch(() => { access = null; user = null; return null; })
+      .finally(() => { refreshing = null; });
   }
+  return refreshing;
 }
 
 export async function logout() {
