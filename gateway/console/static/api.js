@@ -42,7 +42,10 @@ let refreshing = null;  // one refresh at a time: a spent refresh token presente
 export function resume() {
   // A reload keeps the session through the cookie; no cookie: not logged in.
   if (!refreshing) {
-    refreshing = session("/refresh")
+    // Across tabs too: the Web Locks API serialises refreshes of every console tab of this origin.
+    const rotate = () => session("/refresh");
+    const locked = navigator.locks ? navigator.locks.request("gw-console-refresh", rotate) : rotate();
+    refreshing = locked
       .then((doc) => { remember(doc); return user; })
       .catch(() => { access = null; user = null; return null; })
       .finally(() => { refreshing = null; });
