@@ -125,6 +125,11 @@ def operator_session(driver, base: str, admin_email: str) -> None:
         assert time.monotonic() < deadline, "the request never showed in the usage table"
         driver.find_element(By.CSS_SELECTOR, "#usage-form button[type=submit]").click()
         wait(driver, EC.presence_of_element_located((By.CSS_SELECTOR, "#usage-table table")))
+    # CSV export of what the table shows (grouped by key): a real download through the page.
+    driver.find_element(By.ID, "export-csv").click()
+    csv_file = driver.downloads / "usage.csv"
+    wait(driver, lambda d: csv_file.exists() and key_id in csv_file.read_text())
+    assert csv_file.read_text().startswith("key_id,requests,")
     wait(driver, lambda d: int(d.find_element(By.ID, "chart").get_attribute("data-points") or 0) >= 3)
     assert driver.find_elements(By.CSS_SELECTOR, "#chart .uplot canvas")
     screenshot(driver, "03-usage")
