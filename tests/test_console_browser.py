@@ -134,8 +134,15 @@ def operator_session(driver, base: str, admin_email: str) -> None:
     assert driver.find_elements(By.CSS_SELECTOR, "#chart .uplot canvas")
     screenshot(driver, "03-usage")
 
-    # Revoke it in the console; the next request through the SDK is refused.
+    # Edit its limits in the console; the API has them.
     go(driver, base, f"keys?user_id={alice_id}")
+    visible(driver, "#keys-table button").click()  # "Edit" of the only key
+    fill(driver, "#edit-key input[name=rpm]", "60")
+    driver.find_element(By.CSS_SELECTOR, "#edit-key button[type=submit]").click()
+    text_in(driver, "#keys-table", "rpm 60")
+    assert 60 == httpx.get(f"{base}/admin/keys/{key_id}", headers=ADMIN).json()["limits"]["rpm"]
+
+    # Revoke it in the console; the next request through the SDK is refused.
     visible(driver, f"#keys-table button.revoke[data-prefix='{prefix}']").click()
     wait(driver, EC.alert_is_present()).accept()
     text_in(driver, "#keys-table", "revoked")
