@@ -17,10 +17,15 @@ from gateway.accounting.ledger import LedgerWriter
 from gateway.accounting.pricing import PriceTable
 from gateway.accounting.sink import LogSink, NullSink, UsageSink
 from gateway.accounting.tags import TagPolicy
+from gateway.admin import budgets as admin_budgets
+from gateway.admin import health as admin_health
 from gateway.admin import routes as admin_routes
 from gateway.alerts.service import alerts_ctx
 from gateway.config import Config
+from gateway.console import routes as console_routes
 from gateway.middleware import make_middleware
+from gateway.observability import tracing
+from gateway.observability.budget_watch import budget_watch_ctx
 from gateway.observability.health import healthz
 from gateway.observability.metrics import Metrics, metrics_ctx, metrics_handler
 from gateway.observability.readiness import readiness_ctx, readyz
@@ -68,6 +73,7 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
         timeout=aiohttp.ClientTimeout(total=None),
+        trace_configs=tracing.client_trace_configs(app),  # None unless [tracing] is enabled
     )
     app[keys.CLIENT] = session
     yield
@@ -176,10 +182,15 @@ def create_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.extend([metrics_ctx, readiness_ctx])
     app.cleanup_ctx.append(clouds_ctx)  # cloud credentials: fetched once, kept fresh
     app.cleanup_ctx.append(alerts_ctx)  # spend alerts: evaluation and webhook delivery
+    app.cleanup_ctx.append(budget_watch_ctx)
+    tracing.install(app, cfg)  # nothing when [tracing] is off (the default)
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)
     tag_reports.setup(app)
+    app.router.add_get("/admin/budgets", admin_budgets.list_budgets)
+    app.router.add_get("/admin/health", admin_health.health)
+    console_routes.setup(app, enabled=cfg.console.enabled)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     for method, path, handler in DATA_PLANE:

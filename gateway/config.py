@@ -248,6 +248,25 @@ class AccountingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The web console at /ui (console/)."""
+
+    enabled: bool = True
+    # The refresh-token cookie's Secure flag; false only for a console reached over plain http.
+    secure_cookie: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry traces over OTLP/HTTP (observability/tracing.py); off unless enabled."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    sample_ratio: float = 1.0
+    service_name: str = "llm-gateway"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -257,6 +276,8 @@ class Config:
     mock_upstream: MockUpstreamConfig = field(default_factory=MockUpstreamConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
     keys: tuple[StandaloneKeyConfig, ...] = ()
@@ -465,6 +486,10 @@ def _check(cfg: Config, errors: list[str]) -> None:
             errors.append(f"accounting.{name}: must be positive")
     if not cfg.accounting.journal_dir:
         errors.append("accounting.journal_dir: must not be empty")
+    if not 0.0 <= cfg.tracing.sample_ratio <= 1.0:
+        errors.append("tracing.sample_ratio: must be from 0 to 1")
+    if cfg.tracing.enabled and not cfg.tracing.endpoint.startswith(("http://", "https://")):
+        errors.append("tracing.endpoint: must be an http(s) URL of an OTLP/HTTP traces receiver")
     for name, up in cfg.upstreams.items():
         p = f"upstreams.{name}"
         if up is None:

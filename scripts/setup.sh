@@ -9,6 +9,9 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies systemd/ units in tests
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# The console's browser tests drive Debian's Chromium through its own chromedriver (nothing downloaded at run time).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     echo "setup: installing Debian packages: ${need_apt[*]}"

@@ -21,6 +21,8 @@ the sub-hour slices at the very edges of a range from the ledger itself.
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -78,7 +80,8 @@ def _filter(q: Any, name: str) -> str | None:
     return str(value)
 
 
-KNOWN_PARAMS = frozenset({"from", "to", "user_id", "key_id", "model", "group_by"})
+KNOWN_PARAMS = frozenset({"from", "to", "user_id", "key_id", "model", "group_by", "format"})
+FORMATS = ("json", "csv")
 
 
 def parse_query(q: Any) -> UsageQuery:
@@ -143,6 +146,52 @@ def plan_ranges(start: datetime | None, end: datetime | None) -> list[tuple[str,
     return out
 
 
+_TOTALS_COLUMNS = "day, NULL::text AS user_id, NULL::text AS key_id, model, " + ", ".join(SUMS)
+_USERS_COLUMNS = "day, user_id, NULL::text AS key_id, model, " + ", ".join(SUMS)
+
+
+def daily_source(uq: UsageQuery) -> tuple[str, str]:
+    """The smallest daily rollup that answers ``uq`` (migration 0041): by (day, model) when no key
+    or user is asked for, by (day, user, model) when no key is, else the full one."""
+    groups = set(uq.group_by)
+    if uq.key_id is None and "key" not in groups:
+        if uq.user_id is None and "user" not in groups:
+            return "usage_daily_totals", _TOTALS_COLUMNS
+        return "usage_daily_users", _USERS_COLUMNS
+    return "usage_daily", _DAILY_COLUMNS
+
+
+_MONTHLY_COLUMNS = "month AS day, user_id, key_id, NULL::text AS model, " + ", ".join(SUMS)
+
+
+def monthly_eligible(uq: UsageQuery) -> bool:
+    """Whole months can come from usage_monthly_keys: nothing asks for a model or a day."""
+    return uq.model is None and "model" not in uq.group_by and "day" not in uq.group_by
+
+
+def _month_floor(d: datetime) -> datetime:
+    return datetime(d.year, d.month, 1, tzinfo=UTC)
+
+
+def _next_month(d: datetime) -> datetime:
+    return datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
+
+
+def split_months(lo: datetime | None, hi: datetime | None) -> list[tuple[str, datetime | None, datetime | None]]:
+    """A whole-day range [lo, hi) as whole months (monthly rollup) plus the days at its edges (daily).
+    An open end stays open: the monthly rollup holds nothing beyond what has been recorded."""
+    m_lo = None if lo is None else (lo if lo == _month_floor(lo) else _next_month(lo))
+    m_hi = None if hi is None else _month_floor(hi)
+    if m_lo is not None and m_hi is not None and m_lo >= m_hi:
+        return [("daily", lo, hi)]
+    out: list[tuple[str, datetime | None, datetime | None]] = [("monthly", m_lo, m_hi)]
+    if lo is not None and m_lo is not None and lo < m_lo:
+        out.append(("daily", lo, m_lo))
+    if hi is not None and m_hi is not None and m_hi < hi:
+        out.append(("daily", m_hi, hi))
+    return out
+
+
 def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
     """One query: whole days from the daily rollup, whole hours of edge days from the hourly one,
     sub-hour edges from the ledger; then grouped."""
@@ -158,12 +207,20 @@ def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
             filters.append(f"{col} = {arg(v)}")
 
     parts: list[str] = []
-    for source, lo, hi in plan_ranges(uq.start, uq.end):
+    ranges = plan_ranges(uq.start, uq.end)
+    if monthly_eligible(uq):
+        ranges = [r for rng in ranges for r in (split_months(rng[1], rng[2]) if rng[0] == "daily" else [rng])]
+    for source, lo, hi in ranges:
         conds = list(filters)
-        if source == "daily":
-            table, cols, col = "usage_daily", _DAILY_COLUMNS, "day"
-            lo_v: Any = lo.date() if lo is not None else None
-            hi_v: Any = hi.date() if hi is not None else None
+        lo_v: Any
+        hi_v: Any
+        if source == "monthly":
+            table, cols, col = "usage_monthly_keys", _MONTHLY_COLUMNS, "month"
+            lo_v, hi_v = (lo.date() if lo is not None else None), (hi.date() if hi is not None else None)
+        elif source == "daily":
+            table, cols, col = (*daily_source(uq), "day")
+            lo_v = lo.date() if lo is not None else None
+            hi_v = hi.date() if hi is not None else None
         else:
             table, cols, col = (("usage_hourly", _HOURLY_COLUMNS, "hour") if source == "hourly"
                                 else ("usage_ledger", _RAW_COLUMNS, "ts"))
@@ -202,11 +259,16 @@ def _exact(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _report(request: web.Request, uq: UsageQuery) -> web.Response:
+    fmt = request.query.get("format", "json")
+    if fmt not in FORMATS:
+        raise bad_request("format: json or csv.", field="format")
     sql, args = build_sql(uq)
     async with connect(request) as conn:
         records = await conn.fetch(sql, *args, timeout=QUERY_TIMEOUT_S)
     truncated = len(records) > MAX_ROWS
     rows = [_row(r, uq.group_by) for r in records[:MAX_ROWS]]
+    if fmt == "csv":
+        return csv_response([_exact(dict(d)) for d in rows], uq.group_by, truncated)
     totals: dict[str, Any] = _exact({s: sum(d[s] for d in rows) for s in SUMS})
     data = [_exact(d) for d in rows]
     return json_response({
@@ -218,6 +280,25 @@ async def _report(request: web.Request, uq: UsageQuery) -> web.Response:
         "totals": totals,
         "truncated": truncated,
     })
+
+
+def csv_response(data: list[dict[str, Any]], group_by: tuple[str, ...], truncated: bool) -> web.Response:
+    """The report's rows as CSV (one header line; cost in exact pico-dollars and in USD)."""
+    buf = io.StringIO()
+    cols = [GROUPS[g] if g != "day" else "day" for g in group_by] + [*SUMS, "cost_usd"]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for d in data:
+        w.writerow([_csv_cell(d[c]) for c in cols])
+    headers = {"content-disposition": 'attachment; filename="usage.csv"', "x-truncated": str(truncated).lower()}
+    return web.Response(text=buf.getvalue(), content_type="text/csv", headers=headers)
+
+
+def _csv_cell(v: Any) -> Any:
+    # Keep a spreadsheet from running a model or key name as a formula.
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
 
 
 async def admin_usage(request: web.Request) -> web.Response:

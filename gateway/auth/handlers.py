@@ -111,11 +111,17 @@ async def login(request: web.Request) -> web.Response:
 
 
 async def refresh(request: web.Request) -> web.Response:
-    settings = _settings(request)
-    db = _db(request)
+    _settings(request)  # 503 before reading a body that cannot be used
+    _db(request)
     doc = await read_json_object(request)
     _only(doc, {"refresh_token"})
-    token = _string(doc, "refresh_token", 512)
+    return await refresh_with(request, _string(doc, "refresh_token", 512))
+
+
+async def refresh_with(request: web.Request, token: str) -> web.Response:
+    """Rotate ``token``: the answer of /auth/refresh (also the console's cookie refresh)."""
+    settings = _settings(request)
+    db = _db(request)
     rejected: sessions.RefreshRejected | None = None
     try:
         async with db.connection() as conn:
@@ -141,11 +147,17 @@ async def refresh(request: web.Request) -> web.Response:
 
 async def logout(request: web.Request) -> web.Response:
     """Revoke the session (refresh-token family) of the given refresh token; always 204."""
-    db = _db(request)
+    _db(request)
     doc = await read_json_object(request)
     _only(doc, {"refresh_token"})
-    token = _string(doc, "refresh_token", 512)
-    if request.headers.get("authorization"):
+    return await logout_with(request, _string(doc, "refresh_token", 512))
+
+
+async def logout_with(request: web.Request, token: str, *, check_bearer: bool = True) -> web.Response:
+    """Revoke the session of ``token``: the answer of /auth/logout (also the console's, whose
+    cookie alone names the session: an expired access token must not keep it alive)."""
+    db = _db(request)
+    if check_bearer and request.headers.get("authorization"):
         await identify(request)  # a stale or forged access token is an error, not ignored
     try:
         async with db.transaction() as conn:

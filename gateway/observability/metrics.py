@@ -239,6 +239,14 @@ class Metrics:
         self.workers = Gauge(
             "gateway_workers", "Live worker processes.", multiprocess_mode="livesum", registry=reg,
         )
+        self.worker_starts = Counter(
+            "gateway_worker_starts", "Worker processes started (a rolling reload starts each once; more is crashes).",
+            registry=reg,
+        )
+        self.budgets = Gauge(
+            "gateway_budgets", "Keys and users whose spend this period is near (>= 80 %) or at their budget "
+            "(observability/budget_watch.py).", ["scope", "state"], multiprocess_mode="livemax", registry=reg,
+        )
         self.active = 0  # requests in flight in this worker
         self._active_flushed = 0
         self._dirty: list[_Bound] = []
@@ -246,6 +254,7 @@ class Metrics:
         for dep in DEPENDENCIES:
             self.degraded.labels(dep).set(0)
         self.workers.set(1)
+        self.worker_starts.inc()
 
     # -- hot path ------------------------------------------------------------------
 
