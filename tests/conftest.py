@@ -55,7 +55,7 @@ def pg_server() -> Iterator[PostgresServer]:
 def pg_dsn(pg_server: PostgresServer) -> str:
     """A fresh, empty database on the session's cluster (started if a test stopped it)."""
     try:
-        wait_port(pg_server.port, timeout=0.2)
+        wait_port(pg_server.port, timeout=2.0)
     except TimeoutError:
         pg_server.start()
     return pg_server.create_database("t_" + secrets.token_hex(6))
