@@ -23,7 +23,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+from gateway.resources import CONFIG_DIR
+
+DEFAULT_CONFIG = CONFIG_DIR / "gateway.toml"  # the repository's config/, or the copy a wheel ships
+
+
+def _default_journal_dir() -> str:
+    """Under systemd, the unit's state directory ($STATE_DIRECTORY, from StateDirectory=): its /tmp is
+    private and wiped at every start (PrivateTmp=yes), which would lose journaled usage. Elsewhere /tmp."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return str(Path(state) / "journal") if state else "/tmp/llm-gateway-journal"
 
 
 class ConfigError(Exception):
@@ -192,7 +201,7 @@ class AccountingConfig:
     # "auto": the Postgres ledger in database mode, the log standalone; "log": always the log;
     # "none": record nothing (only to measure the ledger's cost in benchmarks).
     sink: Literal["auto", "log", "none"] = "auto"
-    journal_dir: str = "/tmp/llm-gateway-journal"
+    journal_dir: str = field(default_factory=_default_journal_dir)
     batch_size: int = 500
     flush_ms: int = 200
     max_memory_records: int = 100_000

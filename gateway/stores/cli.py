@@ -26,7 +26,7 @@ import orjson
 from gateway.cli import EXTRA_COMMANDS, _load
 from gateway.config import Config, Limits
 from gateway.stores import access_keys, audit, migrate, users
-from gateway.stores.postgres import _init_connection
+from gateway.stores.postgres import CONNECTIVITY_ERRORS, _init_connection, unavailable_message
 
 
 def _dsn(cfg: Config) -> str:
@@ -42,10 +42,18 @@ def _run(coro: Awaitable[int]) -> int:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except (migrate.MigrationsMissing, ValueError) as exc:  # no migrations shipped; a misnamed file
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _with_conn(cfg: Config, fn: Callable[[Any], Awaitable[int]]) -> int:
-    conn = await asyncpg.connect(_dsn(cfg), timeout=10)
+    dsn = _dsn(cfg)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (*CONNECTIVITY_ERRORS, asyncpg.PostgresError) as exc:
+        print(f"error: {unavailable_message(dsn, exc)}", file=sys.stderr)
+        return 1
     try:
         await _init_connection(conn)
         return await fn(conn)

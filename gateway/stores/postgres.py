@@ -44,6 +44,34 @@ class DatabaseUnavailable(Exception):
     """Postgres is unreachable, too slow, or its schema is not usable."""
 
 
+def describe_target(dsn: str) -> str:
+    """``user@host:port/database`` of a Postgres URL for messages: never the password."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(dsn)
+        hosts = parts.netloc.rpartition("@")[2] or ",".join(parse_qs(parts.query).get("host", [])) or "localhost"
+        user = parts.username or ""
+    except ValueError:
+        return "(unparsable database URL)"
+    return f"{user + '@' if user else ''}{hosts}{parts.path or ''}"
+
+
+def unavailable_message(dsn: str, exc: BaseException) -> str:
+    """Where we tried and why it failed (the cause's own words, password removed if it ever appears)."""
+    from urllib.parse import urlsplit
+
+    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None else exc
+    text = str(cause) or "no detail"
+    try:
+        password = urlsplit(dsn).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+    return f"cannot use Postgres at {describe_target(dsn)}: {type(cause).__name__}: {text}"
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for typ in ("jsonb", "json"):
         await conn.set_type_codec(typ, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads,
@@ -84,8 +112,9 @@ class Database:
         except SchemaOutdated:
             await self.close()
             raise
-        except (DatabaseUnavailable, TimeoutError):
-            log.warning("postgres unreachable at start; cached and config keys only until it is back")
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            log.warning("postgres unreachable at start; cached and config keys only until it is back",
+                        reason=unavailable_message(self.dsn, exc))
             self._checker = asyncio.get_running_loop().create_task(self._check_until_done())
 
     async def _check_schema(self) -> None:
