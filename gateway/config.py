@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -429,6 +430,8 @@ def _check(cfg: Config, errors: list[str]) -> None:
         seen.add(key.name)
         if bool(key.key_env) == bool(key.key_sha256):
             errors.append(f"{p}: set exactly one of key_env or key_sha256")
+        if key.key_env:
+            _check_key_from_env(cfg.env(key.key_env), key.key_env, p, errors)
         if key.key_sha256 and (
             len(key.key_sha256) != 64 or any(c not in "0123456789abcdef" for c in key.key_sha256)
         ):
@@ -442,6 +445,25 @@ def _check(cfg: Config, errors: list[str]) -> None:
     for i, user in enumerate(cfg.users):
         if user is not None:
             _check_limits(user.limits, f"users[{i}].limits", errors)
+
+
+def _check_key_from_env(value: str, variable: str, path: str, errors: list[str]) -> None:
+    """A key given in the environment (``key_env``) must be as strong as the keys the gateway makes:
+    32 to 256 url-safe characters. Unset is fine (the key is simply not active); the value is never shown."""
+    if not value:
+        return
+    if not STANDALONE_KEY_MIN_LEN <= len(value) <= STANDALONE_KEY_MAX_LEN:
+        errors.append(f"{path}.key_env: ${variable} holds {len(value)} characters; a key needs "
+                      f"{STANDALONE_KEY_MIN_LEN} to {STANDALONE_KEY_MAX_LEN} url-safe characters (A-Z a-z 0-9 - _), "
+                      "e.g. gwk_ + the output of: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    elif not _URL_SAFE.fullmatch(value):
+        errors.append(f"{path}.key_env: ${variable} holds characters that are not url-safe; "
+                      "a key may use only A-Z a-z 0-9 - _")
+
+
+STANDALONE_KEY_MIN_LEN = 32
+STANDALONE_KEY_MAX_LEN = 256
+_URL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # --------------------------------------------------------------------------- env
