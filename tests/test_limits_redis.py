@@ -60,7 +60,7 @@ async def redis_keys(url: str, pattern: str = "*") -> dict[str, str]:
         await r.aclose()
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -292,7 +292,7 @@ async def test_admission_cancelled_mid_flight_gives_its_reservation_back(redis_u
         await limiter.close()
 
 
-async def wait_until(probe: Any, expected: Any, timeout: float = 5.0) -> None:
+async def wait_until(probe: Any, expected: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while (value := await probe()) != expected:
         assert time.monotonic() < deadline, f"{value!r} != {expected!r}"
