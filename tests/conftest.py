@@ -139,7 +139,7 @@ def gateway_toml(upstream_url: str, *, port: int = 0, extra: str = "", workers: 
         port = {port}
         workers = {workers}
         drain_seconds = 10
-        worker_ping_seconds = 1
+        worker_ping_seconds = 2  # hung after 3 missed pings (6 s): a loaded machine is slow, not hung
 
         [pricing]
         file = "{prices}"
