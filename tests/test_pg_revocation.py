@@ -16,7 +16,7 @@ from gateway import keys
 from gateway.stores import access_keys
 from gateway.stores.notify import APPLICATION_NAME
 from gateway.stores.postgres import _init_connection
-from tests.fixtures.control_plane import call_model, create_key, create_user
+from tests.fixtures.control_plane import ADMIN, call_model, create_key, create_user
 
 
 async def _until(predicate, what: str, timeout: float = 30.0) -> None:
@@ -37,6 +37,8 @@ async def test_a_revocation_made_while_the_listener_is_away_is_seen_at_the_next_
     assert 200 == await call_model(cp, key["key"])  # now answered from the cache
     hits = resolver.stats.hits
     assert hits >= 1
+    # Idle pooled connections for the re-check below (new connections will be refused): a few at once.
+    assert {200} == {r.status for r in await asyncio.gather(*(cp.get("/admin/users", headers=ADMIN) for _ in range(6)))}
 
     dsn = cp.server.app[keys.PG].dsn
     conn = await asyncpg.connect(dsn)
@@ -82,3 +84,25 @@ async def test_a_cached_key_is_rechecked_until_the_listener_is_up(cp):
     finally:
         await conn.close()
     assert 401 == await call_model(cp, key["key"])
+
+
+async def test_a_database_refusing_new_connections_is_unavailable_not_an_error(cp):
+    """A server that refuses a new connection with an SQL state (here: not accepting connections)
+    is an outage: 529/503 and the admin API's 503, never a 500."""
+    dsn = cp.server.app[keys.PG].dsn
+    conn = await asyncpg.connect(dsn)
+    db = await conn.fetchval("SELECT current_database()")
+    other = await asyncpg.connect(dsn, database="postgres")
+    try:
+        await other.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+        # Every pooled connection of the gateway gone: the next call must open one.
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert 529 == await call_model(cp, "gwk_" + "r" * 43)  # an unknown key cannot be checked
+        r = await cp.get("/admin/users", headers=ADMIN)
+        assert 503 == r.status
+        assert "unavailable" == (await r.json())["error"]["code"]
+    finally:
+        await other.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+        await other.close()
+        await conn.close()

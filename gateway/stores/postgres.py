@@ -158,10 +158,17 @@ class Database:
         if check and self.schema_error is not None:
             raise DatabaseUnavailable(self.schema_error)
         try:
-            async with self.pool.acquire(timeout=timeout or max(self.timeout_s, 1.0)) as conn:
-                yield conn
+            conn = await self.pool.acquire(timeout=timeout or max(self.timeout_s, 1.0))
+        except (*CONNECTIVITY_ERRORS, asyncpg.PostgresError) as exc:
+            # Getting a connection can open one, and a server that refuses it with an SQL state
+            # ("database is not accepting connections", authentication, ...) is unavailable too.
+            raise DatabaseUnavailable(f"postgres unavailable: {type(exc).__name__}") from exc
+        try:
+            yield conn
         except CONNECTIVITY_ERRORS as exc:
             raise DatabaseUnavailable(f"postgres unavailable: {type(exc).__name__}") from exc
+        finally:
+            await self.pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self, timeout: float | None = None) -> AsyncIterator[Any]:
