@@ -37,6 +37,9 @@ CONNECTIVITY_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    # The client side of a connection the server just dropped ("not connected", a protocol left in a
+    # failed state): a pooled connection killed under us (pg_terminate_backend, failover), not an SQL error.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
