@@ -95,7 +95,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-gateway", description="Self-hosted LLM gateway.")
     p.add_argument("--config", "-c", default=None, help=f"TOML file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, help="TOML file")
 
@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None)
     s.set_defaults(func=cmd_serve)
 
-    w = sub.add_parser("worker", parents=[common], help=argparse.SUPPRESS)
+    # Internal (the supervisor starts it): no help= at all, so that --help does not list it (help=SUPPRESS
+    # would print "==SUPPRESS==" in the command list).
+    w = sub.add_parser("worker", parents=[common])
     w.add_argument("--fd", type=int, required=True)
     w.add_argument("--notify-fd", type=int, default=None)
     w.add_argument("--index", type=int, default=0)

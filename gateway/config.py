@@ -16,6 +16,7 @@ import fnmatch
 import ipaddress
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -27,8 +28,16 @@ from typing import Any, Literal
 from gateway import governance_config
 from gateway.governance_config import AlertsConfig, OidcConfig, TagsConfig
 from gateway.proxy.headers import forward_header_errors
+from gateway.resources import CONFIG_DIR
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+DEFAULT_CONFIG = CONFIG_DIR / "gateway.toml"  # the repository's config/, or the copy a wheel ships
+
+
+def _default_journal_dir() -> str:
+    """Under systemd, the unit's state directory ($STATE_DIRECTORY, from StateDirectory=): its /tmp is
+    private and wiped at every start (PrivateTmp=yes), which would lose journaled usage. Elsewhere /tmp."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return str(Path(state) / "journal") if state else "/tmp/llm-gateway-journal"
 
 
 class ConfigError(Exception):
@@ -241,7 +250,7 @@ class AccountingConfig:
     # "auto": the Postgres ledger in database mode, the log standalone; "log": always the log;
     # "none": record nothing (only to measure the ledger's cost in benchmarks).
     sink: Literal["auto", "log", "none"] = "auto"
-    journal_dir: str = "/tmp/llm-gateway-journal"
+    journal_dir: str = field(default_factory=_default_journal_dir)
     batch_size: int = 500
     flush_ms: int = 200
     max_memory_records: int = 100_000
@@ -551,6 +560,8 @@ def _check(cfg: Config, errors: list[str]) -> None:
         seen.add(key.name)
         if bool(key.key_env) == bool(key.key_sha256):
             errors.append(f"{p}: set exactly one of key_env or key_sha256")
+        if key.key_env:
+            _check_key_from_env(cfg.env(key.key_env), key.key_env, p, errors)
         if key.key_sha256 and (
             len(key.key_sha256) != 64 or any(c not in "0123456789abcdef" for c in key.key_sha256)
         ):
@@ -611,6 +622,25 @@ def _check_route_graph(cfg: Config, errors: list[str]) -> None:
     for start in edges:
         if start not in state:
             visit(start, [start])
+
+
+def _check_key_from_env(value: str, variable: str, path: str, errors: list[str]) -> None:
+    """A key given in the environment (``key_env``) must be as strong as the keys the gateway makes:
+    32 to 256 url-safe characters. Unset is fine (the key is simply not active); the value is never shown."""
+    if not value:
+        return
+    if not STANDALONE_KEY_MIN_LEN <= len(value) <= STANDALONE_KEY_MAX_LEN:
+        errors.append(f"{path}.key_env: ${variable} holds {len(value)} characters; a key needs "
+                      f"{STANDALONE_KEY_MIN_LEN} to {STANDALONE_KEY_MAX_LEN} url-safe characters (A-Z a-z 0-9 - _), "
+                      "e.g. gwk_ + the output of: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    elif not _URL_SAFE.fullmatch(value):
+        errors.append(f"{path}.key_env: ${variable} holds characters that are not url-safe; "
+                      "a key may use only A-Z a-z 0-9 - _")
+
+
+STANDALONE_KEY_MIN_LEN = 32
+STANDALONE_KEY_MAX_LEN = 256
+_URL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 # --------------------------------------------------------------------------- env

@@ -4,7 +4,7 @@
 //   make loadtest SCRIPT=gateway-load.js            # ~9 min
 //   DURATION_SCALE=0.1 make loadtest SCRIPT=gateway-load.js   # ~1 min
 import exec from 'k6/execution';
-import { controlPlane, mixedIteration, planSeconds, SLO, stages } from './lib/common.js';
+import { controlPlane, latency, mixedIteration, planSeconds, SLO, stages } from './lib/common.js';
 
 const PLAN = [[120, 50], [300, 50], [120, 0]];
 
@@ -27,8 +27,10 @@ export const options = {
   },
   thresholds: {
     ...SLO,
-    policy_check_latency: ['p(95)<50'],
-    'http_req_duration{endpoint:messages,stream:false}': ['p(95)<500'],
+    ...latency({
+      policy_check_latency: ['p(95)<50'],
+      'http_req_duration{endpoint:messages,stream:false}': ['p(95)<500'],
+    }),
   },
 };
 

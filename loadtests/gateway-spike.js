@@ -8,7 +8,7 @@ import exec from 'k6/execution';
 import http from 'k6/http';
 import { sleep } from 'k6';
 import { Trend } from 'k6/metrics';
-import { API_KEY, BASE_URL, MODEL, mixedIteration, record, SCALE, stages } from './lib/common.js';
+import { API_KEY, BASE_URL, latency, MODEL, mixedIteration, record, SCALE, stages } from './lib/common.js';
 
 const recoveryTime = new Trend('recovery_time', true);
 
@@ -28,7 +28,7 @@ export const options = {
     http_req_failed: ['rate<0.05'],
     'http_req_failed{scenario:probe}': ['rate<0.05'],
     recovery_time: [{ threshold: `max<${Math.max(5000, 30000 * SCALE)}`, abortOnFail: false }],
-    'gateway_latency{scenario:probe}': ['p(95)<100'],
+    ...latency({ 'gateway_latency{scenario:probe}': ['p(95)<100'] }),
   },
 };
 

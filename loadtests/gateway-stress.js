@@ -4,7 +4,7 @@
 // hangs or 5xx storms), not whether it meets the SLO at 6x the design load.
 //   make loadtest SCRIPT=gateway-stress.js          # ~11 min
 import exec from 'k6/execution';
-import { mixedIteration, stages } from './lib/common.js';
+import { latency, mixedIteration, stages } from './lib/common.js';
 
 export const options = {
   scenarios: {
@@ -22,8 +22,10 @@ export const options = {
   },
   thresholds: {
     http_req_failed: ['rate<0.05'],
-    gateway_latency: ['p(95)<250'],
-    'http_req_duration{endpoint:health}': ['p(99)<500'],
+    ...latency({
+      gateway_latency: ['p(95)<250'],
+      'http_req_duration{endpoint:health}': ['p(99)<500'],
+    }),
   },
 };
 

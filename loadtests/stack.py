@@ -271,7 +271,7 @@ def run_k6(stack: Stack, script: Path, out: Path, k6_args: list[str]) -> int:
     cmd = [
         K6, "run", "--no-color", "--quiet",
         "-e", f"BASE_URL={stack.base_url}", "-e", f"API_KEY={stack.api_key}", "-e", f"ACCESS_KEY={stack.api_key}",
-        "-e", f"DURATION_SCALE={scale}",
+        "-e", f"DURATION_SCALE={scale}", "-e", f"LATENCY_GATES={os.environ.get('LATENCY_GATES', '1')}",
         "--summary-export", str(out / "summary.json"),
         "--summary-trend-stats", "avg,min,med,max,p(90),p(95),p(99)",
     ]

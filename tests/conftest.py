@@ -56,7 +56,7 @@ def pg_server() -> Iterator[PostgresServer]:
 def pg_dsn(pg_server: PostgresServer) -> str:
     """A fresh, empty database on the session's cluster (started if a test stopped it)."""
     try:
-        wait_port(pg_server.port, timeout=0.2)
+        wait_port(pg_server.port, timeout=2.0)
     except TimeoutError:
         pg_server.start()
     return pg_server.create_database("t_" + secrets.token_hex(6))
@@ -140,7 +140,7 @@ def gateway_toml(upstream_url: str, *, port: int = 0, extra: str = "", workers: 
         port = {port}
         workers = {workers}
         drain_seconds = 10
-        worker_ping_seconds = 1
+        worker_ping_seconds = 2  # hung after 3 missed pings (6 s): a loaded machine is slow, not hung
         forward_headers = ["x-mock-*"]  # the mock upstream's per-request switches
 
         [pricing]

@@ -177,8 +177,10 @@ async def test_postgres_down_during_traffic_then_back_every_record_exactly_once(
     pg_server.stop()
     try:
         await send(30)
-        await asyncio.sleep(0.5)  # the writer tries, fails and keeps them journaled
-        assert any(tmp_path.glob("usage-*.jsonl"))
+        deadline = asyncio.get_running_loop().time() + 30  # the writer tries, fails and keeps them journaled
+        while not any(tmp_path.glob("usage-*.jsonl")):
+            assert asyncio.get_running_loop().time() < deadline, "nothing journaled while Postgres is down"
+            await asyncio.sleep(0.05)
     finally:
         pg_server.start()
     await send(5)

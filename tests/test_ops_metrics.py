@@ -56,8 +56,7 @@ async def test_requests_are_counted_with_configured_labels_only(gateway: Any) ->
     assert 2.0 == total(text, "gateway_upstream_seconds_count", upstream="mock-anthropic")
     assert total(text, "gateway_tokens_total", route="demo-*", direction="output") > 0
     assert total(text, "gateway_cost_usd_total", route="demo-*") > 0
-    # The scrape itself is in flight while it renders.
-    assert 1.0 == total(text, "gateway_requests_in_flight")
+    assert 0.0 == total(text, "gateway_requests_in_flight")  # idle: the scrape does not count itself
     assert 1.0 == total(text, "gateway_circuit_state", upstream="mock-anthropic", state="closed")
     assert 0.0 == total(text, "gateway_dependency_degraded", dependency="redis")
 
@@ -105,8 +104,13 @@ async def test_metrics_sum_over_two_workers_and_survive_a_worker_crash(
             await asyncio.gather(*(one() for _ in range(8)))
             n += 8
 
-    # Workers flush their counts every second: wait for both, then every scrape agrees.
-    await asyncio.sleep(1.2)
+    # Workers flush their counts every second: wait until a scrape has them all, then every scrape agrees.
+    deadline = asyncio.get_running_loop().time() + 30
+    while total(await _scrape(gw.base_url + "/metrics"), "gateway_requests_total", endpoint="/v1/messages",
+                status="200") != float(n):
+        assert asyncio.get_running_loop().time() < deadline, "the workers' counts never added up"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.2)  # and one more flush period: no late flush may change the totals
     assert 2 == len(_pids(prom_dir)), "both workers served requests"
     for _ in range(6):  # new connections: scrapes land on either worker
         text = await _scrape(gw.base_url + "/metrics")
@@ -120,7 +124,7 @@ async def test_metrics_sum_over_two_workers_and_survive_a_worker_crash(
         if victim not in _pids(prom_dir) and (prom_dir / "counter_archive.db").exists():
             break
     assert victim not in _pids(prom_dir)
-    for _ in range(100):
+    for _ in range(600):  # the replacement worker starts (slowly on a loaded machine)
         text = await _scrape(gw.base_url + "/metrics")
         if total(text, "gateway_workers") == 2.0:
             break
@@ -162,3 +166,22 @@ async def test_metrics_keep_their_totals_across_a_rolling_reload(
     text = await _scrape(gw.base_url + "/metrics")
     assert float(n) == total(text, "gateway_requests_total", endpoint="/v1/messages", status="200")
     assert 2.0 == total(text, "gateway_workers")
+
+
+async def test_in_flight_counts_open_streams_and_reads_zero_at_idle(gateway: Any) -> None:
+    """An open stream is 1 in flight; once it ends, and at idle, 0 (a scrape never counts itself)."""
+    text = await (await gateway.get("/metrics")).text()
+    assert 0.0 == total(text, "gateway_requests_in_flight")
+    headers = {**ANTHROPIC_HEADERS, "x-mock-chunks": "40", "x-mock-chunk-gap-ms": "50"}
+    r = await gateway.post("/v1/messages", json={**BODY, "stream": True}, headers=headers)
+    assert 200 == r.status
+    await r.content.readany()  # the stream is open
+    text = await (await gateway.get("/metrics")).text()
+    assert 1.0 == total(text, "gateway_requests_in_flight")
+    await r.read()
+    for _ in range(600):  # the request finishes after its last byte: wait for it, not for a fixed time
+        text = await (await gateway.get("/metrics")).text()
+        if total(text, "gateway_requests_in_flight") == 0.0:
+            break
+        await asyncio.sleep(0.05)
+    assert 0.0 == total(text, "gateway_requests_in_flight")

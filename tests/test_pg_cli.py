@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 
 from tests.conftest import ROOT
 from tests.fixtures.control_plane import bearer, call_model, login
@@ -40,4 +42,9 @@ async def test_cli_creates_the_first_admin_and_a_key_that_work_over_http(cp, pg_
 
     r = _cli("keys", "revoke", key["id"], env=env)
     assert 0 == r.returncode, r.stderr
-    assert 401 == await call_model(cp, key["key"])
+    # The revocation reaches the gateway by NOTIFY, asynchronously: wait for it (a generous deadline,
+    # well under the key cache's 60 s TTL, so only the NOTIFY path can pass this).
+    deadline = time.monotonic() + 20
+    while (got := await call_model(cp, key["key"])) != 401:
+        assert time.monotonic() < deadline, f"a key revoked by the CLI still gets {got}"
+        await asyncio.sleep(0.05)

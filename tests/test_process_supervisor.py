@@ -232,13 +232,14 @@ async def test_sighup_applies_a_new_route_under_traffic_with_no_failed_request(s
         connector=aiohttp.TCPConnector(force_close=True)
     ) as fresh:
         clients = [asyncio.create_task(client(s if n < 4 else fresh, n)) for n in range(8)]
-        await asyncio.sleep(0.5)
+        await eventually(lambda: done >= 8, "traffic before the reload")
         before = done
         config.write_text(gateway_toml(mock_upstream.base_url, port=p.port, workers=2, extra=EXTRA_ROUTE))
         p.signal(signal.SIGHUP)
         await eventually(lambda: log_events(p, "reloaded"), "the reload")
         await eventually(lambda: 2 == len(log_events(p, "worker exited")), "the old workers to drain")
-        await asyncio.sleep(0.3)
+        after = done
+        await eventually(lambda: done >= after + 8, "traffic after the reload")
         stop.set()
         await asyncio.gather(*clients)
     assert [] == failures

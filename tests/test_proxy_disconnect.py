@@ -62,6 +62,14 @@ def assert_no_error_lines(docs: list[dict[str, Any]]) -> None:
     assert [] == errors
 
 
+async def wait_for_request_lines(gw: Any, n: int, timeout: float = 60.0) -> None:
+    """Until the gateway has logged ``n`` request lines (it notices, settles and logs in its own time)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while sum(1 for d in log_docs(gw.log_text()) if d.get("event") == "request") < n:
+        assert asyncio.get_running_loop().time() < deadline, f"fewer than {n} request lines logged"
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.slow
 async def test_client_closing_before_or_during_the_answer_is_one_quiet_499_line(serve, mock_upstream: MockUpstream):
     """JSON and SSE, both dialects: closed while the upstream thinks, or mid-stream -> 499 client_closed, no error."""
@@ -90,7 +98,7 @@ async def test_client_closing_before_or_during_the_answer_is_one_quiet_499_line(
         cases.append((f"demo-{dialect}-midstream", dialect, True, {"x-mock-chunk-gap-ms": "300"}, first_event))
     for model, dialect, stream, headers, until in cases:
         await send_then_close(gw.port, dialect, body(dialect, model, stream), headers, until)
-    await asyncio.sleep(0.5)  # the gateway notices, settles and logs
+    await wait_for_request_lines(gw, len(cases))
     assert 0 == gw.stop()
 
     docs = log_docs(gw.log_text())
@@ -111,8 +119,16 @@ async def test_clients_closing_at_random_moments_never_log_an_error(serve, mock_
     gw = serve(gateway_toml(mock_upstream.base_url), workers=1)
     rng = random.Random(7)
 
-    def after(delay: float) -> Callable[[asyncio.StreamReader], Awaitable[None]]:
+    # Each connection is reset only once the request has reached the upstream (so the gateway
+    # has it and must log it, however slow this machine is), at a random moment around the
+    # upstream's answer (it waits 0-8 ms before its headers; the reset comes 0-8 ms later).
+    async def upstream_has(want: int) -> None:
+        while (await mock_upstream.stats()).get("requests", 0) < want:
+            await asyncio.sleep(0.005)
+
+    def after(seen: asyncio.Task[None], delay: float) -> Callable[[asyncio.StreamReader], Awaitable[None]]:
         async def wait(_: asyncio.StreamReader) -> None:
+            await seen
             await asyncio.sleep(delay)
 
         return wait
@@ -121,13 +137,15 @@ async def test_clients_closing_at_random_moments_never_log_an_error(serve, mock_
     for i in range(60):
         dialect = ("anthropic", "openai")[i % 2]
         stream = i % 4 >= 2
+        seen = asyncio.ensure_future(upstream_has(n + 10))
         batch = [
-            send_then_close(gw.port, dialect, body(dialect, "demo-race", stream), {}, after(rng.random() * 0.004))
+            send_then_close(gw.port, dialect, body(dialect, "demo-race", stream),
+                            {"x-mock-latency-ms": str(rng.randint(0, 8))}, after(seen, rng.random() * 0.008))
             for _ in range(10)
         ]
         n += len(batch)
         await asyncio.gather(*batch)
-    await asyncio.sleep(0.5)
+    await wait_for_request_lines(gw, n)
     assert 0 == gw.stop()
 
     docs = log_docs(gw.log_text())

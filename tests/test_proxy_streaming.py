@@ -214,7 +214,7 @@ async def prod_gateway(cancelling_mock) -> AsyncIterator[TestClient[Any, Any]]:
     await client.close()
 
 
-async def wait_for_stat(mock: MockUpstream, name: str, value: int, timeout: float = 10.0) -> dict[str, int]:
+async def wait_for_stat(mock: MockUpstream, name: str, value: int, timeout: float = 30.0) -> dict[str, int]:
     async with asyncio.timeout(timeout):
         while True:
             stats = await mock.stats()

@@ -7,7 +7,9 @@ Query parameters (all optional):
 - ``user_id``, ``key_id``, ``model``: exact filters (``/me/usage`` is always
   the caller's own user; ``key_id`` there can only narrow it further).
 - ``group_by``: ``day``, ``model``, ``key``, ``user``, or several joined with
-  commas (``day,model``).  Default ``day``.
+  commas (``day,model``).  Default ``day``.  Grouped by key, each row also
+  names the key: ``key_name`` and ``key_prefix`` (its 12-character display
+  prefix), null for a config-file key (whose id is its name).
 
 Cost is exact: ``cost_pico`` (pico-dollars, an integer as a string) and
 ``cost_usd`` (the same as an exact decimal string, e.g. ``"0.0000002"``);
@@ -237,7 +239,18 @@ def build_sql(uq: UsageQuery) -> tuple[str, list[Any]]:
         f"SELECT {group_cols}, {sums} FROM ({' UNION ALL '.join(parts)}) u "  # noqa: S608 - constants
         f"GROUP BY {group_cols} ORDER BY {group_cols} LIMIT {MAX_ROWS + 1}"
     )
-    return sql, args
+    return with_key_names(sql, uq), args
+
+
+def with_key_names(sql: str, uq: UsageQuery) -> str:
+    """Grouped by key: the key's name and display prefix beside its id (one join on the grouped rows)."""
+    if "key" not in uq.group_by:
+        return sql
+    order = ", ".join(f"r.{GROUPS[g]}" for g in uq.group_by)
+    return (
+        f"SELECT r.*, k.name AS key_name, k.prefix AS key_prefix FROM ({sql}) r "  # noqa: S608 - constants
+        f"LEFT JOIN access_keys k ON k.id::text = r.key_id ORDER BY {order}"
+    )
 
 
 def _row(r: Any, group_by: tuple[str, ...]) -> dict[str, Any]:
@@ -245,6 +258,8 @@ def _row(r: Any, group_by: tuple[str, ...]) -> dict[str, Any]:
     for g in group_by:
         v = r[GROUPS[g]]
         out[GROUPS[g] if g != "day" else "day"] = v.isoformat() if isinstance(v, date) else v
+    if "key" in group_by:
+        out["key_name"], out["key_prefix"] = r["key_name"], r["key_prefix"]
     for s in SUMS:
         out[s] = int(r[s] or 0)
     return out

@@ -45,22 +45,29 @@ async def _list(request: web.Request, own: bool) -> web.Response:
     return json_response({"data": [k.public() for k in rows], "next_cursor": v.next_cursor(rows, limit)})
 
 
+def _user_id(doc: dict[str, Any]) -> str:
+    raw = v.require(doc, "user_id")
+    try:
+        return str(uuid.UUID(str(raw)))
+    except ValueError:
+        raise api_error(400, "invalid_request", "user_id: must be a user's id.", field="user_id") from None
+
+
 async def _create(request: web.Request, own: bool) -> web.Response:
     ident, owner = await _scope(request, own)
     doc = await read_json_object(request)
-    v.only(doc, OWN_CREATE if own else ADMIN_CREATE, "on a key")
+    p = v.Problems()  # every problem of the body at once
+    p.check(v.only, doc, OWN_CREATE if own else ADMIN_CREATE, "on a key")
     if own:
         assert owner is not None
         user_id = owner
     else:
-        raw = v.require(doc, "user_id")
-        try:
-            user_id = str(uuid.UUID(str(raw)))
-        except ValueError:
-            raise api_error(400, "invalid_request", "user_id: must be a user's id.", field="user_id") from None
-    name = v.name(doc.get("name", ""))
-    limits = v.limits(doc["limits"]) if doc.get("limits") is not None else None
-    expires = v.expires_at(doc.get("expires_at"))
+        user_id = p.check(_user_id, doc) or ""
+    name = p.check(v.name, doc.get("name", ""))
+    limits = p.check(v.limits, doc["limits"]) if doc.get("limits") is not None else None
+    expires = p.check(v.expires_at, doc.get("expires_at"))
+    p.raise_if_any()
+    assert name is not None
     cap = request.app[appkeys.CONFIG].auth.max_keys_per_user
     async with connect(request, transaction=True) as conn:
         user = await users.get(conn, user_id)
@@ -98,12 +105,16 @@ async def _patch(request: web.Request, own: bool) -> web.Response:
     ident, owner = await _scope(request, own)
     key_id = v.object_id(request, "Key")
     doc = await read_json_object(request)
-    v.only(doc, PATCH_FIELDS, "on a key")
+    p = v.Problems()  # every problem of the body at once
+    p.check(v.only, doc, PATCH_FIELDS, "on a key")
     changes: dict[str, Any] = {}
     if "name" in doc:
-        changes["name"] = v.name(doc["name"])
+        changes["name"] = p.check(v.name, doc["name"])
     if "expires_at" in doc:
-        changes["expires_at"] = v.expires_at(doc["expires_at"])
+        changes["expires_at"] = p.check(v.expires_at, doc["expires_at"])
+    if "limits" in doc:
+        p.check(v.limits, doc["limits"])  # its shape now; merged onto the key's current limits below
+    p.raise_if_any()
     async with connect(request, transaction=True) as conn:
         current = await access_keys.get(conn, key_id, user_id=owner)
         if current is None:

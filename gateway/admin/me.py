@@ -31,17 +31,19 @@ async def patch_me(request: web.Request) -> web.Response:
     ident = await require_user(request)
     assert ident.user_id is not None
     doc = await read_json_object(request)
-    v.only(doc, PATCH_FIELDS, "on /me (ask an admin)")
+    p = v.Problems()  # every problem of the body at once
+    p.check(v.only, doc, PATCH_FIELDS, "on /me (ask an admin)")
     changes: dict[str, Any] = {}
     if "name" in doc:
-        changes["name"] = v.name(doc["name"])
+        changes["name"] = p.check(v.name, doc["name"])
     passwords = request.app[PASSWORDS]
-    if "password" in doc:
-        new = v.password(doc["password"])
-        current = doc.get("current_password")
-        if not isinstance(current, str):
-            raise api_error(400, "invalid_request", "current_password: required to change the password.",
-                            field="current_password")
+    new = p.check(v.password, doc["password"]) if "password" in doc else None
+    current = doc.get("current_password")
+    if "password" in doc and not isinstance(current, str):
+        p.note(api_error(400, "invalid_request", "current_password: required to change the password.",
+                         field="current_password"))
+    p.raise_if_any()
+    if new is not None and isinstance(current, str):
         async with connect(request) as conn:
             user = await users.get(conn, ident.user_id)
         if user is None or not await passwords.verify(user.password_hash, current):

@@ -33,18 +33,21 @@ async def list_users(request: web.Request) -> web.Response:
 async def create_user(request: web.Request) -> web.Response:
     ident = await require_admin(request)
     doc = await read_json_object(request)
-    v.only(doc, CREATE_FIELDS, "on a user")
-    fields: dict[str, Any] = {"email": v.email(v.require(doc, "email"))}
+    p = v.Problems()  # every problem of the body at once
+    p.check(v.only, doc, CREATE_FIELDS, "on a user")
+    fields: dict[str, Any] = {"email": p.check(lambda: v.email(v.require(doc, "email")))}
     if "name" in doc:
-        fields["name"] = v.name(doc["name"])
+        fields["name"] = p.check(v.name, doc["name"])
     if "role" in doc:
-        fields["role"] = v.role(doc["role"])
+        fields["role"] = p.check(v.role, doc["role"])
     if "disabled" in doc:
-        fields["disabled"] = v.boolean(doc["disabled"], "disabled")
+        fields["disabled"] = p.check(v.boolean, doc["disabled"], "disabled")
     if "limits" in doc:
-        fields["limits"] = v.limits(doc["limits"])
-    if doc.get("password") is not None:
-        fields["password_hash"] = await request.app[PASSWORDS].hash(v.password(doc["password"]))
+        fields["limits"] = p.check(v.limits, doc["limits"])
+    new_password = p.check(v.password, doc["password"]) if doc.get("password") is not None else None
+    p.raise_if_any()
+    if new_password is not None:
+        fields["password_hash"] = await request.app[PASSWORDS].hash(new_password)
     async with connect(request, transaction=True) as conn:
         try:
             user = await users.create(conn, **fields)
@@ -69,23 +72,28 @@ async def patch_user(request: web.Request) -> web.Response:
     ident = await require_admin(request)
     user_id = v.object_id(request, "User")
     doc = await read_json_object(request)
-    v.only(doc, PATCH_FIELDS, "on a user")
+    p = v.Problems()  # every problem of the body at once
+    p.check(v.only, doc, PATCH_FIELDS, "on a user")
     self_edit = ident.user_id == user_id
     changes: dict[str, Any] = {}
     if "email" in doc:
-        changes["email"] = v.email(doc["email"])
+        changes["email"] = p.check(v.email, doc["email"])
     if "name" in doc:
-        changes["name"] = v.name(doc["name"])
+        changes["name"] = p.check(v.name, doc["name"])
     if "role" in doc:
-        changes["role"] = v.role(doc["role"])
-        if self_edit and changes["role"] != "admin":
-            raise bad_request("role: you cannot remove your own admin role.", field="role")
+        changes["role"] = p.check(v.role, doc["role"])
+        if self_edit and changes["role"] not in (None, "admin"):
+            p.note(bad_request("role: you cannot remove your own admin role.", field="role"))
     if "disabled" in doc:
-        changes["disabled"] = v.boolean(doc["disabled"], "disabled")
+        changes["disabled"] = p.check(v.boolean, doc["disabled"], "disabled")
         if self_edit and changes["disabled"]:
-            raise bad_request("disabled: you cannot disable yourself.", field="disabled")
-    if "password" in doc:
-        changes["password_hash"] = await request.app[PASSWORDS].hash(v.password(doc["password"]))
+            p.note(bad_request("disabled: you cannot disable yourself.", field="disabled"))
+    if "limits" in doc:
+        p.check(v.limits, doc["limits"])  # its shape now; merged onto the current limits below
+    new_password = p.check(v.password, doc["password"]) if "password" in doc else None
+    p.raise_if_any()
+    if new_password is not None:
+        changes["password_hash"] = await request.app[PASSWORDS].hash(new_password)
     async with connect(request, transaction=True) as conn:
         current = await users.get(conn, user_id)
         if current is None:

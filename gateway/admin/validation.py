@@ -3,6 +3,10 @@
 Each endpoint names the fields it accepts; anything else is a 400 naming the
 field (mass assignment: ``role``, ``user_id``, ``spend`` ... cannot be slipped
 into an endpoint that does not own them).
+
+Every problem of a body is reported at once (``Problems``): the 400 lists them
+all in ``error.errors``, the first one also as the top-level ``code``,
+``message`` and ``field``.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import ipaddress
 import math
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import orjson
 from aiohttp import web
 
 from gateway.auth.passwords import MAX_PASSWORD_LEN, MIN_PASSWORD_LEN
@@ -32,6 +38,38 @@ DEFAULT_PAGE = 50
 MAX_INT_LIMIT = 1_000_000_000
 _INT_LIMITS = ("rpm", "tpm", "max_concurrency", "max_tokens")
 LIMIT_FIELDS = frozenset({"models", "allowed_ips", "budget_usd", "budget_period", *_INT_LIMITS})
+
+T = TypeVar("T")
+
+
+class Problems:
+    """Run every field's check, then answer one 400 that lists every problem found."""
+
+    def __init__(self) -> None:
+        self.errors: list[dict[str, Any]] = []
+
+    def check(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``fn(*args)``; a 400 it raises is noted (and None returned) instead of ending the request."""
+        try:
+            return fn(*args, **kwargs)
+        except web.HTTPBadRequest as exc:
+            self.note(exc)
+            return None
+
+    def note(self, exc: web.HTTPException) -> None:
+        err = orjson.loads(exc.text or "{}").get("error") or {"code": "invalid_request", "message": exc.reason}
+        nested = err.pop("errors", None)
+        self.errors.extend(nested if nested else [err])
+
+    def raise_if_any(self) -> None:
+        if not self.errors:
+            return
+        first = self.errors[0]
+        if len(self.errors) == 1:
+            raise bad_request(first["message"], field=first.get("field"), code=first["code"])
+        message = f"{len(self.errors)} problems: " + " ".join(e["message"] for e in self.errors)
+        body = {"error": {**first, "message": message, "errors": self.errors}}
+        raise web.HTTPBadRequest(text=orjson.dumps(body).decode(), content_type="application/json")
 
 
 def only(doc: dict[str, Any], allowed: set[str] | frozenset[str], where: str = "") -> None:
@@ -119,41 +157,51 @@ def limits(v: Any, base: Limits | None = None, field: str = "limits") -> Limits:
     """A limits object; with ``base``, a merge patch (fields present are set, null removes)."""
     if not isinstance(v, dict):
         raise bad_request(f"{field}: must be an object.", field=field)
-    only(v, LIMIT_FIELDS, f"in {field}")
+    problems = Problems()
+    problems.check(only, v, LIMIT_FIELDS, f"in {field}")
     changes: dict[str, Any] = {}
     for key, val in v.items():
-        f = f"{field}.{key}"
-        if val is None:
-            changes[key] = "total" if key == "budget_period" else None
-        elif key == "models":
-            changes[key] = _str_list(val, f)
-        elif key == "allowed_ips":
-            changes[key] = _str_list(val, f, _cidr)
-        elif key in _INT_LIMITS:
-            if isinstance(val, bool) or not isinstance(val, int) or not 0 < val <= MAX_INT_LIMIT:
-                raise bad_request(f"{f}: must be a positive integer.", field=f)
-            changes[key] = val
-        elif key == "budget_usd":
-            if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val) or val < 0:
-                raise bad_request(f"{f}: must be a number >= 0.", field=f)
-            changes[key] = float(val)
-        elif key == "budget_period":
-            if val not in ("day", "month", "total"):
-                raise bad_request(f"{f}: must be 'day', 'month' or 'total'.", field=f)
-            changes[key] = val
+        if key in LIMIT_FIELDS:
+            problems.check(_limit, changes, key, val, f"{field}.{key}")
+    problems.raise_if_any()
     return dataclasses.replace(base or Limits(), **changes)
 
 
+def _limit(changes: dict[str, Any], key: str, val: Any, f: str) -> None:
+    """One field of a limits object into ``changes`` (400 naming it when invalid)."""
+    if val is None:
+        changes[key] = "total" if key == "budget_period" else None
+    elif key == "models":
+        changes[key] = _str_list(val, f)
+    elif key == "allowed_ips":
+        changes[key] = _str_list(val, f, _cidr)
+    elif key in _INT_LIMITS:
+        if isinstance(val, bool) or not isinstance(val, int) or not 0 < val <= MAX_INT_LIMIT:
+            raise bad_request(f"{f}: must be a positive integer.", field=f)
+        changes[key] = val
+    elif key == "budget_usd":
+        if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val) or val < 0:
+            raise bad_request(f"{f}: must be a number >= 0.", field=f)
+        changes[key] = float(val)
+    elif key == "budget_period":
+        if val not in ("day", "month", "total"):
+            raise bad_request(f"{f}: must be 'day', 'month' or 'total'.", field=f)
+        changes[key] = val
+
+
 def within(key: Limits, user: Limits) -> None:
-    """A user's own key may not be looser than the user's limits (400 naming the field)."""
+    """A user's own key may not be looser than the user's limits (400 naming every such field)."""
+    problems = Problems()
     for f in (*_INT_LIMITS, "budget_usd"):
         cap, mine = getattr(user, f), getattr(key, f)
         if cap is not None and mine is not None and mine > cap:
-            raise bad_request(f"limits.{f}: {mine} is above your own limit of {cap}.", field=f"limits.{f}")
+            problems.note(bad_request(f"limits.{f}: {mine} is above your own limit of {cap}.", field=f"limits.{f}"))
     if user.models is not None and key.models is not None:
         for m in key.models:
             if not any(m == u or model_matches(u, m) for u in user.models):
-                raise bad_request(f"limits.models: {m!r} is not among your allowed models.", field="limits.models")
+                problems.note(bad_request(f"limits.models: {m!r} is not among your allowed models.",
+                                          field="limits.models"))
+    problems.raise_if_any()
 
 
 def object_id(request: web.Request, what: str, param: str = "id") -> str:

@@ -248,6 +248,7 @@ class Metrics:
             "(observability/budget_watch.py).", ["scope", "state"], multiprocess_mode="livemax", registry=reg,
         )
         self.active = 0  # requests in flight in this worker
+        self.scrapes = 0  # of which scrapes of /metrics: never counted as in flight (idle must read 0)
         self._active_flushed = 0
         self._dirty: list[_Bound] = []
         self._degraded_state: dict[str, bool] = {}
@@ -293,9 +294,10 @@ class Metrics:
         dirty, self._dirty = self._dirty, []
         for b in dirty:
             b.flush()
-        if self.active != self._active_flushed:
-            self._active_flushed = self.active
-            self.in_flight.set(self.active)
+        active = self.active - self.scrapes
+        if active != self._active_flushed:
+            self._active_flushed = active
+            self.in_flight.set(active)
 
     def _bind(
         self, resource: AbstractResource | None, route: str, model: str, upstream: str, status: int, error: str | None
@@ -404,8 +406,12 @@ def _deltas(stats: object, seen: dict[str, int]) -> list[tuple[str, int]]:
 async def metrics_handler(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[keys.METRICS]
-    metrics.refresh(app)
-    body = await asyncio.get_running_loop().run_in_executor(None, metrics.render)
+    metrics.scrapes += 1  # the middleware counted this request as started: it is no traffic
+    try:
+        metrics.refresh(app)
+        body = await asyncio.get_running_loop().run_in_executor(None, metrics.render)
+    finally:
+        metrics.scrapes -= 1
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
 

@@ -13,6 +13,11 @@
 - Changes arrive by LISTEN/NOTIFY ('k:<key id>' or 'u:<user id>') and drop the
   entries at once; the TTL is the backstop, and every (re)connection of the
   listener drops the whole cache since notifications may have been missed.
+- A cache is only as good as its invalidation channel: while the listener is
+  not connected (still coming up at start, or reconnecting), no entry counts
+  as fresh, so a revocation made in that window is seen on the next request
+  (each lookup goes to Postgres, within the lookup budget; over budget or
+  with Postgres down the cached entry is served as stale).
 - Postgres down: cached keys keep working (also past their TTL, up to
   ``stale_key_seconds``); an unknown key gets 503.
 """
@@ -86,8 +91,9 @@ class PostgresResolver:
         self._generation = 0  # bumped by every invalidation: a lookup that raced one is not cached
         self.gate = LookupGate(d.key_lookup_rate, cfg.auth.key_lookup_rate_per_ip, cfg.auth.new_key_wait_seconds)
         self._filter_loader: asyncio.Task[None] | None = None
+        self._listening = False  # the LISTEN connection is up: cached entries can be trusted until their TTL
         self._used: set[str] = set()
-        self.listener = Listener(db.dsn, CHANNEL, self._on_notify, self._on_connect)
+        self.listener = Listener(db.dsn, CHANNEL, self._on_notify, self._on_connect, on_disconnect=self._on_disconnect)
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -109,7 +115,7 @@ class PostgresResolver:
         h = hash_key(key)
         now = time.monotonic()
         entry = self._cache.get(h)
-        if entry is not None and entry.fresh_until > now:
+        if entry is not None and entry.fresh_until > now and self._listening:
             self._cache.move_to_end(h)
             self._used.add(entry.principal.key_id)
             self.stats.hits += 1
@@ -248,6 +254,12 @@ class PostgresResolver:
         self._cache.clear()
         self._by_key.clear()
         self._by_user.clear()
+        self._listening = True
+
+    def _on_disconnect(self) -> None:
+        # From now on a revocation may not reach us: stop trusting the cache until LISTEN is back.
+        self._listening = False
+        self._generation += 1
 
     def invalidate_key(self, key_id: str) -> None:
         """Drop one key at once in this worker (the NOTIFY reaches the others)."""

@@ -4,6 +4,7 @@
     llm-gateway users create --email admin@example.com --role admin   # password: prompt, stdin or env
     llm-gateway users list
     llm-gateway keys create --user admin@example.com --name ci [--models 'claude-*'] [--rpm 60]
+    llm-gateway keys list [--user admin@example.com] [--all]
     llm-gateway keys revoke <key id>
 
 Every change is written to the audit log with actor 'cli'.
@@ -26,7 +27,7 @@ import orjson
 from gateway.cli import EXTRA_COMMANDS, _load
 from gateway.config import Config, Limits
 from gateway.stores import access_keys, audit, migrate, users
-from gateway.stores.postgres import _init_connection
+from gateway.stores.postgres import CONNECTIVITY_ERRORS, _init_connection, unavailable_message
 
 
 def _dsn(cfg: Config) -> str:
@@ -42,10 +43,18 @@ def _run(coro: Awaitable[int]) -> int:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except (migrate.MigrationsMissing, ValueError) as exc:  # no migrations shipped; a misnamed file
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _with_conn(cfg: Config, fn: Callable[[Any], Awaitable[int]]) -> int:
-    conn = await asyncpg.connect(_dsn(cfg), timeout=10)
+    dsn = _dsn(cfg)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (*CONNECTIVITY_ERRORS, asyncpg.PostgresError) as exc:
+        print(f"error: {unavailable_message(dsn, exc)}", file=sys.stderr)
+        return 1
     try:
         await _init_connection(conn)
         return await fn(conn)
@@ -99,16 +108,29 @@ def _configure_users(p: argparse.ArgumentParser) -> None:
 
 
 def _read_password(args: argparse.Namespace) -> str | None:
+    """The new user's password from --password-env, --password-stdin or a prompt; a clear error
+    (exit 2), never a traceback, when none of them can give one."""
     if args.no_password:
         return None
     if args.password_env:
-        pw = os.environ.get(args.password_env, "")
+        if args.password_env not in os.environ:
+            raise SystemExit(f"error: --password-env {args.password_env}: that environment variable is not set")
+        pw = os.environ[args.password_env]
     elif args.password_stdin:
-        pw = sys.stdin.readline().rstrip("\n")
+        line = sys.stdin.readline()
+        if not line:
+            raise SystemExit("error: --password-stdin: standard input is empty (send the password as one line)")
+        pw = line.rstrip("\n")
     else:
-        pw = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != pw:
-            raise SystemExit("error: passwords differ")
+        if not sys.stdin.isatty():
+            raise SystemExit("error: no terminal to ask for the password: use --password-env VAR, "
+                             "--password-stdin, or --no-password (a user who cannot log in)")
+        try:
+            pw = getpass.getpass("password: ")
+            if getpass.getpass("again: ") != pw:
+                raise SystemExit("error: passwords differ")
+        except (EOFError, KeyboardInterrupt):
+            raise SystemExit("error: no password given") from None
     from gateway.auth.passwords import MAX_PASSWORD_LEN, MIN_PASSWORD_LEN
 
     if not MIN_PASSWORD_LEN <= len(pw) <= MAX_PASSWORD_LEN:
@@ -172,10 +194,58 @@ def _configure_keys(p: argparse.ArgumentParser) -> None:
     c.add_argument("--budget-period", choices=("day", "month", "total"), default="total")
     r = sub.add_parser("revoke", help="revoke a key by id")
     r.add_argument("key_id")
+    ls = sub.add_parser("list", help="list keys: id, prefix, name, status, owner (never the key)")
+    ls.add_argument("--user", default=None, help="only this owner's keys (email or id)")
+    ls.add_argument("--all", action="store_true", help="revoked and expired keys too (default: active only)")
+
+
+def _key_status(key: access_keys.AccessKey) -> str:
+    from datetime import UTC, datetime
+
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
+        return "expired"
+    return "active"
+
+
+async def _find_user(conn: Any, ref: str) -> users.User | None:
+    try:
+        return await users.get(conn, str(uuid.UUID(ref)))
+    except ValueError:
+        return await users.get_by_email(conn, ref.strip().lower())
+
+
+def _list_keys(cfg: Config, args: argparse.Namespace) -> int:
+    async def show(conn: Any) -> int:
+        owner = None
+        if args.user is not None:
+            owner = await _find_user(conn, args.user)
+            if owner is None:
+                print(f"error: no user {args.user}", file=sys.stderr)
+                return 1
+        emails: dict[str, str] = {}
+        after = None
+        print(f"{'id':36}  {'prefix':12}  {'status':7}  {'owner':30}  name")
+        while True:
+            page = await access_keys.list_page(conn, limit=200, after=after, user_id=owner.id if owner else None,
+                                               status=None if args.all else "active")
+            for k in page:
+                if k.user_id not in emails:
+                    u = await users.get(conn, k.user_id)
+                    emails[k.user_id] = u.email if u is not None else k.user_id
+                print(f"{k.id:36}  {k.prefix:12}  {_key_status(k):7}  {emails[k.user_id]:30}  {k.name}")
+            if len(page) < 200:
+                return 0
+            after = (page[-1].created_at, page[-1].id)
+
+    return _run(_with_conn(cfg, show))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.action == "list":
+        return _list_keys(cfg, args)
     if args.action == "revoke":
         try:
             key_id = str(uuid.UUID(args.key_id))
@@ -225,4 +295,4 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 EXTRA_COMMANDS["migrate"] = ("apply the SQL migrations in migrations/ (idempotent)", _configure_migrate, cmd_migrate)
 EXTRA_COMMANDS["users"] = ("create or list users without the HTTP API", _configure_users, cmd_users)
-EXTRA_COMMANDS["keys"] = ("create or revoke access keys without the HTTP API", _configure_keys, cmd_keys)
+EXTRA_COMMANDS["keys"] = ("create, list or revoke access keys without the HTTP API", _configure_keys, cmd_keys)

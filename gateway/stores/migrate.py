@@ -16,7 +16,8 @@ from pathlib import Path
 import asyncpg
 import structlog
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+from gateway.resources import MIGRATIONS_DIR as MIGRATIONS_DIR
+
 # pg_advisory_lock key: any constant unique to this application ("llmgwmig").
 LOCK_KEY = 0x6C6C6D67776D6967
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -35,6 +36,10 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 class SchemaOutdated(RuntimeError):
     """The database lacks migrations this gateway needs."""
+
+
+class MigrationsMissing(RuntimeError):
+    """No migration files where they should be: an incomplete installation, never "nothing to do"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,11 @@ def discover(directory: Path | None = None) -> list[Migration]:
             raise ValueError(f"{path}: version {version} already used by {seen[version]}")
         seen[version] = path.name
         found.append(Migration(version, path.name, path.read_text()))
+    if not found:
+        raise MigrationsMissing(
+            f"no migrations found in {d}: the installation is incomplete (a release must ship its "
+            "migrations; see README, Install under systemd) or --dir points to the wrong place"
+        )
     return found
 
 
@@ -109,8 +119,7 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                     m.version, m.name, m.checksum,
                 )
-            log.info("migration applied", migration=m.name)
-            done_names.append(m.name)
+            done_names.append(m.name)  # the caller reports it (the CLI prints one line per migration)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
     return done_names

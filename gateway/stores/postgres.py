@@ -37,11 +37,42 @@ CONNECTIVITY_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    # The client side of a connection the server just dropped ("not connected", a protocol left in a
+    # failed state): a pooled connection killed under us (pg_terminate_backend, failover), not an SQL error.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
 class DatabaseUnavailable(Exception):
     """Postgres is unreachable, too slow, or its schema is not usable."""
+
+
+def describe_target(dsn: str) -> str:
+    """``user@host:port/database`` of a Postgres URL for messages: never the password."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(dsn)
+        hosts = parts.netloc.rpartition("@")[2] or ",".join(parse_qs(parts.query).get("host", [])) or "localhost"
+        user = parts.username or ""
+    except ValueError:
+        return "(unparsable database URL)"
+    return f"{user + '@' if user else ''}{hosts}{parts.path or ''}"
+
+
+def unavailable_message(dsn: str, exc: BaseException) -> str:
+    """Where we tried and why it failed (the cause's own words, password removed if it ever appears)."""
+    from urllib.parse import urlsplit
+
+    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None else exc
+    text = str(cause) or "no detail"
+    try:
+        password = urlsplit(dsn).password
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***")
+    return f"cannot use Postgres at {describe_target(dsn)}: {type(cause).__name__}: {text}"
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -84,8 +115,9 @@ class Database:
         except SchemaOutdated:
             await self.close()
             raise
-        except (DatabaseUnavailable, TimeoutError):
-            log.warning("postgres unreachable at start; cached and config keys only until it is back")
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            log.warning("postgres unreachable at start; cached and config keys only until it is back",
+                        reason=unavailable_message(self.dsn, exc))
             self._checker = asyncio.get_running_loop().create_task(self._check_until_done())
 
     async def _check_schema(self) -> None:
@@ -129,10 +161,17 @@ class Database:
         if check and self.schema_error is not None:
             raise DatabaseUnavailable(self.schema_error)
         try:
-            async with self.pool.acquire(timeout=timeout or max(self.timeout_s, 1.0)) as conn:
-                yield conn
+            conn = await self.pool.acquire(timeout=timeout or max(self.timeout_s, 1.0))
+        except (*CONNECTIVITY_ERRORS, asyncpg.PostgresError) as exc:
+            # Getting a connection can open one, and a server that refuses it with an SQL state
+            # ("database is not accepting connections", authentication, ...) is unavailable too.
+            raise DatabaseUnavailable(f"postgres unavailable: {type(exc).__name__}") from exc
+        try:
+            yield conn
         except CONNECTIVITY_ERRORS as exc:
             raise DatabaseUnavailable(f"postgres unavailable: {type(exc).__name__}") from exc
+        finally:
+            await self.pool.release(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self, timeout: float | None = None) -> AsyncIterator[Any]:

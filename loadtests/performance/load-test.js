@@ -4,14 +4,13 @@
 //   make loadtest SCRIPT=performance/load-test.js   # ~4 min
 import http from 'k6/http';
 import { check, sleep } from 'k6';
-import { ACCESS_KEY, BASE_URL, MODEL, record, stages, THINK_S } from '../lib/common.js';
+import { ACCESS_KEY, BASE_URL, latency, MODEL, record, stages, THINK_S } from '../lib/common.js';
 
 export const options = {
   stages: stages([[30, 10], [60, 50], [120, 50], [30, 0]]),
   thresholds: {
-    http_req_duration: ['p(95)<500'],
     http_req_failed: ['rate<0.01'],
-    gateway_latency: ['p(95)<50', 'p(99)<100'],
+    ...latency({ http_req_duration: ['p(95)<500'], gateway_latency: ['p(95)<50', 'p(99)<100'] }),
   },
 };
 
