@@ -298,6 +298,8 @@ class Stack:
     mock: subprocess.Popen[bytes] | None = None
     proxy: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
+    passthrough: subprocess.Popen[bytes] | None = None
+    pt_port: int = 0
     gw_log: Path | None = None
     overrides: dict[str, str] = field(default_factory=dict)  # GATEWAY_* for A/B runs
     gateway_src: str = ""  # another checkout's gateway package (PYTHONPATH) for before/after runs
@@ -429,10 +431,22 @@ limits = {{ models = ["bench-*"] }}
         assert self.proxy is not None
         return children(self.proxy.pid)
 
-    def start(self) -> None:
+    def _start_passthrough(self) -> subprocess.Popen[bytes]:
+        """loadtests/passthrough.py: aiohttp + uvloop with no policy, the floor of this stack."""
+        self.pt_port = free_port()
+        cmd = ["taskset", "-c", GATEWAY_CPU, sys.executable, str(ROOT / "loadtests" / "passthrough.py"),
+               str(self.pt_port), f"http://{HOST}:{self.mock_port}"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        wait_port(self.pt_port, timeout=30)
+        return proc
+
+    def start(self, passthrough: bool = True) -> None:
         self.mock_port, self.proxy_port, self.gw_port = free_port(), free_port(), free_port()
         self.mock = self._start_nginx("mock", LOADGEN_CPU, self.mock_port)
         self.proxy = self._start_nginx("proxy", GATEWAY_CPU, self.proxy_port, self.mock_port)
+        if passthrough:
+            self.passthrough = self._start_passthrough()
         self.gateway = self._start_gateway()
 
     def stop(self) -> None:
@@ -458,6 +472,8 @@ limits = {{ models = ["bench-*"] }}
             return f"http://{HOST}:{self.mock_port}{kind.mock_path}"
         if target == "nginx":
             return f"http://{HOST}:{self.proxy_port}{kind.mock_path}"
+        if target == "passthrough":
+            return f"http://{HOST}:{self.pt_port}{kind.mock_path}"
         return f"http://{HOST}:{self.gw_port}{kind.path}"
 
 
@@ -595,7 +611,8 @@ def saturate(
 
 def _saturate_once(stack: Stack, target: str, url: str, script: Path, seconds: float, conns: int) -> dict[str, Any]:
     stack.truncate_log()
-    pids = (stack.gateway_workers() if target == "gateway" else stack.proxy_workers() if target == "nginx" else [])
+    pids = (stack.gateway_workers() if target == "gateway" else stack.proxy_workers() if target == "nginx"
+            else [stack.passthrough.pid] if target == "passthrough" and stack.passthrough else [])
     t0, c0 = time.monotonic(), cpu_ticks(pids)
     res = run_wrk(url, script, seconds, conns)
     t1, c1 = time.monotonic(), cpu_ticks(pids)
@@ -680,7 +697,7 @@ def print_table(results: dict[str, Any], rates: list[int]) -> None:
     print()
     print("  ".join(f"{c:>14}" if i > 1 else f"{c:<15}" for i, c in enumerate(cols)))
     for kname, rows in results["kinds"].items():
-        for target in ("direct", "nginx", "gateway"):
+        for target in ("direct", "nginx", "passthrough", "gateway"):
             row = rows.get(target)
             if row is None:
                 continue
@@ -703,6 +720,10 @@ def print_table(results: dict[str, Any], rates: list[int]) -> None:
         for r in rates:
             cells += [fmt(ratio.get(f"added_p50@{r}"), ".1f"), fmt(ratio.get(f"added_p99@{r}"), ".1f")]
         print("  ".join(f"{c:>14}" if i > 1 else f"{c:<15}" for i, c in enumerate(cells)))
+        pt = rows.get("ratio_gateway_vs_passthrough", {})
+        if pt:
+            cells = [kname, "gw/passthru", fmt(pt.get("rps"), ".3f"), fmt(pt.get("cpu_us_per_req"), ".2f"), ""]
+            print("  ".join(f"{c:>14}" if i > 1 else f"{c:<15}" for i, c in enumerate(cells)))
     print("\n(direct rows: absolute p50/p99 ms of calling the nginx mock; other rows: ms added over direct;"
           "\n * = the gateway used under 90% of its core: not saturated, CPU-us/request inflated)")
 
@@ -746,11 +767,18 @@ def evaluate_targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def argv_has(argv: list[str] | None, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few seconds per row (smoke / CI)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(ALL_KINDS) + " (the *-via-* ones are translated)")
-    ap.add_argument("--targets", default="direct,nginx,gateway")
+    ap.add_argument("--targets", default="direct,nginx,passthrough,gateway",
+                    help="passthrough = loadtests/passthrough.py, aiohttp with no policy (the ratio's reference)")
+    ap.add_argument("--counts", action="store_true",
+                    help="deterministic mode: Python calls and syscalls per request (loadtests/bench_counts.py)")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per saturation/latency row")
     ap.add_argument("--repeat", type=int, default=None, help="saturation runs per row, best kept (default 3, quick 1)")
     ap.add_argument("--conns", type=int, default=50, help="wrk connections at saturation")
@@ -762,7 +790,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gateway-src", default="", metavar="DIR",
                     help="run the gateway from another checkout (e.g. `git archive REV | tar -x -C DIR`): before/after")
     ap.add_argument("--out", default=None, help="JSON result file (default: loadtests/results/bench-<utc>.json)")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if args.counts:
+        import bench_counts  # the deterministic counts: calls and syscalls per request, same targets
+
+        passed = [*rest, *(["--gateway-src", args.gateway_src] if args.gateway_src else []),
+                  *(["--out", args.out] if args.out else []), *(["--kinds", args.kinds] if argv_has(argv, "--kinds") else [])]
+        return bench_counts.main(passed)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("bench: needs 2 cores (gateway on core 0, load generator and mock on core 1)")
@@ -802,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     stack.gateway_src = args.gateway_src
     results["gateway_src"] = args.gateway_src or "this checkout"
     try:
-        stack.start()
+        stack.start(passthrough="passthrough" in targets)
         for kind in kinds:
             for target in targets:
                 check_answer(stack, target, kind)
@@ -840,6 +876,14 @@ def main(argv: list[str] | None = None) -> int:
                         if a is not None and b is not None and b > 0.005:
                             ratio[f"added_{p}@{rate}"] = a / b
                 rows["ratio_gateway_vs_nginx"] = ratio
+            pt = rows.get("passthrough")
+            if gw and pt:
+                gs, ps = gw["saturation"], pt["saturation"]
+                rows["ratio_gateway_vs_passthrough"] = {
+                    "rps": gs["rps"] / ps["rps"],
+                    "cpu_us_per_req": (gs["cpu_us_per_req"] / ps["cpu_us_per_req"]
+                                       if gs.get("cpu_us_per_req") and ps.get("cpu_us_per_req") else None),
+                }
             results["kinds"][kind.name] = rows
         if args.profile:
             prof = profile(stack, ALL_KINDS[args.profile], max(seconds, 5.0), args.conns, RESULTS)
@@ -862,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults: {out}")
     errors = sum(r.get("saturation", {}).get("errors", 0) for rows in results["kinds"].values()
-                 for t, r in rows.items() if t in ("direct", "nginx", "gateway"))
+                 for t, r in rows.items() if t in ("direct", "nginx", "passthrough", "gateway"))
     return 1 if errors else 0
 
 

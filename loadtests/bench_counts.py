@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Deterministic cost per request: Python calls and syscalls, not only time.
+
+Time on these shared 2-core machines varies 2-7x from one day to the next; the
+work a request costs does not.  This bench counts it, for three targets served
+from the same nginx mock in the same run:
+
+  * ``passthrough``: loadtests/passthrough.py, a minimal aiohttp + uvloop
+    pass-through with no policy (the reference every ratio is taken against);
+  * ``standalone``: ``llm-gateway serve --workers 1``, key from the config
+    file, usage to the log (the embedded default's shape);
+  * ``governed``: the same in database mode, as users run it: a key created
+    through the admin API and cached from Postgres, limits and a budget in
+    Redis (one script call), usage through the journal into the Postgres ledger.
+
+For each target and kind it reports, per request:
+  * calls: Python function calls plus calls of C functions, as cProfile counts them (cProfile in the serving process, enabled
+    from a ``sitecustomize`` shim; a snapshot is taken on SIGUSR1 between
+    batches, so start-up and warm-up cancel out: (after N2) - (after N1) over N2);
+  * syscalls (``strace -f -c`` attached for a batch of N1 and one of N2;
+    (S2 - S1) / (N2 - N1));
+  * CPU-us (utime+stime from /proc over an unprofiled batch);
+and per stream event: (paced - json) / events in the stream, since a paced
+stream arrives as separate reads like a real provider's.
+
+Usage: .venv/bin/python loadtests/bench_counts.py [--targets passthrough,standalone,governed]
+           [--kinds openai-json,anthropic-json,openai-paced,anthropic-paced] [--n1 200 --n2 600]
+           [--no-strace] [--gateway-src DIR] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench
+from bench import HOST, KINDS, ROOT, Kind, children, cpu_ticks
+from setup_test_user import create_key
+
+from tests.fixtures.servers import PostgresServer, RedisServer, free_port, wait_port
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SHIM = '''
+import os, signal, sys
+_dir = os.environ.get("BENCH_COUNTS_DIR")
+_who = os.environ.get("BENCH_COUNTS_ARGV", "")
+if _dir and _who and _who in sys.argv:
+    import cProfile
+    _prof = cProfile.Profile()
+
+    def _snapshot(signum, frame):
+        _prof.disable()
+        _prof.create_stats()
+        py = c = 0
+        for (filename, _line, _name), (_cc, nc, _tt, _ct, _callers) in _prof.stats.items():
+            if filename == "~":
+                c += nc
+            else:
+                py += nc
+        tmp = os.path.join(_dir, f"{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{py} {c}\\n")
+        os.replace(tmp, os.path.join(_dir, f"{os.getpid()}.calls"))
+        _prof.enable()
+
+    signal.signal(signal.SIGUSR1, _snapshot)
+    _prof.enable()
+'''
+
+EDITABLE_SHIM = (
+    "import sys\n"
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
+)
+
+
+@dataclass
+class Target:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    key: str
+    serving_pids: list[int] = field(default_factory=list)
+
+    def url(self, kind: Kind) -> str:
+        if self.name == "passthrough":
+            return f"http://{HOST}:{self.port}{kind.mock_path}"
+        return f"http://{HOST}:{self.port}{kind.path}"
+
+
+class Bench:
+    def __init__(self, tmp: Path, gateway_src: str) -> None:
+        self.tmp = tmp
+        self.stack = bench.Stack(tmp=tmp, gateway_src=gateway_src)
+        self.counts_dir = tmp / "counts"
+        self.counts_dir.mkdir()
+        self.shim_dir = tmp / "shim"
+        self.shim_dir.mkdir()
+        (self.shim_dir / "sitecustomize.py").write_text(SHIM + (EDITABLE_SHIM if gateway_src else ""))
+        self.pg: PostgresServer | None = None
+        self.redis: RedisServer | None = None
+        self.extra: list[subprocess.Popen[bytes]] = []
+
+    def _env(self, argv_marker: str, profile: bool) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        paths = [str(self.shim_dir)]
+        if self.stack.gateway_src:
+            paths.insert(0, self.stack.gateway_src)
+        env["PYTHONPATH"] = ":".join(paths)
+        if profile:
+            env["BENCH_COUNTS_DIR"] = str(self.counts_dir)
+            env["BENCH_COUNTS_ARGV"] = argv_marker
+        return env
+
+    def start_mock(self) -> None:
+        self.stack.mock_port = free_port()
+        self.stack.mock = self.stack._start_nginx("mock", bench.LOADGEN_CPU, self.stack.mock_port)
+
+    def start_passthrough(self, profile: bool) -> Target:
+        port = free_port()
+        script = ROOT / "loadtests" / "passthrough.py"
+        cmd = ["taskset", "-c", bench.GATEWAY_CPU, sys.executable, str(script), str(port),
+               f"http://{HOST}:{self.stack.mock_port}"]
+        proc = subprocess.Popen(cmd, env=self._env(str(script), profile), stdout=subprocess.DEVNULL,
+                                stderr=open(self.tmp / "passthrough.err", "ab"), start_new_session=True)  # noqa: SIM115
+        self.extra.append(proc)
+        wait_port(port, timeout=30)
+        return Target("passthrough", proc, port, "", [proc.pid])
+
+    def _ensure_stores(self) -> dict[str, str]:
+        if self.pg is None:
+            self.pg = PostgresServer()
+            self.pg.start()
+            self.redis = RedisServer()
+            self.redis.start()
+        assert self.redis is not None
+        dsn = self.pg.create_database("bench_" + secrets.token_hex(4))
+        return {
+            "GATEWAY_DATABASE_URL": dsn,
+            "GATEWAY_REDIS_URL": self.redis.url,
+            "GATEWAY_ADMIN_TOKEN": secrets.token_urlsafe(32),
+            "GATEWAY_JWT_SECRET": secrets.token_urlsafe(48),
+            "GATEWAY_ACCOUNTING__JOURNAL_DIR": str(self.tmp / f"journal-{secrets.token_hex(3)}"),
+        }
+
+    def start_gateway(self, governed: bool, profile: bool) -> Target:
+        st = self.stack
+        st.gw_port = free_port()
+        st.overrides = {}
+        if governed:
+            st.overrides.update(self._ensure_stores())
+            env = {**os.environ, **st.overrides}
+            subprocess.run([str(bench.VENV_BIN / "llm-gateway"), "migrate"], env=env, check=True,
+                           capture_output=True, cwd=self.tmp)
+        env = self._env("worker", profile)
+        st.overrides.update({k: v for k, v in env.items() if k in ("PYTHONPATH", "BENCH_COUNTS_DIR", "BENCH_COUNTS_ARGV")})
+        saved_src, st.gateway_src = st.gateway_src, ""  # our PYTHONPATH already carries it
+        try:
+            proc = st._start_gateway()
+        finally:
+            st.gateway_src = saved_src
+        key = st.key
+        if governed:
+            key = create_key(f"http://{HOST}:{st.gw_port}", st.overrides["GATEWAY_ADMIN_TOKEN"],
+                             email=f"bench-{secrets.token_hex(3)}@example.com", models=["bench-*"])
+            self._set_budget(st.overrides["GATEWAY_DATABASE_URL"])
+        workers: list[int] = []
+        deadline = time.monotonic() + 30
+        while not workers and time.monotonic() < deadline:
+            workers = children(proc.pid)
+            time.sleep(0.05)
+        return Target("governed" if governed else "standalone", proc, st.gw_port, key, workers)
+
+    def _set_budget(self, dsn: str) -> None:
+        """Give the governed key real limits, so every request runs the whole policy script."""
+        import asyncpg
+
+        async def go() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute(
+                    "UPDATE access_keys SET limits = limits || $1::jsonb",
+                    json.dumps({"rpm": 10_000_000, "tpm": 10_000_000_000, "max_concurrency": 10_000,
+                                "budget_usd": 1_000_000, "budget_period": "month"}),
+                )
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+
+    def stop_target(self, t: Target) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(t.proc.pid, signal.SIGTERM)
+        try:
+            t.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(t.proc.pid, signal.SIGKILL)
+            t.proc.wait()
+
+    def stop(self) -> None:
+        for p in self.extra:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+        self.stack.stop()
+        if self.pg is not None:
+            self.pg.destroy()
+        if self.redis is not None:
+            self.redis.destroy()
+
+    # -- measurements
+    def snapshot_calls(self, pid: int) -> tuple[int, int]:
+        out = self.counts_dir / f"{pid}.calls"
+        out.unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while not out.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench_counts: no call snapshot from pid {pid}")
+            time.sleep(0.01)
+        py, c = out.read_text().split()
+        return int(py), int(c)
+
+
+async def _drive(url: str, kind: Kind, key: str, n: int, conc: int) -> None:
+    body = kind.body()
+    headers = kind.headers(key)
+    done = 0
+    failures: list[str] = []
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        while done < n:
+            done += 1
+            async with session.post(url, data=body, headers=headers) as r:
+                data = await r.read()
+                if r.status != 200:
+                    failures.append(f"{r.status} {data[:200]!r}")
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc)) as session:
+        await asyncio.gather(*(one(session) for _ in range(conc)))
+    if failures:
+        raise SystemExit(f"bench_counts: {len(failures)} of {n} requests failed: {failures[0]}")
+
+
+def drive(t: Target, kind: Kind, n: int, conc: int = 8) -> None:
+    asyncio.run(_drive(t.url(kind), kind, t.key, n, conc))
+
+
+def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, float]:
+    pid = t.serving_pids[0]
+    drive(t, kind, 50)  # warm-up: caches, pools, first-use imports
+    s0 = b.snapshot_calls(pid)
+    drive(t, kind, n1)
+    s1 = b.snapshot_calls(pid)
+    drive(t, kind, n2)
+    s2 = b.snapshot_calls(pid)
+    return {
+        "py_calls": (s2[0] - s1[0]) / n2,
+        "c_calls": (s2[1] - s1[1]) / n2,
+        "py_calls_check": (s1[0] - s0[0]) / n1,  # the same from the shorter batch: should agree
+    }
+
+
+def count_syscalls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> float:
+    pid = t.serving_pids[0]
+    drive(t, kind, 50)
+    totals = []
+    for n in (n1, n2):
+        out = b.tmp / f"strace-{pid}-{n}.txt"
+        st = subprocess.Popen(["strace", "-f", "-c", "-o", str(out), "-p", str(pid)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert st.stderr is not None
+        # strace reports each attached thread on stderr: wait for the first.
+        line = st.stderr.readline()
+        if b"attached" not in line:
+            raise SystemExit(f"bench_counts: strace did not attach: {line!r}")
+        drive(t, kind, n)
+        st.send_signal(signal.SIGINT)
+        st.wait(timeout=30)
+        text = out.read_text()
+        m = re.search(r"^-+.*\n\s*100\.00\s+\S+\s+\S+\s+(\d+)", text, re.M)
+        total = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?total$", text, re.M)
+        if total:
+            totals.append(int(total[-1]))
+        elif m:
+            totals.append(int(m.group(1)))
+        else:
+            raise SystemExit(f"bench_counts: cannot read strace summary:\n{text[-500:]}")
+    return (totals[1] - totals[0]) / (n2 - n1)
+
+
+def cpu_per_request(t: Target, kind: Kind, n: int) -> float:
+    drive(t, kind, 50)
+    pids = t.serving_pids
+    c0 = cpu_ticks(pids)
+    drive(t, kind, n, conc=16)
+    c1 = cpu_ticks(pids)
+    return (c1 - c0) * 1e6 / CLK_TCK / n
+
+
+def stream_events(kind: Kind) -> int:
+    body = bench.anthropic_sse_body() if kind.dialect == "anthropic" else bench.openai_sse_body()
+    return body.count(b"\n\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="passthrough,standalone,governed")
+    ap.add_argument("--kinds", default="openai-json,anthropic-json,openai-paced,anthropic-paced")
+    ap.add_argument("--n1", type=int, default=200)
+    ap.add_argument("--n2", type=int, default=600)
+    ap.add_argument("--cpu-n", type=int, default=3000, help="requests of the unprofiled CPU batch (0: skip)")
+    ap.add_argument("--no-strace", action="store_true")
+    ap.add_argument("--gateway-src", default="")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    bench.ensure_tools()
+    if not args.no_strace and shutil.which("strace") is None:
+        raise SystemExit("bench_counts: strace is required (apt-get install strace), or pass --no-strace")
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {int(bench.LOADGEN_CPU)})
+    kinds = [KINDS[k] for k in args.kinds.split(",")]
+    targets = args.targets.split(",")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="gw-counts-") as tmp_s:
+        Path(tmp_s).chmod(0o755)  # nginx workers drop to an unprivileged user and read the bodies here
+        b = Bench(Path(tmp_s), args.gateway_src)
+        try:
+            b.start_mock()
+            for name in targets:
+                results[name] = {}
+                for profile in (True, False):
+                    if name == "passthrough":
+                        t = b.start_passthrough(profile)
+                    else:
+                        t = b.start_gateway(name == "governed", profile)
+                    try:
+                        for kind in kinds:
+                            row = results[name].setdefault(kind.name, {})
+                            if profile:
+                                row.update(count_calls(b, t, kind, args.n1, args.n2))
+                            else:
+                                if not args.no_strace:
+                                    row["syscalls"] = count_syscalls(b, t, kind, args.n1, args.n2)
+                                if args.cpu_n:
+                                    row["cpu_us"] = cpu_per_request(t, kind, args.cpu_n)
+                            print(f"{name:12s} {kind.name:16s} {json.dumps(row)}", file=sys.stderr)
+                    finally:
+                        b.stop_target(t)
+        finally:
+            b.stop()
+    report = {"host": os.uname().nodename, "python": sys.version.split()[0], "args": vars(args),
+              "results": results, "events": {k.name: stream_events(k) for k in kinds if k.stream}}
+    print_report(report)
+    out = Path(args.out) if args.out else bench.RESULTS / f"counts-{time.strftime('%Y-%m-%dT%H%M%SZ', time.gmtime())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def print_report(report: dict[str, Any]) -> None:
+    res = report["results"]
+    ref = res.get("passthrough", {})
+    print(f"\n{'target':12s} {'kind':16s} {'calls':>7s} {'(Python':>8s} {'+ C)':>6s} {'syscalls':>9s} {'CPU-us':>7s} {'x pass':>7s}")
+    for name, rows in res.items():
+        for kind, row in rows.items():
+            base = ref.get(kind, {}).get("cpu_us")
+            ratio = f"{row['cpu_us'] / base:.2f}" if base and "cpu_us" in row else "-"
+            calls = row.get("py_calls", 0) + row.get("c_calls", 0)
+            print(f"{name:12s} {kind:16s} {calls:7.0f} {row.get('py_calls', 0):8.0f} {row.get('c_calls', 0):6.0f} "
+                  f"{row.get('syscalls', float('nan')):9.1f} {row.get('cpu_us', float('nan')):7.0f} {ratio:>7s}")
+    print("\nper stream event ((paced - json) / events):")
+    for name, rows in res.items():
+        for kind, events in report["events"].items():
+            json_kind = kind.replace("-paced", "-json").replace("-sse", "-json")
+            if kind in rows and json_kind in rows and "py_calls" in rows[kind]:
+                def total(r: dict[str, float]) -> float:
+                    return r.get("py_calls", 0) + r.get("c_calls", 0)
+
+                per = (total(rows[kind]) - total(rows[json_kind])) / events
+                print(f"  {name:12s} {kind:16s} {per:6.1f} calls per event ({events} events)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""The lean upstream client (gateway/upstream/client.py) against aiohttp's, and against broken servers.
+
+Differential: the same requests to the same real mock upstream through both
+clients give byte-identical bodies and the same status and headers (Date aside).
+Faults: a raw TCP server answers truncated, oversized, malformed and slow
+responses; the lean client raises the error classes the failure classifier
+knows (aiohttp.ClientError family, TimeoutError) and never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from yarl import URL
+
+from gateway.upstream.client import LeanSession
+
+BODIES = {
+    "/v1/messages": {"model": "demo-claude", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/chat/completions": {"model": "demo-gpt", "messages": [{"role": "user", "content": "hi"}]},
+}
+CASES = [
+    ("/v1/messages", False, {}),
+    ("/v1/messages", True, {}),
+    ("/v1/chat/completions", False, {}),
+    ("/v1/chat/completions", True, {"x-mock-chunks": "40"}),
+    ("/v1/messages", False, {"x-mock-status": "429"}),
+    ("/v1/chat/completions", False, {"x-mock-status": "500"}),
+    ("/v1/messages", True, {"x-mock-chunk-gap-ms": "2", "x-mock-chunks": "8"}),
+    ("/v1/chat/completions", False, {"x-mock-gzip": "1"}),
+]
+SKIP_HEADERS = {"date"}
+
+
+def _headers(extra: dict[str, str]) -> dict[str, str]:
+    return {"content-type": "application/json", "x-api-key": "sk-test", "anthropic-version": "2023-06-01",
+            "accept-encoding": "identity", **extra}
+
+
+async def _via_aiohttp(base: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s, s.post(base + path, data=body, headers=headers) as r:
+        data = await r.read()
+        return r.status, {k.lower(): v for k, v in r.headers.items() if k.lower() not in SKIP_HEADERS}, data
+
+
+async def _via_lean(session: LeanSession, base: str, path: str, body: bytes,
+                    headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    r = await session.request("POST", URL(base + path), data=body, headers=headers,
+                              timeout=aiohttp.ClientTimeout(total=30, sock_connect=5))
+    chunks = []
+    while True:
+        chunk = await r.content.readany()
+        if not chunk:
+            break
+        chunks.append(chunk)
+    r.release()
+    return r.status, {k.lower(): v for k, v in r.headers.items() if k.lower() not in SKIP_HEADERS}, b"".join(chunks)
+
+
+def _normalise(body: bytes) -> bytes:
+    """The mock stamps ids and times per answer: compare the shape, not those values."""
+    out = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: {"):
+            doc = json.loads(line[6:])
+            out.append(b"data: " + json.dumps(_strip(doc), sort_keys=True).encode())
+        else:
+            out.append(line)
+    if body.startswith(b"{"):
+        return json.dumps(_strip(json.loads(body)), sort_keys=True).encode()
+    return b"\n".join(out)
+
+
+def _strip(doc: Any) -> Any:
+    if isinstance(doc, dict):
+        return {k: ("<id>" if k in ("id", "created") else _strip(v)) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_strip(v) for v in doc]
+    return doc
+
+
+@pytest.mark.parametrize(("path", "stream", "extra"), CASES)
+async def test_lean_client_answers_what_aiohttp_answers_from_the_same_mock(
+    mock_upstream: Any, path: str, stream: bool, extra: dict[str, str]
+) -> None:
+    """Status, headers (Date aside) and body bytes match aiohttp's client, JSON and SSE, errors, gzip."""
+    body = json.dumps({**BODIES[path], "stream": stream}).encode()
+    headers = _headers(extra)
+    expected = await _via_aiohttp(mock_upstream.base_url, path, body, headers)
+    session = LeanSession()
+    try:
+        got = await _via_lean(session, mock_upstream.base_url, path, body, headers)
+    finally:
+        await session.close()
+    assert expected[0] == got[0]
+    assert set(expected[1]) == set(got[1])
+    assert {k: v for k, v in expected[1].items() if k not in ("content-length", "request-id", "x-request-id")} == {
+        k: v for k, v in got[1].items() if k not in ("content-length", "request-id", "x-request-id")}
+    if "x-mock-gzip" in extra:
+        assert expected[2][:2] == got[2][:2] == b"\x1f\x8b"  # relayed as sent, never decoded
+    else:
+        assert _normalise(expected[2]) == _normalise(got[2])
+
+
+async def test_lean_client_reuses_one_keep_alive_connection(mock_upstream: Any) -> None:
+    """Keep-alive: 20 sequential calls to the same upstream use one connection."""
+    body = json.dumps(BODIES["/v1/messages"]).encode()
+    session = LeanSession()
+    try:
+        for _ in range(20):
+            status, _, _ = await _via_lean(session, mock_upstream.base_url, "/v1/messages", body, _headers({}))
+            assert 200 == status
+        pool = next(iter(session._pools.values()))
+        assert 1 == len(pool._live)
+        assert 20 == len(await mock_upstream.requests())
+    finally:
+        await session.close()
+
+
+# ---------------------------------------------------------------- faults
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> str:
+        async def wrapped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        srv = await asyncio.start_server(wrapped, "127.0.0.1", 0)
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+def _answer(raw: bytes, *, hold: bool = False) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(raw)
+        await writer.drain()
+        if hold:
+            await asyncio.sleep(60)
+
+    return handler
+
+
+async def _call(base: str, total: float = 5.0) -> tuple[int, bytes]:
+    session = LeanSession()
+    try:
+        r = await session.request("POST", URL(base + "/v1/messages"), data=b"{}", headers={},
+                                  timeout=aiohttp.ClientTimeout(total=total, sock_connect=2))
+        return r.status, await r.read()
+    finally:
+        await session.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "hold"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", False),  # truncated body, then close
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", False),  # chunked, cut
+        (b"HTTP/1.1 200 OK\r\nContent-Le", False),  # cut inside the headers
+        (b"", False),  # closed before a byte
+        (b"NOT HTTP AT ALL\r\n\r\n", False),  # garbage status line
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", False),  # bad chunk size
+        (b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n", False),  # oversized headers
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", True),  # stalls mid-body: total timeout
+        (b"", True),  # never answers: total timeout
+    ],
+)
+async def test_broken_answers_raise_classified_errors_and_never_hang(
+    raw_server: Callable[[Handler], Awaitable[str]], raw: bytes, hold: bool
+) -> None:
+    """Every broken answer ends, within the total timeout, in an aiohttp.ClientError or a TimeoutError."""
+    base = await raw_server(_answer(raw, hold=hold))
+    with pytest.raises((aiohttp.ClientError, TimeoutError)):
+        await asyncio.wait_for(_call(base, total=1.0), timeout=30)
+
+
+async def test_read_until_close_and_chunked_bodies_are_read_whole(
+    raw_server: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """A body without length ends at close; a chunked one is de-chunked."""
+    base = await raw_server(_answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close"))
+    assert (200, b"until close") == await _call(base)
+    base = await raw_server(_answer(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"))
+    assert (201, b"hello world") == await _call(base)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(max_size=400), prefix=st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n"]))
+def test_fuzzed_answers_end_in_an_answer_or_a_classified_error(garbage: bytes, prefix: bytes) -> None:
+    """Whatever bytes a server sends, the client returns or raises a known error class, within the timeout."""
+
+    async def run() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(prefix + garbage)
+            await writer.drain()
+            writer.close()
+
+        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+        base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+        try:
+            status, body = await asyncio.wait_for(_call(base, total=2.0), timeout=20)
+            assert 100 <= status <= 999
+            assert isinstance(body, bytes)
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        finally:
+            srv.close()
+
+    asyncio.run(run())
+
+
+async def test_a_pooled_connection_the_server_closed_is_not_used_again(
+    raw_server: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """The server answers keep-alive, then closes the idle connection: the next call opens a new one."""
+    served = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    base = await raw_server(handler)
+    session = LeanSession()
+    try:
+        for expected in (1, 2, 3):
+            r = await session.request("POST", URL(base + "/x"), data=b"{}", headers={})
+            assert (200, b"ok") == (r.status, await r.read())
+            assert expected == served
+            pool = next(iter(session._pools.values()))
+            conn = pool._idle[0]
+            for _ in range(500):  # the server closed it: wait until the client has seen that
+                if conn.closed:
+                    break
+                await asyncio.sleep(0.01)
+            assert conn.closed
+    finally:
+        await session.close()
