@@ -14,7 +14,7 @@ from gateway.accounting.reports import UsageQuery, daily_source
 from tests.fixtures.ledger_seed import record
 
 SUMS = "sum(requests), sum(partial_requests), sum(unpriced_requests), sum(input_tokens), sum(output_tokens), " \
-       "sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_micros)"
+       "sum(cache_write_tokens), sum(cache_read_tokens), sum(cost_micros), sum(cost_pico)"
 
 
 async def _grouped(conn: asyncpg.Connection, table: str, dims: str) -> dict[tuple, tuple]:
@@ -32,7 +32,7 @@ async def test_rollups_track_usage_daily_through_batched_upserts_on_several_shar
         await conn.execute("SELECT usage_ledger_ensure_partition($1)", day0 + timedelta(days=12))
         for batch in range(12):  # the same (day, user, key, model) again and again: inserts, then updates
             recs = [record(rnd.choice(["k1", "k2", "k3"]), rnd.choice(["u1", "u2"]), rnd.choice(["m-a", "m-b"]),
-                           day0 + timedelta(hours=rnd.randrange(0, 24 * 12)), cost_micros=rnd.randrange(1, 10_000),
+                           day0 + timedelta(hours=rnd.randrange(0, 24 * 12)), cost_pico=rnd.randrange(1, 10**10),
                            input_tokens=rnd.randrange(1000), output_tokens=rnd.randrange(500))
                     for _ in range(40)]
             await conn.fetchrow(INSERT_SQL, *columns(recs), batch % 3)  # three writers' shards
@@ -111,7 +111,7 @@ async def test_reports_by_key_and_user_over_whole_months_equal_a_brute_force_sum
 
     rnd = random.Random(5)
     recs = [record(rnd.choice(["k1", "k2", "k3"]), rnd.choice(["u1", "u2"]), rnd.choice(["m-a", "m-b"]),
-                   M0 + timedelta(seconds=rnd.randrange(0, 92 * 86400)), cost_micros=rnd.randrange(1, 10_000))
+                   M0 + timedelta(seconds=rnd.randrange(0, 92 * 86400)), cost_pico=rnd.randrange(1, 10**10))
             for _ in range(900)]
     from tests.fixtures.ledger_seed import seed
 
@@ -129,12 +129,12 @@ async def test_reports_by_key_and_user_over_whole_months_equal_a_brute_force_sum
                 params["to"] = hi.isoformat()
             r = await cp.get("/admin/usage", params=params, headers=ADMIN)
             assert 200 == r.status, await r.text()
-            got = {d[attr]: (d["requests"], d["cost_micros"]) for d in (await r.json())["data"]}
+            got = {d[attr]: (d["requests"], int(d["cost_pico"])) for d in (await r.json())["data"]}
             want: dict[str, tuple[int, int]] = {}
             for rec in recs:
                 ts = datetime.fromtimestamp(rec.ts, UTC)
                 if (lo and ts < lo) or (hi and ts >= hi):
                     continue
                 n, c = want.get(getattr(rec, attr), (0, 0))
-                want[getattr(rec, attr)] = (n + 1, c + rec.cost_micros)
+                want[getattr(rec, attr)] = (n + 1, c + rec.cost_pico)
             assert want == got, (lo, hi, group)

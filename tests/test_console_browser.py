@@ -209,7 +209,7 @@ async def test_console_end_to_end_in_headless_chromium(serve, pg_env, mock_upstr
         history = r.json()
     # Three earlier days of usage, written by the ledger writer's own statement.
     now = datetime.now(UTC)
-    await seed(pg_env, [record(history["id"], admin_id, "demo-claude", now - timedelta(days=d), cost_micros=d * 250_000)
+    await seed(pg_env, [record(history["id"], admin_id, "demo-claude", now - timedelta(days=d), cost_pico=d * 250_000 * 10**6)
                         for d in (1, 2, 3)])
 
     def scenario() -> None:
