@@ -28,7 +28,7 @@ def _routes(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str]]:
 def _listed(text: str) -> set[tuple[str, str]]:
     """`GET/PATCH /admin/users/{id}` style entries -> {(GET, path), (PATCH, path)}."""
     out = set()
-    for methods, path in re.findall(r"`((?:GET|POST|PATCH|PUT|DELETE)(?:/(?:GET|POST|PATCH|PUT|DELETE))*) (/[^`\s]*)", text):
+    for methods, path in re.findall(r"`((?:GET|POST|PATCH|PUT|DELETE|\*)(?:/(?:GET|POST|PATCH|PUT|DELETE))*) (/[^`\s]*)", text):
         for m in methods.split("/"):
             out.add((m, path))
     return out
