@@ -73,7 +73,7 @@ async def test_team_budget_never_overshoots_with_100_concurrent_requests_from_me
     wc = worst_case(body, 100)
     budget = 10 * wc + 1
     gws = [await make_gateway(ledger_toml(mock_upstream.base_url, tmp_path / str(i), flush_ms=100)) for i in range(2)]
-    team = await make_team(gws[0], "budgeted", budget_usd=budget / 1e6, budget_period="month")
+    team = await make_team(gws[0], "budgeted", budget_usd=budget / 1e12, budget_period="month")
     u1, k1 = await member_with_key(gws[0], team["id"])
     u2, k2 = await member_with_key(gws[0], team["id"])
     targets = [(g, CHAT) for g in gws]
@@ -86,7 +86,7 @@ async def test_team_budget_never_overshoots_with_100_concurrent_requests_from_me
     conn = await asyncpg.connect(pg_env)
     try:
         spent = int(await conn.fetchval(
-            "SELECT coalesce(sum(cost_micros), 0) FROM usage_ledger WHERE user_id = ANY($1::text[])",
+            "SELECT coalesce(sum(cost_pico), 0) FROM usage_ledger WHERE user_id = ANY($1::text[])",
             [u1["id"], u2["id"]]))
     finally:
         await conn.close()
@@ -305,7 +305,7 @@ async def test_a_team_per_model_budget_caps_only_matching_models_and_is_rebuilt_
     wc = worst_case(body, 5)
     gw = await make_gateway(ledger_toml(mock_upstream.base_url, tmp_path, flush_ms=50))
     r = await gw.post("/admin/teams", headers=ADMIN, json={
-        "name": "per-model", "model_budgets": {"demo-gpt*": {"budget_usd": (3 * wc + 1) / 1e6}}})
+        "name": "per-model", "model_budgets": {"demo-gpt*": {"budget_usd": (3 * wc + 1) / 1e12}}})
     assert 201 == r.status, await r.text()
     team = await r.json()
     _, key = await member_with_key(gw, team["id"])

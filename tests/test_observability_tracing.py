@@ -86,6 +86,7 @@ def traced_toml(upstream: str, receiver: Receiver) -> str:
         provider = "anthropic"
         base_url = "{dead}"
         api_key_env = "TEST_ANTHROPIC_KEY"
+        retries = 0  # one attempt here, then the fallback: the span count below is exact
 
         [[routes]]
         match = "trace-*"

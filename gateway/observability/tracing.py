@@ -168,7 +168,7 @@ class Tracing:
                     "gen_ai.request.model": ctx.model, "gateway.route": ctx.route,
                     "gateway.upstream": ctx.upstream, "gateway.attempts": ctx.attempts,
                     "gen_ai.usage.input_tokens": ctx.input_tokens, "gen_ai.usage.output_tokens": ctx.output_tokens,
-                    "gateway.cost_usd": ctx.cost_micros / 1_000_000, "gateway.streamed": ctx.streamed,
+                    "gateway.cost_usd": ctx.cost_pico / 1e12, "gateway.streamed": ctx.streamed,
                 })
                 if resp is not None and "x-gateway-model" in resp.headers:
                     attrs["gen_ai.response.model"] = resp.headers["x-gateway-model"]
