@@ -223,3 +223,31 @@ async def test_a_slow_native_stream_is_hedged_to_bedrock(make_gateway: Any, bedr
     assert raw.startswith(b"event: message_start\n") and raw.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
     assert r.headers["content-type"].startswith("text/event-stream")
     assert 1 == len(fake.seen)
+
+
+async def test_an_openai_client_reaches_bedrock_through_translation(sdk: Any, make_gateway: Any, bedrock: Any,
+                                                                    aws_keys: None) -> None:
+    """Both dialects: the openai SDK on a route whose only deployment is Bedrock gets a Chat Completion
+    (JSON and streamed) translated from Bedrock's Anthropic answer; Bedrock saw a signed Messages body."""
+    fake, url = bedrock
+    route = f"""
+[[routes]]
+match = "claude-via-bedrock"
+deployments = [{{ upstream = "bedrock", model = "{BEDROCK_MODEL}" }}]
+"""
+    gw = await make_gateway(cloud_toml(bedrock_upstream("bedrock", url), route))
+    client = sdk.gpt(gw)
+    done = await client.chat.completions.create(model="claude-via-bedrock", max_tokens=5,
+                                                messages=[{"role": "user", "content": "route me somewhere"}])
+    assert "chat.completion" == done.object
+    assert done.choices[0].message.content
+    assert done.usage is not None and done.usage.completion_tokens > 0
+    chunks = [c async for c in await client.chat.completions.create(
+        model="claude-via-bedrock", max_tokens=5, stream=True,
+        messages=[{"role": "user", "content": "route me somewhere"}])]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert 2 == len(fake.seen)
+    for seen in fake.seen:
+        assert BEDROCK_MODEL == seen["model"] and "model" not in seen["body"]
+        assert "messages" in seen["body"] and seen["body"]["max_tokens"] == 5
