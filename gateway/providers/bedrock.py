@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -28,7 +27,7 @@ from gateway.config import UpstreamConfig
 from gateway.providers.aws import aws_credentials, sigv4_headers
 from gateway.providers.cloud import Reader, anthropic_error, betas_to_body, credential, json_doc, not_served
 from gateway.providers.credentials import CredentialCache
-from gateway.providers.eventstream import EventStreamToSSE
+from gateway.providers.eventstream import EventStreamToSSE, aws_error_message
 
 ANTHROPIC_VERSION = "bedrock-2023-05-31"
 
@@ -102,13 +101,7 @@ class Bedrock:
 
     def error_body(self, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]:
         code = error_type(headers)
-        message = ""
-        try:
-            doc: Any = orjson.loads(body)
-            if isinstance(doc, dict):
-                message = str(doc.get("message") or doc.get("Message") or "")
-        except orjson.JSONDecodeError:
-            pass
+        message = aws_error_message(body)
         spec = ERRORS.get(code)
         client_status, etype = (spec[1], spec[2]) if spec else (status, _BY_STATUS.get(status, "api_error"))
         text = f"Bedrock {code}: {message}" if code else (message or f"Bedrock answered {status}")

@@ -42,6 +42,15 @@ def _error_event(etype: str, message: str) -> bytes:
     return b"event: error\ndata: " + body + b"\n\n"
 
 
+
+def aws_error_message(payload: bytes) -> str:
+    """The ``message`` (or ``Message``) of an AWS JSON error body; "" when there is none."""
+    try:
+        doc = orjson.loads(payload) if payload else {}
+    except orjson.JSONDecodeError:
+        return ""
+    return str(doc.get("message") or doc.get("Message") or "") if isinstance(doc, dict) else ""
+
 class EventStreamToSSE:
     """Feed raw bytes as they arrive; get the SSE bytes of every frame completed."""
 
@@ -97,13 +106,6 @@ class EventStreamToSSE:
             return b"event: " + etype.encode() + b"\ndata: " + event + b"\n\n"
         # "exception" (modeled: throttlingException...) or "error" (:error-code, :error-message)
         code = str(headers.get(":exception-type") or headers.get(":error-code") or "internalServerException")
-        message = ""
-        try:
-            doc = orjson.loads(payload) if payload else {}
-            if isinstance(doc, dict):
-                message = str(doc.get("message") or doc.get("Message") or "")
-        except orjson.JSONDecodeError:
-            pass
-        message = message or str(headers.get(":error-message") or "")
+        message = aws_error_message(payload) or str(headers.get(":error-message") or "")
         etype = STREAM_ERRORS.get(code, "api_error")
         return _error_event(etype, f"Bedrock {code}: {message}" if message else f"Bedrock {code}")
