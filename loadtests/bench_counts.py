@@ -78,6 +78,12 @@ if _dir and _who and _who in sys.argv:
         tmp = os.path.join(_dir, f"{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             f.write(f"{py} {c}\\n")
+        if os.environ.get("BENCH_COUNTS_DUMP"):
+            import marshal
+            flat = {f"{fn}:{line}({name})": v[1] for (fn, line, name), v in _prof.stats.items()}
+            with open(os.path.join(_dir, f"{os.getpid()}.stats"), "wb") as f:
+                marshal.dump(flat, f)
+            _prof.dump_stats(os.path.join(_dir, f"{os.getpid()}.pstats"))
         os.replace(tmp, os.path.join(_dir, f"{os.getpid()}.calls"))
         _prof.enable()
 
@@ -126,6 +132,8 @@ class Bench:
         env["PYTHONPATH"] = ":".join(paths)
         if profile:
             env["BENCH_COUNTS_DIR"] = str(self.counts_dir)
+            if TOP:
+                env["BENCH_COUNTS_DUMP"] = "1"
             env["BENCH_COUNTS_ARGV"] = argv_marker
         return env
 
@@ -170,7 +178,7 @@ class Bench:
             subprocess.run([str(bench.VENV_BIN / "llm-gateway"), "migrate"], env=env, check=True,
                            capture_output=True, cwd=self.tmp)
         env = self._env("worker", profile)
-        st.overrides.update({k: v for k, v in env.items() if k in ("PYTHONPATH", "BENCH_COUNTS_DIR", "BENCH_COUNTS_ARGV")})
+        st.overrides.update({k: v for k, v in env.items() if k in ("PYTHONPATH", "BENCH_COUNTS_DIR", "BENCH_COUNTS_ARGV", "BENCH_COUNTS_DUMP")})
         saved_src, st.gateway_src = st.gateway_src, ""  # our PYTHONPATH already carries it
         try:
             proc = st._start_gateway()
@@ -227,6 +235,17 @@ class Bench:
             self.redis.destroy()
 
     # -- measurements
+    def snapshot_stats(self, pid: int) -> dict[str, int]:
+        """The per-function call counts of the last snapshot (with --top)."""
+        import marshal
+
+        path = self.counts_dir / f"{pid}.stats"
+        if not path.exists():
+            return {}
+        with path.open("rb") as f:
+            data: dict[str, int] = marshal.load(f)
+        return data
+
     def snapshot_calls(self, pid: int) -> tuple[int, int]:
         out = self.counts_dir / f"{pid}.calls"
         out.unlink(missing_ok=True)
@@ -271,13 +290,53 @@ def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, 
     s0 = b.snapshot_calls(pid)
     drive(t, kind, n1)
     s1 = b.snapshot_calls(pid)
+    f1 = b.snapshot_stats(pid)
+    keep = b.counts_dir / f"{pid}.pstats"
+    if keep.exists() and KEEP:
+        shutil.copy(keep, Path(KEEP) / f"{t.name}-{kind.name}.before.pstats")
     drive(t, kind, n2)
     s2 = b.snapshot_calls(pid)
+    f2 = b.snapshot_stats(pid)
+    if f2 and TOP:
+        print_top(t.name, kind.name, f1, f2, n2)
+        if keep.exists() and KEEP:
+            shutil.copy(keep, Path(KEEP) / f"{t.name}-{kind.name}.pstats")
     return {
         "py_calls": (s2[0] - s1[0]) / n2,
         "c_calls": (s2[1] - s1[1]) / n2,
         "py_calls_check": (s1[0] - s0[0]) / n1,  # the same from the shorter batch: should agree
     }
+
+
+TOP = 0
+KEEP = ""
+
+
+def _short(key: str) -> str:
+    for marker in ("site-packages/", "/gateway/", "/lib/python3"):
+        i = key.find(marker)
+        if i >= 0:
+            return key[i + len(marker) if marker != "/gateway/" else i + 1:]
+    return key
+
+
+def print_top(target: str, kind: str, f1: dict[str, int], f2: dict[str, int], n: int) -> None:
+    """Marginal calls per request by function and by package (``--top N``)."""
+    diff = {k: (v - f1.get(k, 0)) / n for k, v in f2.items() if v - f1.get(k, 0) > 0}
+    by_pkg: dict[str, float] = {}
+    for k, v in diff.items():
+        short = _short(k)
+        pkg = "C builtins" if k.startswith("~") else short.split("/")[0].split(".py")[0]
+        if pkg == "gateway":
+            pkg = "/".join(short.split("/")[:2])
+        by_pkg[pkg] = by_pkg.get(pkg, 0) + v
+    print(f"\n== {target} {kind}: calls per request by package", file=sys.stderr)
+    for pkg, v in sorted(by_pkg.items(), key=lambda kv: -kv[1]):
+        if v >= 0.5:
+            print(f"  {v:7.1f}  {pkg}", file=sys.stderr)
+    print(f"== {target} {kind}: top {TOP} functions", file=sys.stderr)
+    for k, v in sorted(diff.items(), key=lambda kv: -kv[1])[:TOP]:
+        print(f"  {v:7.1f}  {_short(k)}", file=sys.stderr)
 
 
 def count_syscalls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> float:
@@ -332,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-strace", action="store_true")
     ap.add_argument("--gateway-src", default="")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--keep-pstats", default="", help="directory to copy each target's cProfile stats to (with --top)")
+    ap.add_argument("--top", type=int, default=0, help="print the N functions with most calls per request")
     args = ap.parse_args(argv)
+    global TOP, KEEP
+    TOP = args.top
+    KEEP = args.keep_pstats
     bench.ensure_tools()
     if not args.no_strace and shutil.which("strace") is None:
         raise SystemExit("bench_counts: strace is required (apt-get install strace), or pass --no-strace")
