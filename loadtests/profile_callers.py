@@ -1,34 +1,69 @@
 #!/usr/bin/env python3
-"""Callers of functions per request, from bench_counts --keep-pstats snapshots.
+"""Who calls what, per request, from two bench_counts snapshots.
 
-Usage: .venv/bin/python loadtests/profile_callers.py DIR/standalone-openai-json N2 PATTERN...
+    .venv/bin/python loadtests/bench_counts.py --targets standalone --kinds openai-json \
+        --n1 100 --n2 300 --cpu-n 0 --no-strace --top 40 --keep-pstats /tmp/ps
+    .venv/bin/python loadtests/profile_callers.py /tmp/ps/standalone-openai-json 300 isinstance "'get' of 'dict'"
+
+For each function whose name contains a PATTERN: its calls per request, then
+its callers with their calls per request (the difference between the snapshot
+taken before the N2-request batch and the one after it).
 """
+
+from __future__ import annotations
+
 import marshal
 import sys
+from typing import Any
+
+Key = tuple[str, int, str]
 
 
-def load(p):
-    with open(p,'rb') as f: return marshal.load(f)
-base=sys.argv[1]; n=int(sys.argv[2]); pat=sys.argv[3:]
-a=load(base+'.before.pstats'); b=load(base+'.pstats')
-def short(k):
-    fn,line,name=k
-    for m in ("site-packages/","/gateway/","/lib/python3.11/"):
-        i=fn.find(m)
-        if i>=0: fn=fn[i+len(m):]; break
-    return f"{fn}:{line}({name})"
-for k,v in b.items():
-    name=short(k)
-    if not any(p in name for p in pat): continue
-    tot=(v[1]-a.get(k,(0,0,0,0,{}))[1])/n
-    if tot<0.5: continue
-    print(f"{tot:7.1f} {name}")
-    callers=v[4]; ac=a.get(k,(0,0,0,0,{}))[4]
-    rows=[]
-    for ck,cv in callers.items():
-        c=cv[1] if isinstance(cv,tuple) else cv
-        c0=ac.get(ck,(0,0))
-        c0=c0[1] if isinstance(c0,tuple) else c0
-        d=(c-c0)/n
-        if d>=0.5: rows.append((d,short(ck)))
-    for d,nm in sorted(rows,reverse=True)[:25]: print(f"     {d:6.1f} <- {nm}")
+def load(path: str) -> dict[Key, Any]:
+    with open(path, "rb") as f:
+        data: dict[Key, Any] = marshal.load(f)
+    return data
+
+
+def short(key: Key) -> str:
+    filename, line, name = key
+    for marker in ("site-packages/", "/gateway/", "/lib/python3.11/"):
+        i = filename.find(marker)
+        if i >= 0:
+            filename = filename[i + (1 if marker == "/gateway/" else len(marker)) :]
+            break
+    return f"{filename}:{line}({name})"
+
+
+def _calls(v: Any) -> int:
+    return int(v[1]) if isinstance(v, tuple) else int(v)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print(__doc__)
+        return 2
+    base, n, patterns = argv[0], int(argv[1]), argv[2:]
+    before, after = load(base + ".before.pstats"), load(base + ".pstats")
+    empty: tuple[int, int, float, float, dict[Key, Any]] = (0, 0, 0.0, 0.0, {})
+    for key, stats in after.items():
+        name = short(key)
+        if not any(p in name for p in patterns):
+            continue
+        prev = before.get(key, empty)
+        total = (stats[1] - prev[1]) / n
+        if total < 0.5:
+            continue
+        print(f"{total:7.1f} {name}")
+        rows = []
+        for caller, value in stats[4].items():
+            d = (_calls(value) - _calls(prev[4].get(caller, 0))) / n
+            if d >= 0.5:
+                rows.append((d, short(caller)))
+        for d, caller_name in sorted(rows, reverse=True)[:25]:
+            print(f"     {d:6.1f} <- {caller_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
