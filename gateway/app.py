@@ -35,7 +35,7 @@ from gateway.policy.cache import PostgresResolver
 from gateway.policy.limits import LocalLimiter, RedisLimiter
 from gateway.policy.principals import PrincipalResolver, StandaloneResolver
 from gateway.providers.cloud import clouds_ctx
-from gateway.proxy import handlers
+from gateway.proxy import handlers, hot
 from gateway.proxy.fairshare import FairShare
 from gateway.proxy.headers import HeaderPolicy
 from gateway.proxy.routing import Router, build_upstreams
@@ -184,6 +184,7 @@ def create_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.append(alerts_ctx)  # spend alerts: evaluation and webhook delivery
     app.cleanup_ctx.append(budget_watch_ctx)
     tracing.install(app, cfg)  # nothing when [tracing] is off (the default)
+    app.on_startup.append(hot.bind)  # last: the services every proxied request uses, looked up once
     app.router.add_get("/healthz", healthz)
     admin_routes.setup(app)
     usage_reports.setup(app)

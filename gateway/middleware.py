@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.auth.responses import error_body, query_error
 from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError, render
-from gateway.observability.logging import redact_path
+from gateway.observability.logging import info_enabled, redact_path, request_line
 from gateway.observability.metrics import Metrics
 from gateway.proxy.context import RequestContext
 
@@ -61,6 +61,37 @@ def _copy_allow(exc: web.HTTPException, resp: web.Response) -> None:
     allow = exc.headers.get("Allow")
     if allow is not None:
         resp.headers["Allow"] = allow
+
+
+def _line(request: web.Request, ctx: RequestContext, status: int) -> dict[str, object]:
+    """The request's one log line; in standalone mode it carries the usage record too."""
+    line: dict[str, object] = {
+        "event": "request",
+        "request_id": ctx.request_id,
+        "method": request.method,
+        "path": redact_path(request.path),
+        "route": ctx.route,
+        "model": ctx.model,
+        "key": ctx.key_prefix,
+        "user": ctx.user_id,
+        "upstream": ctx.upstream,
+        "served_model": ctx.served_model,
+        "attempts": ctx.attempts,
+        "retries": ctx.retries,
+        "hedges": ctx.hedges,
+        "status": status,
+        "error": ctx.error_kind or ("client_closed" if status == CLIENT_CLOSED else None),
+        "streamed": ctx.streamed,
+        "partial": ctx.partial,
+        "gateway_ms": round(ctx.gateway_ms(), 3),
+        "upstream_ms": round(ctx.upstream_s * 1000.0, 3),
+        "in_tokens": ctx.input_tokens,
+        "out_tokens": ctx.output_tokens,
+    }
+    rec = ctx.record
+    if rec is not None:
+        rec.add_to_line(line)
+    return line
 
 
 def make_middleware(
@@ -122,30 +153,8 @@ def make_middleware(
         finally:
             if metrics is not None:
                 metrics.finished(request, ctx, status)
-            if access_log:
-                log.info(
-                    "request",
-                    request_id=ctx.request_id,
-                    method=request.method,
-                    path=redact_path(request.path),
-                    route=ctx.route,
-                    model=ctx.model,
-                    key=ctx.key_prefix,
-                    user=ctx.user_id,
-                    upstream=ctx.upstream,
-                    served_model=ctx.served_model,
-                    attempts=ctx.attempts,
-                    retries=ctx.retries,
-                    hedges=ctx.hedges,
-                    status=status,
-                    error=ctx.error_kind or ("client_closed" if status == CLIENT_CLOSED else None),
-                    streamed=ctx.streamed,
-                    partial=ctx.partial,
-                    gateway_ms=round(ctx.gateway_ms(), 3),
-                    upstream_ms=round(ctx.upstream_s * 1000.0, 3),
-                    in_tokens=ctx.input_tokens,
-                    out_tokens=ctx.output_tokens,
-                )
+            if (access_log or ctx.record is not None) and info_enabled():
+                request_line(_line(request, ctx, status))
 
     return gateway_middleware
 

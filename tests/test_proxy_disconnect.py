@@ -104,7 +104,7 @@ async def test_client_closing_before_or_during_the_answer_is_one_quiet_499_line(
     docs = log_docs(gw.log_text())
     assert_no_error_lines(docs)
     requests = {d["model"]: d for d in docs if d.get("event") == "request"}
-    usage = Counter(d["request_id"] for d in docs if d.get("event") == "usage")
+    usage = Counter(d["request_id"] for d in docs if d.get("event") == "request" and d.get("usage") is True)
     for model, _, stream, _, _ in cases:
         line = requests[model]
         assert (499, "client_closed", True) == (line["status"], line["error"], line["partial"]), model
@@ -154,6 +154,6 @@ async def test_clients_closing_at_random_moments_never_log_an_error(serve, mock_
     assert n == len(lines)
     assert {200, 499} >= {d["status"] for d in lines}
     assert all(d["error"] == "client_closed" for d in lines if d["status"] == 499)
-    usage = Counter(d["request_id"] for d in docs if d.get("event") == "usage")
+    usage = Counter(d["request_id"] for d in docs if d.get("event") == "request" and d.get("usage") is True)
     assert {d["request_id"] for d in lines if d["upstream"]} == set(usage)
     assert {1} == set(usage.values())

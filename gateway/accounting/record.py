@@ -45,4 +45,19 @@ class UsageRecord:
         return d
 
 
+    def add_to_line(self, line: dict[str, object]) -> None:
+        """The usage fields the request's log line does not carry already (standalone's one line)."""
+        line["usage"] = True
+        line["key_id"] = self.key_id
+        line["input_tokens"] = self.input_tokens
+        line["output_tokens"] = self.output_tokens
+        line["cache_write_tokens"] = self.cache_write_tokens
+        line["cache_read_tokens"] = self.cache_read_tokens
+        line["cost_pico"] = self.cost_pico
+        line["priced"] = self.priced
+        line["ttft_ms"] = self.ttft_ms
+        if self.tags is not None:
+            line["tags"] = self.tags
+
+
 _FIELDS = tuple(f.name for f in fields(UsageRecord))

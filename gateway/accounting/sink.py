@@ -10,13 +10,18 @@ from gateway.accounting.record import UsageRecord
 
 
 class UsageSink(Protocol):
+    # A sink with ``on_request_line = True`` has its records written on the request's
+    # one log line (the middleware's), not by ``record`` (see gateway/proxy/hot.py).
+
     def record(self, rec: UsageRecord) -> None: ...
 
     async def close(self) -> None: ...
 
 
 class LogSink:
-    """Standalone mode: usage goes to the log, one line per request."""
+    """Standalone mode: usage goes to the log, on the request's one line (``record`` for any other)."""
+
+    on_request_line = True
 
     def __init__(self) -> None:
         self._log = structlog.get_logger("usage")
@@ -30,6 +35,8 @@ class LogSink:
 
 class NullSink:
     """``accounting.sink = "none"``: records nothing (benchmarks measure the ledger's cost with it)."""
+
+    on_request_line = False
 
     def record(self, rec: UsageRecord) -> None:
         return None

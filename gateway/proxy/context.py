@@ -6,6 +6,10 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.accounting.record import UsageRecord
 
 _PROCESS_PREFIX = os.urandom(6).hex()
 _counter = itertools.count(1)
@@ -41,6 +45,8 @@ class RequestContext:
     retries: int = 0  # attempts repeated on the same upstream
     hedges: int = 0  # second attempts raced against a slow first one
     tags: dict[str, str] | None = None  # cost-attribution tags (accounting/tags.py)
+    # Standalone: the usage record rides on the request's one log line (accounting/sink.py).
+    record: UsageRecord | None = None
 
     @classmethod
     def start_now(cls) -> RequestContext:

@@ -22,12 +22,13 @@ from gateway.errors import ANTHROPIC, OPENAI, ErrorKind, GatewayError
 from gateway.policy.admit import Admitter, RequestFacts, Reservation, model_allowed, output_cap
 from gateway.policy.model_names import model_problem
 from gateway.policy.output_cap import BadOutputAsk, effective_output, inject
-from gateway.policy.principals import Principal
+from gateway.policy.principals import Principal, PrincipalResolver
 from gateway.proxy.attempts import UpstreamRequest
 from gateway.proxy.context import RequestContext
 from gateway.proxy.failover import Failover
 from gateway.proxy.fairshare import Lease, pool_size
 from gateway.proxy.forward import upstream_headers
+from gateway.proxy.hot import HOT, Hot
 from gateway.proxy.routing import Deployment
 from gateway.proxy.streaming import relay_body, relay_stream, served_headers
 from gateway.server import body as body_codec
@@ -49,11 +50,15 @@ def access_key(request: web.Request) -> str:
     return ""
 
 
-async def authenticate(request: web.Request, ctx: RequestContext) -> Principal:
+async def authenticate(
+    request: web.Request, ctx: RequestContext, resolver: PrincipalResolver | None = None
+) -> Principal:
     key = access_key(request)
     if not key:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Missing API key: send x-api-key or Authorization: Bearer.")
-    principal = await request.app[keys.RESOLVER].resolve(key, request.remote or "")
+    if resolver is None:
+        resolver = request.app[keys.RESOLVER]
+    principal = await resolver.resolve(key, request.remote or "")
     if principal is None:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Invalid API key.")
     ctx.key_prefix = principal.key_prefix
@@ -61,8 +66,7 @@ async def authenticate(request: web.Request, ctx: RequestContext) -> Principal:
     return principal
 
 
-async def read_body(request: web.Request) -> bytes:
-    limit = request.app[keys.CONFIG].server.max_body_bytes
+async def read_body(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise GatewayError(ErrorKind.TOO_LARGE, f"Request body is larger than {limit} bytes.")
@@ -129,18 +133,23 @@ def _wants_usage(doc: dict[str, Any]) -> bool:
 
 
 async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> web.StreamResponse:
-    app = request.app
+    hot = request.app[HOT]
     ctx: RequestContext = request[keys.REQ_CTX]
     ctx.dialect = dialect
-    principal = await authenticate(request, ctx)
-    body = await read_body(request)
+    principal = await authenticate(request, ctx, hot.resolver)
+    body = await read_body(request, hot.max_body_bytes)
     doc, facts = parse_facts(body, request, ctx, path)
-    ctx.tags = app[keys.TAGS].for_request(request.headers.get(TAGS_HEADER), doc, dialect, principal.tags)
-    router = app[keys.ROUTER]
+    headers = request.headers
+    ctx.tags = hot.tags.for_request(headers.get(TAGS_HEADER), doc, dialect, principal.tags)
+    router = hot.router
     plan = router.plan(facts.model, dialect, path in TRANSLATABLE)
     candidates = router.order(plan)
     route = plan.route
     ctx.route = route.match
+    qs = request.rel_url.raw_query_string
+    # The raw query string, never the decoded one: ``?x=%20y`` decoded would put a space
+    # into the upstream request line (and ``%00`` a NUL).
+    path_qs = path + "?" + qs if qs else path
     translation: Translation | None = None
     if plan.translates:
         # A deployment of the other dialect: translated now when it is the first
@@ -148,12 +157,13 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
         # only if the request fails over that far.
         translation, candidates = prepare(
             route, doc, dialect, candidates, facts, _max_tokens_cap(principal),
-            include_usage=_wants_usage(doc), client_path=_upstream_path(request, path),
+            include_usage=_wants_usage(doc), client_path=path_qs,
         )
-    if charge and app[keys.PRICES].refuses(facts.model) and all(app[keys.PRICES].refuses(d.model) for d in candidates):
+    prices = hot.prices
+    if charge and prices.refuses(facts.model) and all(prices.refuses(d.model) for d in candidates):
         # pricing.unknown_model = "refuse": an unpriced model is as unavailable as an unrouted one.
         raise GatewayError(ErrorKind.NOT_FOUND, f"The model {facts.model!r} has no price configured on this gateway.")
-    admitter = app[keys.ADMITTER]
+    admitter = hot.admitter
     reservation = await admitter.admit(principal, facts)
 
     # No output limit asked but one applies: the provider enforces the cap (policy/output_cap.py).
@@ -173,16 +183,16 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     hedges: list[Reservation] = []
     lease: Lease | None = None
     failover = Failover(
-        app[keys.CLIENT], ctx,
-        UpstreamRequest(request.method, _upstream_path(request, path), BodyFor(facts.model, body, doc, translation),
-                        HeadersFor(app[keys.HEADER_POLICY].select(request.headers)), facts.stream,
+        hot.client, ctx,
+        UpstreamRequest(request.method, path_qs, BodyFor(facts.model, body, doc, translation),
+                        HeadersFor(hot.header_policy.select(headers)), facts.stream,
                         None if translation is None else translation.path_for),
         candidates, plan.context, route.hedge_after_ms,
         _hedge_reserver(admitter, principal, facts, hedges) if route.hedge_after_ms > 0 else None,
     )
     try:
         # This key's and user's fair share of the upstream pool (429 when it stays full).
-        lease = await app[keys.FAIR_SHARE].acquire(principal.key_id, principal.user_id, pool_size(candidates))
+        lease = await hot.fair_share.acquire(principal.key_id, principal.user_id, pool_size(candidates))
         opened = await failover.open()
         status = opened.status or opened.resp.status
         if translation is not None and opened.dep.dialect == dialect:
@@ -214,7 +224,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
             usage = tap.usage
             usage.output_tokens = tap.output_estimate
             ctx.partial = ctx.partial or not tap.completed
-        _finish(request, ctx, principal, facts, reservation, usage, status, charge, failover.abandoned, hedges)
+        _finish(hot, ctx, principal, facts, reservation, usage, status, charge, failover.abandoned, hedges)
 
 
 def _hedge_reserver(
@@ -278,17 +288,8 @@ def _max_tokens_cap(principal: Principal) -> int | None:
     return min(caps) if caps else None
 
 
-def _upstream_path(request: web.Request, path: str) -> str:
-    """The path the provider expects: /ak/{key} stripped, the query string kept as the client sent it.
-
-    The raw string, never the decoded one: ``?x=%20y`` decoded would put a space
-    into the upstream request line (and ``%00`` a NUL)."""
-    qs = request.rel_url.raw_query_string
-    return path + "?" + qs if qs else path
-
-
 def _finish(
-    request: web.Request,
+    hot: Hot,
     ctx: RequestContext,
     principal: Principal,
     facts: RequestFacts,
@@ -300,11 +301,11 @@ def _finish(
     hedges: list[Reservation],
 ) -> None:
     """Record usage once and settle the reservation off the hot path."""
-    app = request.app
+    prices = hot.prices
     cost = 0
     priced = True
     if charge and (usage.found or usage.output_tokens):
-        cost, priced = _cost(app[keys.PRICES], usage, ctx.served_model, facts.model)
+        cost, priced = _cost(prices, usage, ctx.served_model, facts.model)
     elif not charge:
         usage = Usage()
     if charge and abandoned:
@@ -313,7 +314,7 @@ def _finish(
         usage = Usage(usage.input_tokens, usage.output_tokens, usage.cache_write_tokens, usage.cache_read_tokens,
                       usage.found)
         for extra, model in abandoned:
-            extra_cost, extra_priced = _cost(app[keys.PRICES], extra, model, facts.model)
+            extra_cost, extra_priced = _cost(prices, extra, model, facts.model)
             cost += extra_cost
             priced = priced and extra_priced
             usage.input_tokens += extra.input_tokens
@@ -324,43 +325,45 @@ def _finish(
     ctx.output_tokens = usage.output_tokens
     ctx.cost_pico = cost
     now = time.perf_counter()
-    app[keys.USAGE].record(
-        UsageRecord(
-            request_id=ctx.request_id,
-            ts=ctx.wall_start,
-            key_id=principal.key_id,
-            user_id=principal.user_id,
-            model=facts.model,
-            route=ctx.route,
-            upstream=ctx.upstream,
-            status=status,
-            streamed=ctx.streamed,
-            partial=ctx.partial,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-            cache_read_tokens=usage.cache_read_tokens,
-            cost_pico=cost,
-            priced=priced,
-            upstream_ms=ctx.upstream_s * 1000.0,
-            ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000.0,
-            gateway_ms=ctx.gateway_ms(now),
-            error_kind=ctx.error_kind,
-            served_model=ctx.served_model,
-            budget_keys=reservation.budget_keys,
-            tags=ctx.tags,
-        )
+    rec = UsageRecord(
+        request_id=ctx.request_id,
+        ts=ctx.wall_start,
+        key_id=principal.key_id,
+        user_id=principal.user_id,
+        model=facts.model,
+        route=ctx.route,
+        upstream=ctx.upstream,
+        status=status,
+        streamed=ctx.streamed,
+        partial=ctx.partial,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        cache_read_tokens=usage.cache_read_tokens,
+        cost_pico=cost,
+        priced=priced,
+        upstream_ms=ctx.upstream_s * 1000.0,
+        ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000.0,
+        gateway_ms=ctx.gateway_ms(now),
+        error_kind=ctx.error_kind,
+        served_model=ctx.served_model,
+        budget_keys=reservation.budget_keys,
+        tags=ctx.tags,
     )
+    if hot.usage_on_line:
+        ctx.record = rec  # written on the request's one log line
+    else:
+        hot.usage.record(rec)
     if ctx.tags:
-        app[keys.TAGS].observe(ctx.tags, cost)
+        hot.tags.observe(ctx.tags, cost)
     if reservation.state is not None:
-        app[keys.TASKS].spawn(
-            app[keys.ADMITTER].settle(principal, facts, reservation, usage.total_tokens, cost)
+        hot.tasks.spawn(
+            hot.admitter.settle(principal, facts, reservation, usage.total_tokens, cost)
         )
     for held in hedges:
         # The hedge's cost is in the request's own settlement above: release its hold.
         if held.state is not None:
-            app[keys.TASKS].spawn(app[keys.ADMITTER].settle(principal, facts, held, 0, 0))
+            hot.tasks.spawn(hot.admitter.settle(principal, facts, held, 0, 0))
 
 
 def _cost(prices: PriceTable, usage: Usage, served: str, public: str) -> tuple[int, bool]:
