@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -144,11 +144,21 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
     await sink.close()
 
 
-async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
-    """A draining worker answers ``Connection: close`` so that no client reuses a connection it is closing."""
-    if request.app[keys.DRAINING][0]:
-        response.force_close()
-        response.headers["Connection"] = "close"
+def _on_prepare(draining: list[bool]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """The one on_response_prepare hook (a signal handler is a call per answer): hygiene's headers, and
+    a draining worker answers ``Connection: close`` so that no client reuses a connection it is closing."""
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        h = response.headers
+        h.popall("Server", None)
+        if hygiene.carries_secrets(request.path):
+            h["Cache-Control"] = hygiene.NO_STORE
+            h["X-Content-Type-Options"] = hygiene.NOSNIFF
+        if draining[0]:
+            response.force_close()
+            h["Connection"] = "close"
+
+    return on_prepare
 
 
 def create_app(cfg: Config) -> web.Application:
@@ -164,8 +174,7 @@ def create_app(cfg: Config) -> web.Application:
     )
     app[keys.CONFIG] = cfg
     app[keys.DRAINING] = [False]  # set by the worker when it drains
-    app.on_response_prepare.append(_close_when_draining)
-    app.on_response_prepare.append(hygiene.on_response_prepare)
+    app.on_response_prepare.append(_on_prepare(app[keys.DRAINING]))
     app[keys.EXTRA] = {}
     app[keys.PRICES] = prices
     app[keys.METRICS] = metrics

@@ -26,10 +26,11 @@ class Usage:
 
 
 def _int(d: Any, key: str) -> int:
-    if not isinstance(d, dict):
+    if d.__class__ is not dict:
         return 0
     v = d.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    # ``__class__ is int``: not a bool, not an int subclass; no builtin call on the hot path.
+    return v if v.__class__ is int and v > 0 else 0
 
 
 def apply_anthropic(usage: Usage, u: Any) -> None:
@@ -48,18 +49,23 @@ def apply_anthropic(usage: Usage, u: Any) -> None:
 
 
 def apply_openai(usage: Usage, u: Any) -> None:
-    if not isinstance(u, dict):
+    if u.__class__ is not dict:
         return
     usage.found = True
     if "prompt_tokens" not in u and "input_tokens" in u:
         apply_responses(usage, u)
         return
-    prompt = _int(u, "prompt_tokens")
-    cached = _int(u.get("prompt_tokens_details"), "cached_tokens")
-    cached = min(cached, prompt)
+    prompt = u.get("prompt_tokens")
+    if prompt.__class__ is not int or prompt < 0:
+        prompt = 0
+    details = u.get("prompt_tokens_details")
+    cached = _int(details, "cached_tokens") if details is not None else 0
+    if cached > prompt:
+        cached = prompt
     usage.input_tokens = prompt - cached
     usage.cache_read_tokens = cached
-    usage.output_tokens = _int(u, "completion_tokens")
+    out = u.get("completion_tokens")
+    usage.output_tokens = out if out.__class__ is int and out > 0 else 0
 
 
 def apply_responses(usage: Usage, u: Any) -> None:

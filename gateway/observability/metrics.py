@@ -262,7 +262,7 @@ class Metrics:
     def started(self) -> None:
         self.active += 1
 
-    def finished(self, request: web.Request, ctx: RequestContext, status: int) -> None:
+    def finished(self, request: web.Request, ctx: RequestContext, status: int, gateway_ms: float | None = None) -> None:
         """Count one finished request in this worker's buffers (plain ints; flushed every second)."""
         self.active -= 1
         model = ctx.model
@@ -279,7 +279,7 @@ class Metrics:
         if not b.n:
             self._dirty.append(b)
         b.n += 1
-        b.overhead.observe(ctx.gateway_ms() / 1000.0)
+        b.overhead.observe((ctx.gateway_ms() if gateway_ms is None else gateway_ms) / 1000.0)
         if b.upstream is not None and ctx.upstream_s:
             b.upstream.observe(ctx.upstream_s)
             if ctx.ttft_s is not None and b.ttft is not None:

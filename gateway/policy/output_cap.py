@@ -61,8 +61,12 @@ def effective_output(doc: dict[str, Any], path: str) -> OutputAsk:
     fields, cap_field, has_n = spec
     ask: int | None = None
     for name in fields:
-        v = _positive(doc, name)
-        if v is not None and (ask is None or v > ask):
+        v = doc.get(name)
+        if v is None:
+            continue
+        if v.__class__ is not int or v < 1:  # bool is not int here: no builtin call per field
+            raise BadOutputAsk(f"{name}: must be a positive integer.")
+        if ask is None or v > ask:
             ask = v
     if path == "/v1/messages":
         thinking = doc.get("thinking")
@@ -71,7 +75,7 @@ def effective_output(doc: dict[str, Any], path: str) -> OutputAsk:
             if budget is not None and (ask is None or budget > ask):
                 ask = budget
     choices = 1
-    if has_n:
+    if has_n and "n" in doc:
         choices = _positive(doc, "n") or 1
         if choices > MAX_CHOICES:
             raise BadOutputAsk(f"n: at most {MAX_CHOICES}.")

@@ -25,7 +25,9 @@ from gateway.proxy.routing import Deployment
 
 def pool_size(candidates: list[Deployment]) -> int:
     """The pool a request draws from: the largest of its candidate upstreams' (per worker)."""
-    return max((d.cfg.max_connections for d in candidates), default=1)
+    if len(candidates) == 1:
+        return candidates[0].upstream.cfg.max_connections
+    return max((d.upstream.cfg.max_connections for d in candidates), default=1)
 
 
 @dataclass(slots=True)
@@ -56,7 +58,11 @@ class Lease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._owner._release(self._key, self._user)
+            self._owner.give_back(self._key, self._user)
+
+
+# Idle slots are kept (a key's next request reuses its slot) until a table holds this many.
+MAX_IDLE_SLOTS = 10_000
 
 
 class FairShare:
@@ -66,15 +72,55 @@ class FairShare:
         self.wait_s = wait_s
         self._keys: dict[str, _Slot] = {}
         self._users: dict[str, _Slot] = {}
+        self._caps: dict[int, tuple[int, int]] = {}
         self.stats = FairShareStats()
 
     def caps(self, pool: int) -> tuple[int, int]:
         return max(1, math.floor(self.key_share * pool)), max(1, math.floor(self.user_share * pool))
 
+    def take(self, key: str, user: str, pool: int) -> bool:
+        """Take a share now if one is free (the common case: no await); else False (see ``wait``)."""
+        caps = self._caps.get(pool)
+        if caps is None:
+            caps = self._caps[pool] = self.caps(pool)
+        k = self._keys.get(key)
+        if k is None:
+            k = self._keys[key] = _Slot()
+        u = self._users.get(user)
+        if u is None:
+            u = self._users[user] = _Slot()
+        if k.busy < caps[0] and u.busy < caps[1]:
+            k.busy += 1
+            u.busy += 1
+            return True
+        return False
+
+    def give_back(self, key: str, user: str) -> None:
+        """The end of a share taken by ``take`` or ``wait`` (exactly once per share)."""
+        k = self._keys.get(key)
+        if k is not None:
+            k.busy -= 1
+            if k.waiters:
+                self._wake(k)
+        u = self._users.get(user)
+        if u is not None:
+            u.busy -= 1
+            if u.waiters:
+                self._wake(u)
+        if len(self._keys) > MAX_IDLE_SLOTS or len(self._users) > MAX_IDLE_SLOTS:
+            self._tidy_all()
+
     async def acquire(self, key: str, user: str, pool: int) -> Lease:
+        if not self.take(key, user, pool):
+            await self.wait(key, user, pool)
+        return Lease(self, key, user)
+
+    async def wait(self, key: str, user: str, pool: int) -> None:
+        """Wait (first come, first served) up to ``wait_s`` for a share, and take it; 429 when none came."""
         key_cap, user_cap = self.caps(pool)
-        deadline: float | None = None
+        self.stats.queued += 1
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
         while True:
             # Looked up again on every pass: an idle slot may have been dropped and made anew meanwhile.
             k = self._keys.get(key)
@@ -86,14 +132,10 @@ class FairShare:
             if k.busy < key_cap and u.busy < user_cap:
                 k.busy += 1
                 u.busy += 1
-                return Lease(self, key, user)
-            if deadline is None:
-                self.stats.queued += 1
-                deadline = loop.time() + self.wait_s
+                return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self.stats.refused += 1
-                self._tidy(key, user)
                 raise GatewayError(
                     ErrorKind.RATE_LIMITED,
                     f"Too many concurrent requests for this key or user (its fair share of the upstream pool is "
@@ -114,16 +156,6 @@ class FairShare:
             finally:
                 if waiter in blocked.waiters:
                     blocked.waiters.remove(waiter)
-                self._tidy(key, user)
-
-    def _release(self, key: str, user: str) -> None:
-        for table, name in ((self._keys, key), (self._users, user)):
-            slot = table.get(name)
-            if slot is None:
-                continue
-            slot.busy -= 1
-            self._wake(slot)
-        self._tidy(key, user)
 
     @staticmethod
     def _wake(slot: _Slot) -> None:
@@ -133,10 +165,9 @@ class FairShare:
                 waiter.set_result(None)
                 return
 
-    def _tidy(self, key: str, user: str) -> None:
-        for table, name in ((self._keys, key), (self._users, user)):
-            slot = table.get(name)
-            if slot is not None and slot.busy <= 0 and not slot.waiters:
+    def _tidy_all(self) -> None:
+        for table in (self._keys, self._users):
+            for name in [n for n, slot in table.items() if slot.busy <= 0 and not slot.waiters]:
                 del table[name]
 
     def in_flight(self, key: str) -> int:

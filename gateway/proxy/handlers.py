@@ -26,7 +26,7 @@ from gateway.policy.principals import Principal, PrincipalResolver
 from gateway.proxy.attempts import UpstreamRequest
 from gateway.proxy.context import RequestContext
 from gateway.proxy.failover import Failover
-from gateway.proxy.fairshare import Lease, pool_size
+from gateway.proxy.fairshare import pool_size
 from gateway.proxy.forward import upstream_headers
 from gateway.proxy.hot import HOT, Hot
 from gateway.proxy.routing import Deployment
@@ -181,7 +181,7 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     tap: StreamTap | None = None
     status = 0
     hedges: list[Reservation] = []
-    lease: Lease | None = None
+    shared = False
     failover = Failover(
         hot.client, ctx,
         UpstreamRequest(request.method, path_qs, BodyFor(facts.model, body, doc, translation),
@@ -192,7 +192,10 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
     )
     try:
         # This key's and user's fair share of the upstream pool (429 when it stays full).
-        lease = await hot.fair_share.acquire(principal.key_id, principal.user_id, pool_size(candidates))
+        fair = hot.fair_share
+        if not fair.take(principal.key_id, principal.user_id, pool_size(candidates)):
+            await fair.wait(principal.key_id, principal.user_id, pool_size(candidates))
+        shared = True
         opened = await failover.open()
         status = opened.status or opened.resp.status
         if translation is not None and opened.dep.dialect == dialect:
@@ -218,8 +221,8 @@ async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> 
         raise
     finally:
         failover.close()
-        if lease is not None:
-            lease.release()
+        if shared:
+            hot.fair_share.give_back(principal.key_id, principal.user_id)
         if tap is not None:
             usage = tap.usage
             usage.output_tokens = tap.output_estimate

@@ -18,17 +18,12 @@ NO_STORE = "no-store"
 NOSNIFF = "nosniff"
 
 
+# Applied by the application's one on_response_prepare hook (gateway/app.py): aiohttp
+# sets its ``Server`` default before that signal runs, so it can be removed there.
+
+
 def carries_secrets(path: str) -> bool:
     return path.startswith(SECRET_PREFIXES) or path in SECRET_EXACT
-
-
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """aiohttp sets its ``Server`` default before this signal runs, so it can be removed here."""
-    h = response.headers
-    h.popall("Server", None)
-    if carries_secrets(request.path):
-        h["Cache-Control"] = NO_STORE
-        h["X-Content-Type-Options"] = NOSNIFF
 
 
 class BareResponse(web.Response):
