@@ -376,6 +376,18 @@ def cpu_per_request(t: Target, kind: Kind, n: int) -> float:
     return (c1 - c0) * 1e6 / CLK_TCK / n
 
 
+def _k6(b: Bench, url: str, kind: Kind, key: str, rate: int, seconds: float) -> dict[str, float]:
+    drive_url = url
+    r = bench.run_k6(b.tmp, drive_url, kind, key, rate, seconds)
+    return {f"rate_{k}": float(v) for k, v in r.items()}
+
+
+def fixed_rate(b: Bench, t: Target, kind: Kind, rate: int, seconds: float) -> dict[str, float]:
+    """k6 at a constant arrival rate (mock answering at once): latency percentiles and dropped requests."""
+    drive(t, kind, 50)
+    return _k6(b, t.url(kind), kind, t.key, rate, seconds)
+
+
 def stream_events(kind: Kind) -> int:
     body = bench.anthropic_sse_body() if kind.dialect == "anthropic" else bench.openai_sse_body()
     return body.count(b"\n\n")
@@ -391,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-strace", action="store_true")
     ap.add_argument("--gateway-src", default="")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rate", type=int, default=0,
+                    help="also run k6 at this constant arrival rate (req/s) against each target and the mock")
+    ap.add_argument("--rate-seconds", type=float, default=20.0)
     ap.add_argument("--keep-pstats", default="", help="directory to copy each target's cProfile stats to (with --top)")
     ap.add_argument("--top", type=int, default=0, help="print the N functions with most calls per request")
     args = ap.parse_args(argv)
@@ -410,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(Path(tmp_s), args.gateway_src)
         try:
             b.start_mock()
+            if args.rate:
+                direct = {k.name: _k6(b, f"http://{HOST}:{b.stack.mock_port}{k.mock_path}", k, "", args.rate,
+                                      args.rate_seconds) for k in kinds}
+                results["direct"] = direct
+                for k, row in direct.items():
+                    print(f"{'direct':12s} {k:16s} {json.dumps(row)}", file=sys.stderr)
             for name in targets:
                 results[name] = {}
                 for profile in (True, False):
@@ -427,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                                     row["syscalls"] = count_syscalls(b, t, kind, args.n1, args.n2)
                                 if args.cpu_n:
                                     row["cpu_us"] = cpu_per_request(t, kind, args.cpu_n)
+                                if args.rate:
+                                    row.update(fixed_rate(b, t, kind, args.rate, args.rate_seconds))
                             print(f"{name:12s} {kind.name:16s} {json.dumps(row)}", file=sys.stderr)
                     finally:
                         b.stop_target(t)
@@ -447,12 +470,26 @@ def print_report(report: dict[str, Any]) -> None:
     ref = res.get("passthrough", {})
     print(f"\n{'target':12s} {'kind':16s} {'calls':>7s} {'(Python':>8s} {'+ C)':>6s} {'syscalls':>9s} {'CPU-us':>7s} {'x pass':>7s}")
     for name, rows in res.items():
+        if name == "direct":
+            continue
         for kind, row in rows.items():
             base = ref.get(kind, {}).get("cpu_us")
             ratio = f"{row['cpu_us'] / base:.2f}" if base and "cpu_us" in row else "-"
             calls = row.get("py_calls", 0) + row.get("c_calls", 0)
             print(f"{name:12s} {kind:16s} {calls:7.0f} {row.get('py_calls', 0):8.0f} {row.get('c_calls', 0):6.0f} "
                   f"{row.get('syscalls', float('nan')):9.1f} {row.get('cpu_us', float('nan')):7.0f} {ratio:>7s}")
+    direct = res.get("direct", {})
+    if direct:
+        print(f"\nat {report['args']['rate']} req/s (k6 constant arrival rate; added = target - direct, same run):")
+        for name, rows in res.items():
+            for kind, row in rows.items():
+                if "rate_p99_ms" not in row:
+                    continue
+                d = direct.get(kind, {})
+                print(f"  {name:12s} {kind:16s} p50 {row['rate_p50_ms']:7.2f} ms  p99 {row['rate_p99_ms']:7.2f} ms"
+                      f"  added p50 {row['rate_p50_ms'] - d.get('rate_p50_ms', 0):6.2f}  p99 "
+                      f"{row['rate_p99_ms'] - d.get('rate_p99_ms', 0):6.2f} ms  dropped {row['rate_dropped']:.0f}"
+                      f"  failed {row['rate_failed_rate']:.3f}")
     print("\nper stream event ((paced - json) / events):")
     for name, rows in res.items():
         for kind, events in report["events"].items():
