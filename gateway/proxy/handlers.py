@@ -87,6 +87,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise GatewayError(ErrorKind.INVALID_REQUEST, str(exc)) from None
 
 
+RESPONSES_PATH = "/v1/responses"
+
+
 def _bad(msg: str) -> GatewayError:
     return GatewayError(ErrorKind.INVALID_REQUEST, msg)
 
@@ -132,102 +135,112 @@ def _wants_usage(doc: dict[str, Any]) -> bool:
     return isinstance(opts, dict) and opts.get("include_usage") is True
 
 
-async def proxy(request: web.Request, dialect: str, charge: bool, path: str) -> web.StreamResponse:
-    hot = request.app[HOT]
-    ctx: RequestContext = request[keys.REQ_CTX]
-    ctx.dialect = dialect
-    principal = await authenticate(request, ctx, hot.resolver)
-    body = await read_body(request, hot.max_body_bytes)
-    doc, facts = parse_facts(body, request, ctx, path)
-    headers = request.headers
-    ctx.tags = hot.tags.for_request(headers.get(TAGS_HEADER), doc, dialect, principal.tags)
-    router = hot.router
-    plan = router.plan(facts.model, dialect, path in TRANSLATABLE)
-    candidates = router.order(plan)
-    route = plan.route
-    ctx.route = route.match
-    qs = request.rel_url.raw_query_string
-    # The raw query string, never the decoded one: ``?x=%20y`` decoded would put a space
-    # into the upstream request line (and ``%00`` a NUL).
-    path_qs = path + "?" + qs if qs else path
-    translation: Translation | None = None
-    if plan.translates:
-        # A deployment of the other dialect: translated now when it is the first
-        # choice (its max_tokens and size are what the reservation counts), else
-        # only if the request fails over that far.
-        translation, candidates = prepare(
-            route, doc, dialect, candidates, facts, _max_tokens_cap(principal),
-            include_usage=_wants_usage(doc), client_path=path_qs,
+def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of one data-plane path: its dialect, whether it is charged, its upstream path.
+
+    A closure rather than a wrapper around a shared coroutine: every await of a
+    request resumes each frame of its stack, so one frame fewer is work saved on
+    every upstream read."""
+    translatable = path in TRANSLATABLE
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        hot = request.app[HOT]
+        ctx: RequestContext = request[keys.REQ_CTX]
+        ctx.dialect = dialect
+        principal = await authenticate(request, ctx, hot.resolver)
+        body = await read_body(request, hot.max_body_bytes)
+        doc, facts = parse_facts(body, request, ctx, path)
+        headers = request.headers
+        ctx.tags = hot.tags.for_request(headers.get(TAGS_HEADER), doc, dialect, principal.tags)
+        router = hot.router
+        plan = router.plan(facts.model, dialect, translatable)
+        candidates = router.order(plan)
+        route = plan.route
+        ctx.route = route.match
+        qs = request.rel_url.raw_query_string
+        # The raw query string, never the decoded one: ``?x=%20y`` decoded would put a space
+        # into the upstream request line (and ``%00`` a NUL).
+        path_qs = path + "?" + qs if qs else path
+        translation: Translation | None = None
+        if plan.translates:
+            # A deployment of the other dialect: translated now when it is the first
+            # choice (its max_tokens and size are what the reservation counts), else
+            # only if the request fails over that far.
+            translation, candidates = prepare(
+                route, doc, dialect, candidates, facts, _max_tokens_cap(principal),
+                include_usage=_wants_usage(doc), client_path=path_qs,
+            )
+        prices = hot.prices
+        if charge and prices.refuses(facts.model) and all(prices.refuses(d.model) for d in candidates):
+            # pricing.unknown_model = "refuse": an unpriced model is as unavailable as an unrouted one.
+            raise GatewayError(ErrorKind.NOT_FOUND, f"The model {facts.model!r} has no price configured on this gateway.")
+        admitter = hot.admitter
+        reservation = await admitter.admit(principal, facts)
+
+        # No output limit asked but one applies: the provider enforces the cap (policy/output_cap.py).
+        rewrite = inject(doc, facts.output_ask, output_cap(principal)) is not None
+        strip_usage = False
+        if dialect == OPENAI and facts.stream and charge and path != RESPONSES_PATH and not _wants_usage(doc):
+            # Ask for the usage chunk; the tap removes it before the client sees it.
+            opts = doc.get("stream_options")
+            doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+            rewrite = strip_usage = True
+        if rewrite:
+            body = orjson.dumps(doc)
+
+        usage = Usage()
+        tap: StreamTap | None = None
+        status = 0
+        hedges: list[Reservation] = []
+        shared = False
+        failover = Failover(
+            hot.client, ctx,
+            UpstreamRequest(request.method, path_qs, BodyFor(facts.model, body, doc, translation),
+                            HeadersFor(hot.header_policy.select(headers)), facts.stream,
+                            None if translation is None else translation.path_for),
+            candidates, plan.context, route.hedge_after_ms,
+            _hedge_reserver(admitter, principal, facts, hedges) if route.hedge_after_ms > 0 else None,
         )
-    prices = hot.prices
-    if charge and prices.refuses(facts.model) and all(prices.refuses(d.model) for d in candidates):
-        # pricing.unknown_model = "refuse": an unpriced model is as unavailable as an unrouted one.
-        raise GatewayError(ErrorKind.NOT_FOUND, f"The model {facts.model!r} has no price configured on this gateway.")
-    admitter = hot.admitter
-    reservation = await admitter.admit(principal, facts)
+        try:
+            # This key's and user's fair share of the upstream pool (429 when it stays full).
+            fair = hot.fair_share
+            if not fair.take(principal.key_id, principal.user_id, pool_size(candidates)):
+                await fair.wait(principal.key_id, principal.user_id, pool_size(candidates))
+            shared = True
+            opened = await failover.open()
+            status = opened.status or opened.resp.status
+            if translation is not None and opened.dep.dialect == dialect:
+                translation = None  # served in the client's own dialect: relayed as is
+            extra = reservation.headers if translation is None else translation.headers(reservation.headers)
+            if opened.streaming:
+                if translation is not None:
+                    tap = StreamTap(opened.dep.dialect)  # usage from the upstream's own events
+                    return await relay_stream(request, opened, ctx, extra, tap, translation.stream())
+                tap = ResponsesTap() if path == RESPONSES_PATH else StreamTap(dialect, strip_usage=strip_usage)
+                return await relay_stream(request, opened, ctx, extra, tap)
+            response, usage = relay_body(opened, ctx, extra, translation)
+            status = response.status
+            return response
+        except GatewayError as err:
+            status = err.kind.status_for(dialect)
+            err.headers.update(reservation.headers)
+            if ctx.attempts:
+                served_headers(err.headers, ctx)
+            raise
+        except BaseException:
+            ctx.partial = True
+            raise
+        finally:
+            failover.close()
+            if shared:
+                hot.fair_share.give_back(principal.key_id, principal.user_id)
+            if tap is not None:
+                usage = tap.usage
+                usage.output_tokens = tap.output_estimate
+                ctx.partial = ctx.partial or not tap.completed
+            _finish(hot, ctx, principal, facts, reservation, usage, status, charge, failover.abandoned, hedges)
 
-    # No output limit asked but one applies: the provider enforces the cap (policy/output_cap.py).
-    rewrite = inject(doc, facts.output_ask, output_cap(principal)) is not None
-    strip_usage = False
-    if dialect == OPENAI and facts.stream and charge and path != RESPONSES_PATH and not _wants_usage(doc):
-        # Ask for the usage chunk; the tap removes it before the client sees it.
-        opts = doc.get("stream_options")
-        doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-        rewrite = strip_usage = True
-    if rewrite:
-        body = orjson.dumps(doc)
-
-    usage = Usage()
-    tap: StreamTap | None = None
-    status = 0
-    hedges: list[Reservation] = []
-    shared = False
-    failover = Failover(
-        hot.client, ctx,
-        UpstreamRequest(request.method, path_qs, BodyFor(facts.model, body, doc, translation),
-                        HeadersFor(hot.header_policy.select(headers)), facts.stream,
-                        None if translation is None else translation.path_for),
-        candidates, plan.context, route.hedge_after_ms,
-        _hedge_reserver(admitter, principal, facts, hedges) if route.hedge_after_ms > 0 else None,
-    )
-    try:
-        # This key's and user's fair share of the upstream pool (429 when it stays full).
-        fair = hot.fair_share
-        if not fair.take(principal.key_id, principal.user_id, pool_size(candidates)):
-            await fair.wait(principal.key_id, principal.user_id, pool_size(candidates))
-        shared = True
-        opened = await failover.open()
-        status = opened.status or opened.resp.status
-        if translation is not None and opened.dep.dialect == dialect:
-            translation = None  # served in the client's own dialect: relayed as is
-        extra = reservation.headers if translation is None else translation.headers(reservation.headers)
-        if opened.streaming:
-            if translation is not None:
-                tap = StreamTap(opened.dep.dialect)  # usage from the upstream's own events
-                return await relay_stream(request, opened, ctx, extra, tap, translation.stream())
-            tap = ResponsesTap() if path == RESPONSES_PATH else StreamTap(dialect, strip_usage=strip_usage)
-            return await relay_stream(request, opened, ctx, extra, tap)
-        response, usage = relay_body(opened, ctx, extra, translation)
-        status = response.status
-        return response
-    except GatewayError as err:
-        status = err.kind.status_for(dialect)
-        err.headers.update(reservation.headers)
-        if ctx.attempts:
-            served_headers(err.headers, ctx)
-        raise
-    except BaseException:
-        ctx.partial = True
-        raise
-    finally:
-        failover.close()
-        if shared:
-            hot.fair_share.give_back(principal.key_id, principal.user_id)
-        if tap is not None:
-            usage = tap.usage
-            usage.output_tokens = tap.output_estimate
-            ctx.partial = ctx.partial or not tap.completed
-        _finish(hot, ctx, principal, facts, reservation, usage, status, charge, failover.abandoned, hedges)
+    return proxy
 
 
 def _hedge_reserver(
@@ -380,28 +393,12 @@ def _cost(prices: PriceTable, usage: Usage, served: str, public: str) -> tuple[i
     return price.cost_pico(usage), True
 
 
-async def messages(request: web.Request) -> web.StreamResponse:
-    return await proxy(request, ANTHROPIC, charge=True, path="/v1/messages")
-
-
-async def count_tokens(request: web.Request) -> web.StreamResponse:
-    return await proxy(request, ANTHROPIC, charge=False, path="/v1/messages/count_tokens")
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await proxy(request, OPENAI, charge=True, path="/v1/chat/completions")
-
-
-RESPONSES_PATH = "/v1/responses"
-
-
-async def responses(request: web.Request) -> web.StreamResponse:
-    """OpenAI Responses API: OpenAI upstreams only, usage from ``usage`` / ``response.completed``."""
-    return await proxy(request, OPENAI, charge=True, path=RESPONSES_PATH)
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    return await proxy(request, OPENAI, charge=True, path="/v1/embeddings")
+messages = proxy_handler(ANTHROPIC, charge=True, path="/v1/messages")
+count_tokens = proxy_handler(ANTHROPIC, charge=False, path="/v1/messages/count_tokens")
+chat_completions = proxy_handler(OPENAI, charge=True, path="/v1/chat/completions")
+# OpenAI Responses API: OpenAI upstreams only, usage from ``usage`` / ``response.completed``.
+responses = proxy_handler(OPENAI, charge=True, path=RESPONSES_PATH)
+embeddings = proxy_handler(OPENAI, charge=True, path="/v1/embeddings")
 
 
 async def models(request: web.Request) -> web.StreamResponse:
