@@ -57,6 +57,7 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     drain_seconds: float = 30.0
     worker_ping_seconds: float = 5.0
+    worker_start_seconds: float = 30.0  # a worker not serving this long after its start is killed
     # Slow clients (see gateway/server/protocol.py): the request line and headers
     # must arrive within header_timeout of their first byte (or of the connection
     # opening), the whole body within body_timeout of the headers; an idle
@@ -463,6 +464,8 @@ def _check(cfg: Config, errors: list[str]) -> None:
         errors.append("server.backlog: must be positive")
     if s.worker_ping_seconds <= 0:
         errors.append("server.worker_ping_seconds: must be positive")
+    if s.worker_start_seconds <= 0:
+        errors.append("server.worker_start_seconds: must be positive")
     for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
         if getattr(s, name) <= 0:
             errors.append(f"server.{name}: must be positive")

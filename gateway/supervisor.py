@@ -43,7 +43,6 @@ from gateway.observability import multiproc
 
 log = structlog.get_logger("supervisor")
 
-START_TIMEOUT = 30.0  # a worker not serving this long after its start is killed
 KILL_MARGIN = 10.0  # past drain_seconds, a stopping worker gets SIGKILL (cleanup flushes, pools close)
 TICK = 0.5  # the main loop wakes at least this often (timeouts, respawns, watchdog)
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
@@ -311,7 +310,7 @@ class Supervisor:
 
     def start_generation(self, gen: Generation, *, initial: bool) -> None:
         new = [self.spawn(i, gen) for i in range(gen.size)]
-        self.rollout = Rollout(gen, new, time.monotonic() + START_TIMEOUT, initial)
+        self.rollout = Rollout(gen, new, time.monotonic() + gen.cfg.server.worker_start_seconds, initial)
 
     # -- events ------------------------------------------------------------------
 
@@ -355,7 +354,7 @@ class Supervisor:
                         self.kill(w, "worker did not drain in time; killing")
                 elif w.ready and now - w.last_beat > hung_after:
                     self.kill(w, "worker hung; killing", silent_s=round(now - w.last_beat, 1))
-                elif not w.ready and now - w.started > START_TIMEOUT:
+                elif not w.ready and now - w.started > self.current.cfg.server.worker_start_seconds:
                     self.kill(w, "worker did not start in time; killing")
                 continue
             self._forget(w)
@@ -395,7 +394,7 @@ class Supervisor:
         if all(w.ready for w in r.workers):
             self.finish_rollout(r)
         elif time.monotonic() > r.deadline:
-            self.abort_rollout(f"workers not ready after {START_TIMEOUT:.0f}s")
+            self.abort_rollout(f"workers not ready after {r.generation.cfg.server.worker_start_seconds:g}s")
 
     def finish_rollout(self, r: Rollout) -> None:
         self.rollout = None

@@ -303,6 +303,7 @@ class Stack:
     gw_log: Path | None = None
     overrides: dict[str, str] = field(default_factory=dict)  # GATEWAY_* for A/B runs
     gateway_src: str = ""  # another checkout's gateway package (PYTHONPATH) for before/after runs
+    cmd_prefix: list[str] = field(default_factory=list)  # e.g. valgrind (bench_counts --callgrind)
 
     # -- nginx
     def _render_nginx(self, role: str, port: int, upstream_port: int = 0) -> Path:
@@ -408,14 +409,14 @@ limits = {{ models = ["bench-*"] }}
             )
             env["PYTHONPATH"] = f"{self.gateway_src}:{shim}"
         exe = VENV_BIN / "llm-gateway"
-        cmd = ["taskset", "-c", GATEWAY_CPU, str(exe) if exe.exists() else "llm-gateway",
+        cmd = ["taskset", "-c", GATEWAY_CPU, *self.cmd_prefix, str(exe) if exe.exists() else "llm-gateway",
                "serve", "--config", str(cfg), "--workers", "1"]
         self.gw_log = self.tmp / "gateway.log"
         with open(self.gw_log, "ab") as out, open(self.tmp / "gateway-stderr.log", "ab") as err:
             # cwd: `python -m gateway worker` puts the cwd first on sys.path.
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=self.tmp, start_new_session=True)
         self.procs.append(proc)
-        wait_port(self.gw_port, timeout=60)
+        wait_port(self.gw_port, timeout=600 if self.cmd_prefix else 60)
         deadline = time.monotonic() + 30
         while not self.gateway_workers(proc) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -60,6 +60,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SHIM = '''
 import os, signal, sys
+if os.environ.get("BENCH_DROP_EDITABLE"):
+    # Another checkout's gateway (PYTHONPATH): the editable install's finder would win over it.
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
 _dir = os.environ.get("BENCH_COUNTS_DIR")
 _who = os.environ.get("BENCH_COUNTS_ARGV", "")
 if _dir and _who and _who in sys.argv:
@@ -91,10 +94,6 @@ if _dir and _who and _who in sys.argv:
     _prof.enable()
 '''
 
-EDITABLE_SHIM = (
-    "import sys\n"
-    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
-)
 
 
 @dataclass
@@ -119,16 +118,21 @@ class Bench:
         self.counts_dir.mkdir()
         self.shim_dir = tmp / "shim"
         self.shim_dir.mkdir()
-        (self.shim_dir / "sitecustomize.py").write_text(SHIM + (EDITABLE_SHIM if gateway_src else ""))
+        (self.shim_dir / "sitecustomize.py").write_text(SHIM)
+        self.default_src = gateway_src
+        self.cg_dir = tmp / "callgrind"
+        self.cg_dir.mkdir()
         self.pg: PostgresServer | None = None
         self.redis: RedisServer | None = None
         self.extra: list[subprocess.Popen[bytes]] = []
 
-    def _env(self, argv_marker: str, profile: bool) -> dict[str, str]:
+    def _env(self, argv_marker: str, profile: bool, src: str = "") -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         paths = [str(self.shim_dir)]
-        if self.stack.gateway_src:
-            paths.insert(0, self.stack.gateway_src)
+        src = src or self.default_src
+        if src:
+            paths.insert(0, src)
+            env["BENCH_DROP_EDITABLE"] = "1"
         env["PYTHONPATH"] = ":".join(paths)
         if profile:
             env["BENCH_COUNTS_DIR"] = str(self.counts_dir)
@@ -144,12 +148,12 @@ class Bench:
     def start_passthrough(self, profile: bool) -> Target:
         port = free_port()
         script = ROOT / "loadtests" / "passthrough.py"
-        cmd = ["taskset", "-c", bench.GATEWAY_CPU, sys.executable, str(script), str(port),
+        cmd = ["taskset", "-c", bench.GATEWAY_CPU, *self.stack.cmd_prefix, sys.executable, str(script), str(port),
                f"http://{HOST}:{self.stack.mock_port}"]
         proc = subprocess.Popen(cmd, env=self._env(str(script), profile), stdout=subprocess.DEVNULL,
                                 stderr=open(self.tmp / "passthrough.err", "ab"), start_new_session=True)  # noqa: SIM115
         self.extra.append(proc)
-        wait_port(port, timeout=30)
+        wait_port(port, timeout=300 if self.stack.cmd_prefix else 30)
         return Target("passthrough", proc, port, "", [proc.pid])
 
     def _ensure_stores(self) -> dict[str, str]:
@@ -168,7 +172,7 @@ class Bench:
             "GATEWAY_ACCOUNTING__JOURNAL_DIR": str(self.tmp / f"journal-{secrets.token_hex(3)}"),
         }
 
-    def start_gateway(self, governed: bool, profile: bool) -> Target:
+    def start_gateway(self, governed: bool, profile: bool, src: str = "", label: str = "") -> Target:
         st = self.stack
         st.gw_port = free_port()
         st.overrides = {}
@@ -177,8 +181,15 @@ class Bench:
             env = {**os.environ, **st.overrides}
             subprocess.run([str(bench.VENV_BIN / "llm-gateway"), "migrate"], env=env, check=True,
                            capture_output=True, cwd=self.tmp)
-        env = self._env("worker", profile)
-        st.overrides.update({k: v for k, v in env.items() if k in ("PYTHONPATH", "BENCH_COUNTS_DIR", "BENCH_COUNTS_ARGV", "BENCH_COUNTS_DUMP")})
+        if st.cmd_prefix:
+            # A worker under valgrind is ~50x slower: to start, and to answer the supervisor's pings.
+            st.overrides["GATEWAY_SERVER__WORKER_PING_SECONDS"] = "600"
+            config_py = Path(src or self.default_src or ROOT) / "gateway" / "config.py"
+            if "worker_start_seconds" in config_py.read_text():  # an older checkout has a fixed 30 s
+                st.overrides["GATEWAY_SERVER__WORKER_START_SECONDS"] = "900"
+        env = self._env("worker", profile, src)
+        st.overrides.update({k: v for k, v in env.items() if k in ("PYTHONPATH", "BENCH_COUNTS_DIR", "BENCH_COUNTS_ARGV",
+                                                                   "BENCH_COUNTS_DUMP", "BENCH_DROP_EDITABLE")})
         saved_src, st.gateway_src = st.gateway_src, ""  # our PYTHONPATH already carries it
         try:
             proc = st._start_gateway()
@@ -194,7 +205,7 @@ class Bench:
         while not workers and time.monotonic() < deadline:
             workers = children(proc.pid)
             time.sleep(0.05)
-        return Target("governed" if governed else "standalone", proc, st.gw_port, key, workers)
+        return Target(label or ("governed" if governed else "standalone"), proc, st.gw_port, key, workers)
 
     def _set_budget(self, dsn: str) -> None:
         """Give the governed key real limits, so every request runs the whole policy script."""
@@ -388,6 +399,39 @@ def fixed_rate(b: Bench, t: Target, kind: Kind, rate: int, seconds: float) -> di
     return _k6(b, t.url(kind), kind, t.key, rate, seconds)
 
 
+def callgrind_dump(b: Bench, pid: int) -> int:
+    """Dump (and zero) callgrind's counters of ``pid``: the instructions since the last dump."""
+    before = set(b.cg_dir.glob(f"cg.{pid}.*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True, timeout=300)
+    deadline = time.monotonic() + 120
+    while True:
+        new = sorted(set(b.cg_dir.glob(f"cg.{pid}.*")) - before)
+        if new:
+            text = new[-1].read_text(errors="replace")
+            m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
+            if m:
+                return int(m.group(1))
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench_counts: no callgrind dump from pid {pid}")
+        time.sleep(0.2)
+
+
+def count_instructions(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> float:
+    """Instructions per request under callgrind: deterministic, whatever else the machine does.
+
+    (I(N2) - I(N1)) / (N2 - N1): the fixed costs between dumps (timers, the
+    metrics flush) cancel out as far as they do not grow with the batch.
+    """
+    pid = t.serving_pids[0]
+    drive(t, kind, 30)
+    callgrind_dump(b, pid)
+    drive(t, kind, n1)
+    i1 = callgrind_dump(b, pid)
+    drive(t, kind, n2)
+    i2 = callgrind_dump(b, pid)
+    return (i2 - i1) / (n2 - n1)
+
+
 def stream_events(kind: Kind) -> int:
     body = bench.anthropic_sse_body() if kind.dialect == "anthropic" else bench.openai_sse_body()
     return body.count(b"\n\n")
@@ -395,7 +439,9 @@ def stream_events(kind: Kind) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="passthrough,standalone,governed")
+    ap.add_argument("--targets", default="passthrough,standalone,governed",
+                    help="NAME or NAME@DIR (DIR: another checkout's gateway package, e.g. "
+                         "`git archive REV gateway | tar -x -C DIR`), so before/after run side by side")
     ap.add_argument("--kinds", default="openai-json,anthropic-json,openai-paced,anthropic-paced")
     ap.add_argument("--n1", type=int, default=200)
     ap.add_argument("--n2", type=int, default=600)
@@ -403,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-strace", action="store_true")
     ap.add_argument("--gateway-src", default="")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--callgrind", action="store_true",
+                    help="also count instructions per request under valgrind's callgrind (deterministic CPU work)")
+    ap.add_argument("--cg-n1", type=int, default=40)
+    ap.add_argument("--cg-n2", type=int, default=120)
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the run's directory (logs) for a post-mortem")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved CPU batches per target (the least is kept)")
     ap.add_argument("--rate", type=int, default=0,
                     help="also run k6 at this constant arrival rate (req/s) against each target and the mock")
     ap.add_argument("--rate-seconds", type=float, default=20.0)
@@ -420,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [KINDS[k] for k in args.kinds.split(",")]
     targets = args.targets.split(",")
     results: dict[str, dict[str, dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="gw-counts-") as tmp_s:
+    keep = contextlib.nullcontext(tempfile.mkdtemp(prefix="gw-counts-")) if args.keep_tmp else None
+    with keep or tempfile.TemporaryDirectory(prefix="gw-counts-") as tmp_s:
         Path(tmp_s).chmod(0o755)  # nginx workers drop to an unprivileged user and read the bodies here
         b = Bench(Path(tmp_s), args.gateway_src)
         try:
@@ -431,28 +484,65 @@ def main(argv: list[str] | None = None) -> int:
                 results["direct"] = direct
                 for k, row in direct.items():
                     print(f"{'direct':12s} {k:16s} {json.dumps(row)}", file=sys.stderr)
-            for name in targets:
-                results[name] = {}
-                for profile in (True, False):
-                    if name == "passthrough":
-                        t = b.start_passthrough(profile)
-                    else:
-                        t = b.start_gateway(name == "governed", profile)
-                    try:
-                        for kind in kinds:
-                            row = results[name].setdefault(kind.name, {})
-                            if profile:
-                                row.update(count_calls(b, t, kind, args.n1, args.n2))
-                            else:
-                                if not args.no_strace:
-                                    row["syscalls"] = count_syscalls(b, t, kind, args.n1, args.n2)
-                                if args.cpu_n:
-                                    row["cpu_us"] = cpu_per_request(t, kind, args.cpu_n)
-                                if args.rate:
-                                    row.update(fixed_rate(b, t, kind, args.rate, args.rate_seconds))
-                            print(f"{name:12s} {kind.name:16s} {json.dumps(row)}", file=sys.stderr)
-                    finally:
-                        b.stop_target(t)
+            def start(spec: str, profile: bool) -> Target:
+                name, _, src = spec.partition("@")
+                if name == "passthrough":
+                    return b.start_passthrough(profile)
+                return b.start_gateway(name == "governed", profile, src, label=spec)
+
+            # Counted (cProfile) runs: one target at a time.
+            for spec in targets:
+                results[spec] = {}
+                t = start(spec, True)
+                try:
+                    for kind in kinds:
+                        row = results[spec].setdefault(kind.name, {})
+                        row.update(count_calls(b, t, kind, args.n1, args.n2))
+                        print(f"{spec:12s} {kind.name:16s} {json.dumps(row)}", file=sys.stderr)
+                finally:
+                    b.stop_target(t)
+            if args.callgrind:
+                # Instructions per request (valgrind's callgrind): one target at a time, no cProfile.
+                b.stack.cmd_prefix = ["valgrind", "--tool=callgrind", "--trace-children=yes",
+                                      f"--callgrind-out-file={b.cg_dir}/cg.%p"]
+                try:
+                    for spec in targets:
+                        t = start(spec, False)
+                        try:
+                            for kind in kinds:
+                                row = results[spec][kind.name]
+                                row["instructions"] = count_instructions(b, t, kind, args.cg_n1, args.cg_n2)
+                                print(f"{spec:12s} {kind.name:16s} {json.dumps(row)}", file=sys.stderr)
+                        finally:
+                            b.stop_target(t)
+                finally:
+                    b.stack.cmd_prefix = []
+            # Unprofiled runs: every target up at once, CPU batches interleaved round by round
+            # (before/after in the same minutes of a shared machine; the least of the rounds kept).
+            live = [start(spec, False) for spec in targets]
+            try:
+                for kind in kinds:
+                    for t in live:
+                        row = results[t.name][kind.name]
+                        if not args.no_strace:
+                            row["syscalls"] = count_syscalls(b, t, kind, args.n1, args.n2)
+                    if args.cpu_n:
+                        rounds: dict[str, list[float]] = {t.name: [] for t in live}
+                        for _ in range(args.rounds):
+                            for t in live:
+                                rounds[t.name].append(cpu_per_request(t, kind, args.cpu_n))
+                        for t in live:
+                            row = results[t.name][kind.name]
+                            row["cpu_us"] = min(rounds[t.name])
+                            row["cpu_us_rounds"] = rounds[t.name]  # type: ignore[assignment]
+                    if args.rate:
+                        for t in live:
+                            results[t.name][kind.name].update(fixed_rate(b, t, kind, args.rate, args.rate_seconds))
+                    for t in live:
+                        print(f"{t.name:12s} {kind.name:16s} {json.dumps(results[t.name][kind.name])}", file=sys.stderr)
+            finally:
+                for t in live:
+                    b.stop_target(t)
         finally:
             b.stop()
     report = {"host": os.uname().nodename, "python": sys.version.split()[0], "args": vars(args),
@@ -468,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict[str, Any]) -> None:
     res = report["results"]
     ref = res.get("passthrough", {})
-    print(f"\n{'target':12s} {'kind':16s} {'calls':>7s} {'(Python':>8s} {'+ C)':>6s} {'syscalls':>9s} {'CPU-us':>7s} {'x pass':>7s}")
+    print(f"\n{'target':24s} {'kind':16s} {'calls':>7s} {'(Python':>8s} {'+ C)':>6s} {'syscalls':>9s} {'CPU-us':>7s} {'x pass':>7s} {'instr/req':>10s}")
     for name, rows in res.items():
         if name == "direct":
             continue
@@ -476,8 +566,9 @@ def print_report(report: dict[str, Any]) -> None:
             base = ref.get(kind, {}).get("cpu_us")
             ratio = f"{row['cpu_us'] / base:.2f}" if base and "cpu_us" in row else "-"
             calls = row.get("py_calls", 0) + row.get("c_calls", 0)
-            print(f"{name:12s} {kind:16s} {calls:7.0f} {row.get('py_calls', 0):8.0f} {row.get('c_calls', 0):6.0f} "
-                  f"{row.get('syscalls', float('nan')):9.1f} {row.get('cpu_us', float('nan')):7.0f} {ratio:>7s}")
+            print(f"{name:24s} {kind:16s} {calls:7.0f} {row.get('py_calls', 0):8.0f} {row.get('c_calls', 0):6.0f} "
+                  f"{row.get('syscalls', float('nan')):9.1f} {row.get('cpu_us', float('nan')):7.0f} {ratio:>7s} "
+                  f"{row.get('instructions', float('nan')):10.0f}")
     direct = res.get("direct", {})
     if direct:
         print(f"\nat {report['args']['rate']} req/s (k6 constant arrival rate; added = target - direct, same run):")
