@@ -31,6 +31,7 @@ connection as we wrote, so it never saw the request (Go's net/http does the same
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl as ssl_mod
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
@@ -96,7 +97,7 @@ class _Body:
         conn = self._conn
         if conn.paused:
             conn.resume()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"".join(chunks)  # one chunk: that very object, no copy
 
     async def readany(self) -> bytes:
         chunks = self._chunks
@@ -115,7 +116,7 @@ class _Body:
         conn = self._conn
         if conn.paused:
             conn.resume()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"".join(chunks)  # one chunk: that very object, no copy
 
     async def read(self) -> bytes:
         if self._eof:
@@ -133,7 +134,7 @@ class _Body:
 class _Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses its answer with llhttp."""
 
-    __slots__ = ("_head_bytes", "_raw", "_until_close", "active_at", "body", "body_at", "closed", "complete",
+    __slots__ = ("_head", "_informational", "_until_close", "active_at", "body", "body_at", "closed", "complete",
                  "head_at", "head_future", "headers", "idle", "idle_at", "keep_alive", "loop", "nchunks", "parser",
                  "paused", "pool", "reused", "seen", "status", "timer", "total_at", "transport")
 
@@ -150,8 +151,10 @@ class _Connection(asyncio.Protocol):
         self.body: _Body | None = None
         self.status = 0
         self.headers: CIMultiDictProxy[str] | None = None
-        self._raw: list[bytes] = []  # name, value, name, value, ... of the answer being parsed
-        self._head_bytes = -1  # bytes of the answer's head so far; -1 once the head is complete
+        # The answer's bytes until its head is complete (None after): its header lines are
+        # parsed from them in one go, not by a Python callback per header.
+        self._head: bytes | None = None
+        self._informational = False  # a 1xx answer is being parsed: the real one follows
         self._until_close = False
         self.keep_alive = False
         self.idle_at = 0.0  # loop time it went back to the pool
@@ -170,9 +173,9 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
-        if self._head_bytes >= 0:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEADER_BYTES:
+        if self._head is not None:
+            head = self._head = self._head + data if self._head else data
+            if len(head) > MAX_HEADER_BYTES and head.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES) < 0:
                 self._fail(aiohttp.ClientPayloadError("upstream response headers too large"))
                 return
         try:
@@ -195,26 +198,18 @@ class _Connection(asyncio.Protocol):
             elif self.body is not None:
                 self.body.set_exception(aiohttp.ClientPayloadError("upstream connection closed mid-answer"))
 
-    # -- httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw += (name, value)  # no method call per header: decoded all at once below
-
+    # -- httptools callbacks (no on_header: llhttp validates the header lines, _headers reads them)
     def on_headers_complete(self) -> None:
-        raw = self._raw
-        self._raw = []
-        self._head_bytes = -1
-        self.status = status = self.parser.get_status_code()
-        if raw:
-            # One decode for all names and values (llhttp refuses NUL in both).
-            parts = b"\0".join(raw).decode("latin-1").split("\0")
-            if len(parts) == len(raw):
-                it = iter(parts)
-                headers = CIMultiDict(zip(it, it, strict=True))
-            else:  # pragma: no cover - defensive
-                headers = CIMultiDict((raw[i].decode("latin-1"), raw[i + 1].decode("latin-1"))
-                                      for i in range(0, len(raw), 2))
-        else:
-            headers = CIMultiDict()
+        status = self.parser.get_status_code()
+        head = self._head or b""
+        headers, end = _headers(head)
+        if status < 200:
+            # 1xx (103 Early Hints, an unasked 100): not the answer; its head is skipped.
+            self._informational = True
+            self._head = head[end:]
+            return
+        self.status = status
+        self._head = None
         self.headers = CIMultiDictProxy(headers)
         self._until_close = (
             "content-length" not in headers and "transfer-encoding" not in headers and status >= 200
@@ -242,6 +237,9 @@ class _Connection(asyncio.Protocol):
             self.pause()
 
     def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
         self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it once the message is done
         self.complete = True
         if self.body is not None:
@@ -318,8 +316,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> None:
         assert self.transport is not None
         self.complete = False
-        self._raw = []
-        self._head_bytes = 0
+        self._head = b""
         self.keep_alive = False
         self.body_at = None
         self.idle = 0.0
@@ -567,6 +564,23 @@ class LeanSession:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+# One header line (llhttp has checked the syntax): name, then the value without surrounding blanks.
+_HEADER_LINE = re.compile(r"^([^:\r\n]+):[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE)
+
+
+def _headers(head: bytes) -> tuple[CIMultiDict[str], int]:
+    """The header fields of an answer's head (status line, fields, blank line; the body may follow),
+    and where the head ends."""
+    end = head.find(b"\r\n\r\n")
+    if end >= 0:
+        after = end + 4
+    else:
+        end = head.find(b"\n\n")  # bare LF line ends (llhttp accepts them)
+        after = end + 2
+    start = head.find(b"\n") + 1  # after the status line (its reason phrase may hold a colon)
+    return CIMultiDict(_HEADER_LINE.findall(head[start:end].decode("latin-1"))), after
 
 
 # Header names the client sets itself (or that make no sense on a request it frames).
