@@ -6,9 +6,7 @@ import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
-from aiohttp.resolver import AsyncResolver
 
 from gateway import keys
 from gateway.accounting import reports as usage_reports
@@ -43,6 +41,7 @@ from gateway.server import hygiene
 from gateway.stores.postgres import postgres_ctx
 from gateway.stores.redis import RedisStore
 from gateway.tasks import TaskTracker
+from gateway.upstream.client import LeanSession
 
 DATA_PLANE = (
     ("POST", "/v1/messages", handlers.messages),
@@ -55,24 +54,11 @@ DATA_PLANE = (
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    """The upstream client: one lean HTTP/1.1 client for every upstream (plain, TLS, cloud kinds)."""
     cfg = app[keys.CONFIG]
     per_host = max((u.max_connections for u in cfg.upstreams.values()), default=100)
-    connector = aiohttp.TCPConnector(
-        limit=0,  # per-host limits bound it
+    session = LeanSession(
         limit_per_host=per_host,
-        resolver=AsyncResolver(),
-        ttl_dns_cache=60,
-        keepalive_timeout=60,
-        enable_cleanup_closed=False,
-    )
-    session = aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        # Never keep an upstream's cookies: they would go to the next caller
-        # (and filtering an empty jar is per-request work for nothing).
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent",),
-        timeout=aiohttp.ClientTimeout(total=None),
         trace_configs=tracing.client_trace_configs(app),  # None unless [tracing] is enabled
     )
     app[keys.CLIENT] = session

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientSession, web
+from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.accounting.pricing import PriceTable
@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from gateway.stores.postgres import Database
     from gateway.stores.redis import RedisStore
     from gateway.tasks import TaskTracker
+    from gateway.upstream.client import LeanSession
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
-CLIENT: web.AppKey[ClientSession] = web.AppKey("client_session")
+CLIENT: web.AppKey[LeanSession] = web.AppKey("client_session")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
 RESOLVER: web.AppKey[PrincipalResolver] = web.AppKey("resolver")
 ADMITTER: web.AppKey[Admitter] = web.AppKey("admitter")

@@ -261,3 +261,92 @@ async def test_a_pooled_connection_the_server_closed_is_not_used_again(
             assert conn.closed
     finally:
         await session.close()
+
+
+# ---------------------------------------------------------------- deadlines and cancellation
+
+
+async def test_head_timeout_fails_a_silent_upstream_and_frees_the_slot(
+    raw_server: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """No head within head_timeout: TimeoutError, the connection is closed and its pool slot is free again."""
+    base = await raw_server(_answer(b"", hold=True))
+    session = LeanSession(limit_per_host=1)
+    try:
+        with pytest.raises(TimeoutError):
+            await session.request("POST", URL(base + "/x"), data=b"{}", headers={}, head_timeout=0.2,
+                                  timeout=aiohttp.ClientTimeout(total=30, sock_connect=2))
+        pool = next(iter(session._pools.values()))
+        assert 0 == len(pool._live)
+        assert pool._sem is not None
+        assert not pool._sem.locked()
+    finally:
+        await session.close()
+
+
+async def test_a_cancelled_request_closes_its_connection(raw_server: Callable[[Handler], Awaitable[str]]) -> None:
+    """A hedge that lost or a client that left: the request's connection is closed, not pooled."""
+    base = await raw_server(_answer(b"", hold=True))
+    session = LeanSession()
+    try:
+        task = asyncio.ensure_future(session.request("POST", URL(base + "/x"), data=b"{}", headers={}))
+        await asyncio.sleep(0.1)
+        pool = next(iter(session._pools.values()))
+        (conn,) = pool._live
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert conn.closed
+        assert not pool._live
+        assert not pool._idle
+    finally:
+        await session.close()
+
+
+async def test_idle_timeout_fails_a_stalled_body_and_read_timeout_a_late_one(
+    raw_server: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """idle_timeout: no body byte for that long fails the read; read_timeout: a deadline for reads."""
+    stalled = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 100\r\n\r\ndata: 1\n\n"
+    for arm in ("idle", "deadline"):
+        base = await raw_server(_answer(stalled, hold=True))
+        session = LeanSession()
+        try:
+            r = await session.request("POST", URL(base + "/x"), data=b"{}", headers={},
+                                      timeout=aiohttp.ClientTimeout(total=30))
+            assert b"data: 1\n\n" == await r.content.readany()
+            if arm == "idle":
+                r.idle_timeout(0.3)
+            else:
+                r.read_timeout(0.3)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(r.content.readany(), timeout=10)
+            r.close()
+        finally:
+            await session.close()
+
+
+async def test_trace_configs_get_start_and_end_and_can_add_headers(mock_upstream: Any) -> None:
+    """Tracing on: aiohttp's request start/end signals, with headers the start hook adds sent upstream."""
+    seen: list[str] = []
+
+    async def on_start(session: Any, ctx: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        seen.append("start")
+        params.headers["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def on_end(session: Any, ctx: Any, params: aiohttp.TraceRequestEndParams) -> None:
+        seen.append(f"end {params.response.status}")
+
+    tc = aiohttp.TraceConfig()
+    tc.on_request_start.append(on_start)
+    tc.on_request_end.append(on_end)
+    session = LeanSession(trace_configs=[tc])
+    try:
+        body = json.dumps(BODIES["/v1/messages"]).encode()
+        status, _, _ = await _via_lean(session, mock_upstream.base_url, "/v1/messages", body, _headers({}))
+        assert 200 == status
+        assert ["start", "end 200"] == seen
+        (req,) = await mock_upstream.requests()
+        assert "traceparent" in {k.lower() for k in req["headers"]}
+    finally:
+        await session.close()

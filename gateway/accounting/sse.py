@@ -14,6 +14,11 @@ import orjson
 from gateway.accounting.usage import Usage, apply_anthropic, apply_openai
 
 _USAGE_EVENTS = frozenset({b"message_start", b"message_delta", b"error"})
+# Anthropic's event names, as sent after "event: " (anything else is stripped of blanks first).
+_ANTHROPIC_EVENTS = frozenset({
+    b"message_start", b"message_delta", b"message_stop", b"content_block_start", b"content_block_delta",
+    b"content_block_stop", b"ping", b"error",
+})
 
 
 class StreamTap:
@@ -41,94 +46,90 @@ class StreamTap:
         self.deltas = 0  # content events seen: the output estimate of a cut stream
         self._tail = b""  # an incomplete last line
         self._event = b""
-        self._held = b""  # strip mode: complete lines of an event not yet ended
+        self._held: list[bytes] = []  # strip mode: complete lines of an event not yet ended
         self._drop = False
 
     def feed(self, chunk: bytes) -> bytes:
         """Consume a chunk; return the bytes the client should get now."""
         data = self._tail + chunk if self._tail else chunk
-        end = data.rfind(b"\n")
-        if end < 0:
-            self._tail = data
+        # Hot path: one C-level split, then a tight loop over the complete lines
+        # without a function call per line (this runs for every chunk of every
+        # stream: the line-by-line find/slice version was ~15% of a streamed request's CPU).
+        *lines, self._tail = data.split(b"\n")
+        if not lines:
             return b"" if self.strip_usage else chunk
-        self._tail = data[end + 1 :]
         if self.strip_usage:
-            return self._feed_held(data[: end + 1])
-        # Hot path: one C-level split, then a tight loop over the lines.  This
-        # runs for every chunk of every stream (profile: the line-by-line
-        # find/slice version was ~15% of a streamed request's CPU).
+            return self._feed_held(lines)
         if self.dialect == "anthropic":
-            self._anthropic_lines(data[:end].split(b"\n"))
+            event = self._event
+            deltas = 0
+            for line in lines:
+                head = line[:5]
+                if head == b"data:":
+                    if event == b"content_block_delta":
+                        deltas += 1
+                    elif event == b"message_stop":
+                        self.completed = True
+                    elif event in _USAGE_EVENTS:
+                        self._anthropic_doc(event, line[5:].strip())
+                elif head == b"event":
+                    if line[5:6] == b":":
+                        event = line[7:] if line[6:7] == b" " else line[6:]
+                        if event not in _ANTHROPIC_EVENTS:  # blanks around it, a CR: the general case
+                            event = event.strip()
+                elif not line or line == b"\r":
+                    event = b""
+            self._event = event
+            self.deltas += deltas
         else:
             deltas = 0
             last = None
-            for line in data[:end].split(b"\n"):
+            for line in lines:
                 if line[:5] == b"data:":
-                    payload = line[5:].strip()
-                    if b'"usage"' in payload or payload == b"[DONE]" or b'"error"' in payload:
-                        self._openai(payload)
+                    if b'"usage"' in line or b"[DONE]" in line or b'"error"' in line:
+                        self._openai(line[5:].strip())
                     else:
                         deltas += 1
-                        last = payload
+                        last = line  # finish_reason_set() reads it as it is
             self.deltas += deltas
             if last is not None:
                 self._last = last
         return chunk
 
-    def _anthropic_lines(self, lines: list[bytes]) -> None:
-        event = self._event
-        deltas = 0
-        for line in lines:
-            head = line[:5]
-            if head == b"data:":
-                if event == b"content_block_delta":
-                    deltas += 1
-                elif event == b"message_stop":
-                    self.completed = True
-                elif event in _USAGE_EVENTS:
-                    self._anthropic_doc(event, line[5:].strip())
-            elif head == b"event":
-                if line[5:6] == b":":
-                    event = line[6:].strip()
-            elif not line or line == b"\r":
-                event = b""
-        self._event = event
-        self.deltas += deltas
-
-    def _feed_held(self, complete: bytes) -> bytes:
+    def _feed_held(self, new: list[bytes]) -> bytes:
         """Strip mode: pass whole events on, minus the usage-only chunk the client did not ask for."""
-        held = self._held
-        region = held + complete if held else complete
-        out: list[bytes] = []
-        emit_from = 0  # region[emit_from:ev_start] is whole events to pass on
+        held = self._held  # complete lines of an event not yet ended (parsed when they arrived)
+        lines = held + new if held else new
+        pos = len(held) if held else 0
+        ranges: list[tuple[int, int]] | None = None  # whole events to pass on, when one is dropped
+        emit_from = 0  # lines[emit_from:ev_start] is whole events to pass on
         ev_start = 0
-        pos = len(held)  # held lines were parsed when they arrived
         openai = self.dialect != "anthropic"
-        for line in complete[:-1].split(b"\n"):
-            nxt = pos + len(line) + 1
+        for line in new:
+            pos += 1
             if not line or line == b"\r":  # end of event
                 if self._drop:
-                    out.append(region[emit_from:ev_start])
-                    emit_from = nxt
+                    if ranges is None:
+                        ranges = []
+                    ranges.append((emit_from, ev_start))
+                    emit_from = pos
                     self._drop = False
-                ev_start = nxt
+                ev_start = pos
                 self._event = b""
             elif openai:
                 if line[:5] == b"data:":
-                    payload = line[5:].strip()
-                    if b'"usage"' in payload or payload == b"[DONE]" or b'"error"' in payload:
-                        self._openai(payload)
+                    if b'"usage"' in line or b"[DONE]" in line or b'"error"' in line:
+                        self._openai(line[5:].strip())
                     else:
                         self.deltas += 1
-                        self._last = payload
+                        self._last = line
             else:
                 self._line(line[:-1] if line.endswith(b"\r") else line)
-            pos = nxt
-        self._held = region[ev_start:]
-        if not out:
-            return region[emit_from:ev_start]
-        out.append(region[emit_from:ev_start])
-        return b"".join(out)
+        self._held = lines[ev_start:]
+        if ranges is None:
+            return b"\n".join(lines[emit_from:ev_start]) + b"\n" if ev_start > emit_from else b""
+        ranges.append((emit_from, ev_start))
+        return b"".join(b"\n".join(lines[a:b]) + b"\n" for a, b in ranges if b > a)
 
     def flush(self) -> bytes:
         """The stream ended: return anything still held (an unterminated event)."""
@@ -138,8 +139,8 @@ class StreamTap:
             self._line(line)
         if self.strip_usage:
             if not self._drop:
-                rest = self._held + self._tail
-            self._held = b""
+                rest = b"\n".join(self._held) + b"\n" + self._tail if self._held else self._tail
+            self._held = []
         self._tail = b""
         return rest
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import quote
 
-import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -24,6 +23,7 @@ from gateway.providers.base import Provider
 from gateway.providers.cloud import Reader, credential, json_doc, not_served
 from gateway.providers.credentials import CredentialCache
 from gateway.providers.entra import entra_token
+from gateway.upstream.client import LeanResponse
 
 AZURE_PROVIDER = Provider(
     name="openai",  # the dialect it speaks
@@ -76,6 +76,6 @@ class AzureOpenAI:
     def error_body(self, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]:
         return status, body  # OpenAI's shape already
 
-    def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None:
+    def stream_reader(self, resp: LeanResponse) -> Reader | None:
         return None
 

@@ -17,7 +17,6 @@ import functools
 from collections.abc import Mapping
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 from botocore.credentials import ReadOnlyCredentials
 from multidict import CIMultiDict
@@ -28,6 +27,7 @@ from gateway.providers.aws import aws_credentials, sigv4_headers
 from gateway.providers.cloud import Reader, anthropic_error, betas_to_body, credential, json_doc, not_served
 from gateway.providers.credentials import CredentialCache
 from gateway.providers.eventstream import EventStreamToSSE, aws_error_message
+from gateway.upstream.client import LeanResponse
 
 ANTHROPIC_VERSION = "bedrock-2023-05-31"
 
@@ -110,7 +110,7 @@ class Bedrock:
             text = f"prompt is too long ({text})"
         return anthropic_error(client_status, etype, text)
 
-    def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None:
+    def stream_reader(self, resp: LeanResponse) -> Reader | None:
         if not resp.headers.get("content-type", "").startswith("application/vnd.amazon.eventstream"):
             return None
         return functools.partial(EventStreamToSSE().read_from, resp.content.readany)

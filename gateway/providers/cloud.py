@@ -25,7 +25,6 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
@@ -34,6 +33,7 @@ from yarl import URL
 from gateway import keys
 from gateway.errors import ErrorKind, GatewayError
 from gateway.providers.credentials import CredentialCache, CredentialError
+from gateway.upstream.client import LeanResponse
 
 # Response content types that are streams to relay (after the cloud's reader, if any).
 STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
@@ -51,7 +51,7 @@ class CloudAdapter(Protocol):
 
     def error_body(self, status: int, headers: Mapping[str, str], body: bytes) -> tuple[int, bytes]: ...
 
-    def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None: ...
+    def stream_reader(self, resp: LeanResponse) -> Reader | None: ...
 
 
 async def credential(upstream: str, cache: CredentialCache[Any]) -> Any:

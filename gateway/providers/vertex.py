@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 from multidict import CIMultiDict
 from yarl import URL
@@ -26,6 +25,7 @@ from gateway.config import UpstreamConfig
 from gateway.providers.cloud import Reader, anthropic_error, betas_to_body, credential, json_doc, not_served
 from gateway.providers.credentials import CredentialCache
 from gateway.providers.google import google_token
+from gateway.upstream.client import LeanResponse
 
 ANTHROPIC_VERSION = "vertex-2023-10-16"
 
@@ -104,5 +104,5 @@ class Vertex:
         message = str(err.get("message") or "")
         return anthropic_error(client_status, etype, f"Vertex AI {gstatus}: {message}" if gstatus else message)
 
-    def stream_reader(self, resp: aiohttp.ClientResponse) -> Reader | None:
+    def stream_reader(self, resp: LeanResponse) -> Reader | None:
         return None  # already Anthropic SSE

@@ -9,7 +9,6 @@ cancelled one (a hedge that lost, a client that left) closes its connection.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from gateway.proxy.failures import (
 from gateway.proxy.readahead import FirstContent, Seen
 from gateway.proxy.routing import Deployment
 from gateway.resilience.retry import retry_after
+from gateway.upstream.client import LeanResponse, LeanSession
 
 
 @dataclass(slots=True)
@@ -47,22 +47,22 @@ class UpstreamRequest:
     path_for: Callable[[Deployment], str] | None = None  # translation: the path per deployment
 
 
-@dataclass(slots=True, eq=False)
 class Opened:
     """An attempt ready to be relayed: a whole answer (``body``) or a stream with its first events read."""
 
-    dep: Deployment
-    resp: aiohttp.ClientResponse
-    body: bytes | None  # a whole answer, read in full; None for a stream
-    ahead: bytes  # a stream's bytes read before the commit: relayed first, byte for byte
-    ttft_s: float | None  # attempt start -> first content event (streams)
-    lane: int = 1  # hedging: 1 = the first lane, 2 = the hedge
-    status: int = 0  # the status to relay when it is not the upstream's (a cloud's error mapped to the dialect)
-    read: Reader | None = None  # a cloud's reader of SSE bytes (Bedrock's event stream); None: the body as is
+    __slots__ = ("ahead", "body", "dep", "lane", "read", "resp", "status", "streaming", "ttft_s")
 
-    @property
-    def streaming(self) -> bool:
-        return self.body is None
+    def __init__(self, dep: Deployment, resp: LeanResponse, body: bytes | None, ahead: bytes, ttft_s: float | None,
+                 read: Reader | None = None) -> None:
+        self.dep = dep
+        self.resp = resp
+        self.body = body  # a whole answer, read in full; None for a stream
+        self.streaming = body is None
+        self.ahead = ahead  # a stream's bytes read before the commit: relayed first, byte for byte
+        self.ttft_s = ttft_s  # attempt start -> first content event (streams)
+        self.lane = 1  # hedging: 1 = the first lane, 2 = the hedge
+        self.status = 0  # the status to relay when it is not the upstream's (a cloud's error mapped to the dialect)
+        self.read = read  # a cloud's reader of SSE bytes (Bedrock's event stream); None: the body as is
 
 
 class AttemptFailed(Exception):
@@ -77,78 +77,83 @@ class Attempt:
 
     def __init__(self, dep: Deployment) -> None:
         self.dep = dep
-        self.resp: aiohttp.ClientResponse | None = None
+        self.resp: LeanResponse | None = None
         self.ahead: list[bytes] = []
         self.t0 = time.perf_counter()
 
-    async def open(self, session: aiohttp.ClientSession, req: UpstreamRequest) -> Opened:
+    async def open(self, session: LeanSession, req: UpstreamRequest) -> Opened:
         """Send the request; return what can be relayed, or raise AttemptFailed.  Closes on any failure."""
         dep = self.dep
-        cfg = dep.cfg
-        cloud = dep.upstream.cloud
+        cloud = dep.cloud
         path_qs = req.path_qs if req.path_for is None else req.path_for(dep)
-        url, data, headers = dep.upstream.url(path_qs), req.body_for(dep), req.headers_for(dep)
+        up = dep.upstream
+        url, data, headers = up.url(path_qs), req.body_for(dep), req.headers_for(dep)
         if cloud is not None:
             # The cloud kind's URL, body and auth (signed over the final bytes, after the header filter).
             try:
                 url, data = await cloud.prepare(path_qs, data, headers)
             except GatewayError as err:  # no credential, or a path this cloud does not serve: the next one may
                 raise AttemptFailed(Failure(Verdict.THROTTLED, err.kind, err.message, retry_same=False)) from None
-        done = False
         try:
-            try:
-                async with asyncio.timeout(cfg.first_byte_timeout):
-                    self.resp = resp = await session.request(
-                        req.method, url, data=data,
-                        headers=headers, timeout=dep.upstream.timeout, allow_redirects=False,
-                    )
-            except TimeoutError:
-                raise AttemptFailed(timeout_failure(dep.name, "no response within first_byte_timeout")) from None
-            except (aiohttp.ClientError, OSError):
-                raise AttemptFailed(connection_failure(dep.name)) from None
+            # first_byte_timeout bounds the wait for a pooled slot, the connect and the answer's head.
+            self.resp = resp = await session.request(
+                req.method, url, data=data, headers=headers, timeout=up.timeout,
+                head_timeout=dep.cfg.first_byte_timeout,
+            )
+        except TimeoutError:
+            raise AttemptFailed(timeout_failure(dep.name, "no response within first_byte_timeout")) from None
+        except (aiohttp.ClientError, OSError):
+            raise AttemptFailed(connection_failure(dep.name)) from None
+        try:
             if resp.status == 200 and resp.headers.get("content-type", "").startswith(STREAM_TYPES):
-                opened = await self._read_ahead(resp)
+                return await self._read_ahead(resp)
+            content = resp.content
+            if content.is_eof():
+                body = content.read_nowait()  # it came with the headers (the usual case)
+                resp.release()
             else:
-                opened = await self._read_whole(resp)
-            done = True
-            return opened
-        finally:
-            if not done and self.resp is not None:
-                self.resp.close()
+                body = await self._read_rest(resp)
+            if resp.status >= 400:
+                return self._refused(resp, body)
+            return Opened(dep, resp, body, b"", None)
+        except BaseException:
+            resp.close()
+            raise
 
-    async def _read_whole(self, resp: aiohttp.ClientResponse) -> Opened:
+    async def _read_rest(self, resp: LeanResponse) -> bytes:
         dep = self.dep
         try:
-            if resp.content.is_eof():
-                body = await resp.read()  # it came with the headers (the usual case): no timer needed
-            else:
-                # The idle bound stops a stalled upstream from holding the request until total_timeout.
-                async with asyncio.timeout(dep.cfg.idle_timeout):
-                    body = await resp.read()
+            # The idle bound stops a stalled upstream from holding the request until total_timeout.
+            resp.idle_timeout(dep.cfg.idle_timeout)
+            return await resp.read()
         except TimeoutError:
             raise AttemptFailed(timeout_failure(dep.name, "stalled while sending its answer")) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
             raise AttemptFailed(cut_failure(dep.name, "failed while sending its answer")) from None
+
+    def _refused(self, resp: LeanResponse, body: bytes) -> Opened:
+        """An error status: raise AttemptFailed (with the answer when it may be relayed)."""
+        dep = self.dep
         answer = Opened(dep, resp, body, b"", None)
         status = resp.status
-        cloud = dep.upstream.cloud
-        if status >= 400 and cloud is not None:
+        cloud = dep.cloud
+        if cloud is not None:
             # Classified as the cloud means it (an AWS access error is the gateway's 401), relayed in the dialect.
             status = cloud.upstream_status(status, resp.headers)
             answer.status, answer.body = cloud.error_body(resp.status, resp.headers, body)
             if status == 401 and cloud.credential is not None:
                 cloud.credential.refused()  # a token revoked before its expiry: get a new one
-        if status >= 400:
-            failure = status_failure(status, dep.name, retry_after(resp.headers))
-            if failure.verdict is Verdict.CALLER and is_context_length(status, answer.body or b""):
-                failure.verdict = Verdict.CONTEXT
-            raise AttemptFailed(failure, answer if failure.relayable else None)
-        return answer
+        if status < 400:
+            return answer
+        failure = status_failure(status, dep.name, retry_after(resp.headers))
+        if failure.verdict is Verdict.CALLER and is_context_length(status, answer.body or b""):
+            failure.verdict = Verdict.CONTEXT
+        raise AttemptFailed(failure, answer if failure.relayable else None)
 
-    async def _read_ahead(self, resp: aiohttp.ClientResponse) -> Opened:
+    async def _read_ahead(self, resp: LeanResponse) -> Opened:
         dep = self.dep
         scan = FirstContent(dep.dialect)
-        cloud = dep.upstream.cloud
+        cloud = dep.cloud
         reader = cloud.stream_reader(resp) if cloud is not None else None
         if reader is None:
             try:
@@ -165,22 +170,23 @@ class Attempt:
                     raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
         read = reader or resp.content.readany
         left = dep.cfg.ttft_timeout - (time.perf_counter() - self.t0)
+        resp.read_timeout(max(left, 0.0))
         try:
-            async with asyncio.timeout(max(left, 0.0)):
-                while True:
-                    chunk = await read()
-                    if not chunk:
-                        raise AttemptFailed(cut_failure(dep.name, "ended its stream before any content"))
-                    self.ahead.append(chunk)
-                    seen = scan.feed(chunk)
-                    if seen is Seen.CONTENT or seen is Seen.END:
-                        break
-                    if seen is Seen.ERROR:
-                        raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
+            while True:
+                chunk = await read()
+                if not chunk:
+                    raise AttemptFailed(cut_failure(dep.name, "ended its stream before any content"))
+                self.ahead.append(chunk)
+                seen = scan.feed(chunk)
+                if seen is Seen.CONTENT or seen is Seen.END:
+                    break
+                if seen is Seen.ERROR:
+                    raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
         except TimeoutError:
             raise AttemptFailed(timeout_failure(dep.name, "no first token within ttft_timeout")) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
             raise AttemptFailed(cut_failure(dep.name, "cut its stream before any content")) from None
+        resp.read_timeout(None)
         ahead = self.ahead[0] if len(self.ahead) == 1 else b"".join(self.ahead)
         return Opened(dep, resp, None, ahead, time.perf_counter() - self.t0, read=reader)
 

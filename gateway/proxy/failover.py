@@ -28,8 +28,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
-import aiohttp
-
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage
 from gateway.errors import ErrorKind, GatewayError
@@ -40,6 +38,7 @@ from gateway.proxy.hedging import Exhausted, race
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
 from gateway.resilience.retry import backoff
+from gateway.upstream.client import LeanSession
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -64,7 +63,7 @@ class Failover:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: LeanSession,
         ctx: RequestContext,
         req: UpstreamRequest,
         candidates: Sequence[Deployment],
@@ -99,7 +98,14 @@ class Failover:
                 if self._hedge_after > 0 and len(self._queue) > 1:
                     opened = await race(self._lane, self._hedge_after, self._may_hedge, self._discard)
                 else:
-                    opened = await self._lane()
+                    # One lane, inline (the common case: no coroutine of its own).
+                    self._lanes = 1
+                    found = None
+                    while self._queue:  # not a local: a context-length 400 replaces the queue
+                        found = await self._deployment(self._queue.popleft())
+                        if found is not None:
+                            break
+                    opened = found if found is not None else self._final()
             except Exhausted:
                 opened = self._final()
         finally:

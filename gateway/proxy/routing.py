@@ -52,43 +52,32 @@ class Upstream:
         return u
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class Deployment:
-    """An upstream and the model name it receives: one thing an attempt can be sent to."""
+    """An upstream and the model name it receives: one thing an attempt can be sent to.
 
-    upstream: Upstream
-    model: str  # what the upstream receives as the body's "model"
-    weight: int = 1
+    The upstream's parts an attempt reads (name, breaker, provider, timeouts...)
+    are copied here once, as plain attributes: each is read several times per
+    request, and an upstream never changes them (a reload builds new ones).
+    """
 
-    @property
-    def name(self) -> str:
-        return self.upstream.name
+    __slots__ = ("auth_value", "breaker", "cfg", "cloud", "dialect", "kind", "model", "name", "provider",
+                 "upstream", "weight")
 
-    @property
-    def kind(self) -> str:
-        """The provider kind (config ``provider``)."""
-        return self.upstream.cfg.provider
+    def __init__(self, upstream: Upstream, model: str, weight: int = 1) -> None:
+        self.upstream = upstream
+        self.model = model  # what the upstream receives as the body's "model"
+        self.weight = weight
+        self.name = upstream.name
+        self.cfg: UpstreamConfig = upstream.cfg
+        self.kind = upstream.cfg.provider  # the provider kind (config ``provider``)
+        self.provider: Provider = upstream.provider
+        self.dialect = upstream.provider.name  # the API format the upstream speaks: "anthropic" | "openai"
+        self.breaker: Breaker = upstream.breaker
+        self.auth_value = upstream.auth_value
+        self.cloud: CloudAdapter | None = upstream.cloud
 
-    @property
-    def provider(self) -> Provider:
-        return self.upstream.provider
-
-    @property
-    def dialect(self) -> str:
-        """The API format the upstream speaks: "anthropic" | "openai"."""
-        return self.upstream.provider.name
-
-    @property
-    def breaker(self) -> Breaker:
-        return self.upstream.breaker
-
-    @property
-    def cfg(self) -> UpstreamConfig:
-        return self.upstream.cfg
-
-    @property
-    def auth_value(self) -> str:
-        return self.upstream.auth_value
+    def __repr__(self) -> str:
+        return f"Deployment({self.name!r}, {self.model!r}, weight={self.weight})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ ends with the dialect's error event, never a terminal success event.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -25,6 +24,7 @@ from gateway.proxy.attempts import Opened
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
+from gateway.upstream.client import LeanResponse
 
 if TYPE_CHECKING:
     from gateway.translate.attempt import StreamTranslator, Translation
@@ -33,19 +33,45 @@ _SKIP_RESPONSE = HOP_BY_HOP | UPSTREAM_ONLY
 _EVENT_END = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")  # a line end, then a blank line
 
 
-def client_headers(dep: Deployment, resp: aiohttp.ClientResponse, ctx: RequestContext) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    rid_header = dep.provider.request_id_header
-    for name, value in resp.headers.items():
-        low = name.lower()
-        if low in _SKIP_RESPONSE:
+# Response header names (exact spelling, as upstreams send them) already classified, so that
+# building the client's headers costs no lower() per header; bounded, upstreams choose the names.
+_RELAYED: set[str] = set()
+_SKIPPED: set[str] = set()  # hop-by-hop, upstream-only
+_REQUEST_ID: set[str] = set()  # x-request-id: the gateway's own owns the name
+
+
+def _classify(name: str) -> bool:
+    """Learn one name; True when the sets were emptied first (an upstream inventing names)."""
+    reset = len(_RELAYED) + len(_SKIPPED) + len(_REQUEST_ID) >= 4096
+    if reset:
+        _RELAYED.clear()
+        _SKIPPED.clear()
+        _REQUEST_ID.clear()
+    low = name.lower()
+    (_SKIPPED if low in _SKIP_RESPONSE else _REQUEST_ID if low == "x-request-id" else _RELAYED).add(name)
+    return reset
+
+
+def client_headers(dep: Deployment, resp: LeanResponse, ctx: RequestContext) -> CIMultiDict[str]:
+    items = resp.headers.items()
+    upstream_rid: str | None = None
+    reset = False
+    for name, value in items:
+        if name in _RELAYED or name in _SKIPPED:
             continue
-        if low == "x-request-id":
+        if name not in _REQUEST_ID:
+            reset = _classify(name) or reset
+            if name not in _REQUEST_ID:
+                continue
+        if dep.provider.request_id_header == "x-request-id":
             # The gateway's id owns x-request-id; keep the provider's alongside.
-            if rid_header == "x-request-id":
-                out.add("x-upstream-request-id", value)
-            continue
-        out.add(name, value)
+            upstream_rid = value
+    if reset:  # names learnt before the reset in this loop were forgotten: learn them again
+        for name, _ in items:
+            _classify(name)
+    out: CIMultiDict[str] = CIMultiDict([(name, value) for name, value in items if name in _RELAYED])
+    if upstream_rid is not None:
+        out["x-upstream-request-id"] = upstream_rid
     out["x-request-id"] = ctx.request_id
     served_headers(out, ctx)
     return out
@@ -109,15 +135,11 @@ async def relay_stream(
         raise
     # The client's: the tap's (the Responses API has its own), or the translator's.
     dialect = tap.dialect if translator is None else translator.dialect
-    loop = asyncio.get_running_loop()
-    idle = dep.cfg.idle_timeout
     read: Reader = opened.read or resp.content.readany
     failure: tuple[ErrorKind, str] | None = None
-    # Re-arming the idle timer costs a timer cancel + insert (~3 us): do it at
-    # most every `slack` seconds, not per chunk.  The deadline is always
-    # between idle and idle + slack after the last chunk, never earlier.
-    slack = min(1.0, idle / 10)
-    rearmed = loop.time()
+    # The upstream client watches for a stall (no byte for idle_timeout) on a
+    # timer tick of its own: nothing to re-arm per chunk here.
+    resp.idle_timeout(dep.cfg.idle_timeout)
     # An incomplete last line is held back: if the upstream is cut mid-line,
     # the client must not get half a line glued to our error event.
     pending = b""
@@ -125,38 +147,33 @@ async def relay_stream(
     ended = False  # the upstream ended the body cleanly (EOF)
     ahead = opened.ahead  # read before the commit: goes first, through the same tap
     try:
-        async with asyncio.timeout(idle + slack) as deadline:
-            while True:
-                if ahead:
-                    chunk = ahead
-                    ahead = b""
-                else:
-                    t0 = time.perf_counter()
-                    chunk = await read()
-                    ctx.upstream_s += time.perf_counter() - t0
-                if not chunk:
-                    ended = True
-                    break
-                if ctx.ttft_s is None:
-                    ctx.ttft_s = time.perf_counter() - ctx.start
-                data = tap.feed(chunk)
-                if translator is not None:
-                    data = translator.feed(data)
+        while True:
+            if ahead:
+                chunk = ahead
+                ahead = b""
+            else:
+                t0 = time.perf_counter()
+                chunk = await read()
+                ctx.upstream_s += time.perf_counter() - t0
+            if not chunk:
+                ended = True
+                break
+            if ctx.ttft_s is None:
+                ctx.ttft_s = time.perf_counter() - ctx.start
+            data = tap.feed(chunk)
+            if translator is not None:
+                data = translator.feed(data)
+            if data:
+                if pending:
+                    data = pending + data
+                    pending = b""
+                if data[-1] != 10:  # not "\n": rare, upstreams send whole events
+                    nl = data.rfind(b"\n") + 1
+                    pending = data[nl:]
+                    data = data[:nl]
                 if data:
-                    if pending:
-                        data = pending + data
-                        pending = b""
-                    if data[-1] != 10:  # not "\n": rare, upstreams send whole events
-                        nl = data.rfind(b"\n") + 1
-                        pending = data[nl:]
-                        data = data[:nl]
-                    if data:
-                        await out.write(data)
-                        last = data
-                now = loop.time()
-                if now - rearmed >= slack:
-                    deadline.reschedule(now + idle + slack)
-                    rearmed = now
+                    await out.write(data)
+                    last = data
     except TimeoutError:
         failure = (ErrorKind.UPSTREAM_TIMEOUT, "The upstream stalled mid-stream; the answer is incomplete.")
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:

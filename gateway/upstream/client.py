@@ -1,23 +1,27 @@
 """A lean HTTP/1.1 client built for one job: POST a body to a provider, relay the answer.
 
 What aiohttp's client does per call that a gateway does not need (cookie jars,
-redirects, tracing signals, per-request connector bookkeeping, a task switch
-per chunk) costs about three times the Python work of the call itself.  This
-client keeps what the job needs:
+redirects, per-request connector bookkeeping, a task switch per chunk, a
+timer re-armed per read) costs about three times the Python work of the call
+itself.  This client keeps what the job needs:
 
-* keep-alive pools per (scheme, host, port), bounded per upstream;
+* keep-alive pools per (scheme, host, port), bounded per upstream; an idle
+  connection is dropped after ``KEEPALIVE_S`` (aiohttp's keepalive_timeout);
 * llhttp (``httptools``, the C parser uvicorn uses) on an asyncio Protocol:
   the body is handed to the reader as it arrives, without a task per chunk;
 * TLS through the loop (``ssl`` + ``server_hostname``);
-* connect and total timeouts, as ``aiohttp.ClientTimeout`` names them
-  (first-byte, first-token and idle timeouts stay with the caller);
+* connect and total timeouts, as ``aiohttp.ClientTimeout`` names them, and a
+  first-byte deadline (``head_timeout``) on the same timer: one ``call_at``
+  per request, cancelled on release;
 * content-length, chunked and read-until-close bodies;
 * the error classes aiohttp raises (``aiohttp.ClientConnectionError``,
   ``aiohttp.ClientPayloadError``, ``asyncio.TimeoutError``), so the one failure
   classifier sees no difference;
 * the subset of ``aiohttp.ClientResponse`` the proxy uses: ``status``,
-  ``headers``, ``content.readany()``, ``content.is_eof()``, ``read()``,
-  ``release()``, ``close()``.
+  ``headers``, ``content.readany()``, ``content.read_nowait()``,
+  ``content.is_eof()``, ``read()``, ``release()``, ``close()``;
+* aiohttp's request trace signals (start, end, exception) when trace configs
+  are given (tracing on); nothing at all otherwise.
 
 A request that fails on a reused connection before any byte of an answer came
 back is sent once more on a new connection: the server closed an idle
@@ -27,43 +31,41 @@ connection as we wrote, so it never saw the request (Go's net/http does the same
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import re
 import ssl as ssl_mod
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import aiohttp
 import httptools
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-# Flow control: stop reading from the socket while this much is unread.
-HIGH_WATER = 256 * 1024
+# Flow control: stop reading from the socket while this many chunks are unread
+# (a chunk is one socket read, at most uvloop's 256 KiB).
+HIGH_WATER_CHUNKS = 16
 MAX_HEADER_BYTES = 64 * 1024
+KEEPALIVE_S = 60.0  # an idle pooled connection older than this is closed, not reused
 
 
 class _Body:
-    """The answer's body as the reader sees it: chunks in arrival order, then EOF or an error."""
+    """The answer's body as the reader sees it: chunks in arrival order, then EOF or an error.
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_size", "_waiter")
+    Fed by ``_Connection.on_body`` directly (no method call per chunk); a reader
+    waits on one future, woken by the first chunk, EOF or error.
+    """
+
+    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_waiter")
 
     def __init__(self, conn: _Connection) -> None:
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
+        self._chunks: list[bytes] = []
         self._eof = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._conn = conn
 
     # -- fed by the protocol
-    def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        if self._size > HIGH_WATER:
-            self._conn.pause()
-        self._wake()
-
     def feed_eof(self) -> None:
         self._eof = True
         self._wake()
@@ -75,36 +77,52 @@ class _Body:
 
     def _wake(self) -> None:
         w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     # -- read by the proxy
     def is_eof(self) -> bool:
         return self._eof and not self._chunks
 
+    def read_nowait(self) -> bytes:
+        """What has arrived so far (b"" if nothing); raises the connection's error if nothing is left."""
+        chunks = self._chunks
+        if not chunks:
+            if self._exc is not None and not self._eof:
+                raise self._exc
+            return b""
+        self._chunks = []
+        conn = self._conn
+        if conn.paused:
+            conn.resume()
+        return b"".join(chunks)  # one chunk: that very object, no copy
+
     async def readany(self) -> bytes:
-        while not self._chunks:
+        chunks = self._chunks
+        while not chunks:
             if self._eof:
                 return b""
             if self._exc is not None:
                 raise self._exc
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter = self._conn.loop.create_future()
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
-        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._drain())
-        self._size -= len(data)
-        if self._size <= HIGH_WATER // 4:
-            self._conn.resume()
-        return data
-
-    def _drain(self) -> list[bytes]:
-        out = list(self._chunks)
-        self._chunks.clear()
-        return out
+            chunks = self._chunks
+        self._chunks = []
+        conn = self._conn
+        if conn.paused:
+            conn.resume()
+        return b"".join(chunks)  # one chunk: that very object, no copy
 
     async def read(self) -> bytes:
+        if self._eof:
+            chunks = self._chunks
+            self._chunks = []
+            return b"".join(chunks)
         parts: list[bytes] = []
         while True:
             chunk = await self.readany()
@@ -116,32 +134,50 @@ class _Body:
 class _Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses its answer with llhttp."""
 
-    __slots__ = ("_header_bytes", "_headers", "_loop", "_paused", "_pool", "_raw_headers", "_status_seen",
-                 "_until_close", "body", "closed", "complete", "head_future", "keep_alive", "parser", "reused",
-                 "transport")
+    __slots__ = ("_head", "_informational", "_until_close", "active_at", "body", "body_at", "closed", "complete",
+                 "head_at", "head_future", "headers", "idle", "idle_at", "keep_alive", "loop", "nchunks", "parser",
+                 "paused", "pool", "reused", "seen", "status", "timer", "total_at", "transport")
 
     def __init__(self, pool: _Pool) -> None:
-        self._pool = pool
-        self._loop = asyncio.get_running_loop()
+        self.pool = pool
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.complete = True  # no request in flight
         self.reused = False
-        self._paused = False
+        self.paused = False
         self.head_future: asyncio.Future[None] | None = None
         self.body: _Body | None = None
-        self._raw_headers: list[tuple[str, str]] = []
-        self._header_bytes = 0
-        self._status_seen = False
+        self.status = 0
+        self.headers: CIMultiDictProxy[str] | None = None
+        # The answer's bytes until its head is complete (None after): its header lines are
+        # parsed from them in one go, not by a Python callback per header.
+        self._head: bytes | None = None
+        self._informational = False  # a 1xx answer is being parsed: the real one follows
         self._until_close = False
         self.keep_alive = False
+        self.idle_at = 0.0  # loop time it went back to the pool
+        # Deadlines (loop time) of the exchange in flight, all on one timer (``_arm``):
+        self.timer: asyncio.TimerHandle | None = None
+        self.head_at: float | None = None  # the head must have come by then
+        self.total_at: float | None = None  # the whole exchange must be over by then
+        self.body_at: float | None = None  # the reader's own deadline (a stream's first token)
+        self.idle = 0.0  # > 0: a stall of this long between body bytes fails the read (sock_read)
+        self.nchunks = 0  # body chunks received (the idle watch compares it between ticks)
+        self.seen = 0
+        self.active_at = 0.0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
+        if self._head is not None:
+            head = self._head = self._head + data if self._head else data
+            if len(head) > MAX_HEADER_BYTES and head.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES) < 0:
+                self._fail(aiohttp.ClientPayloadError("upstream response headers too large"))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -151,7 +187,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._pool.forget(self)
+        self.pool.forget(self)
         if not self.complete and self._until_close and self.body is not None:
             # A body without content-length or chunking ends when the connection does.
             self.complete = True
@@ -162,32 +198,48 @@ class _Connection(asyncio.Protocol):
             elif self.body is not None:
                 self.body.set_exception(aiohttp.ClientPayloadError("upstream connection closed mid-answer"))
 
-    # -- httptools callbacks
-    def on_status(self, status: bytes) -> None:
-        self._status_seen = True
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADER_BYTES:
-            raise httptools.HttpParserError("response headers too large")
-        self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
+    # -- httptools callbacks (no on_header: llhttp validates the header lines, _headers reads them)
     def on_headers_complete(self) -> None:
-        names = {n.lower() for n, _ in self._raw_headers}
         status = self.parser.get_status_code()
+        head = self._head or b""
+        headers, end = _headers(head)
+        if status < 200:
+            # 1xx (103 Early Hints, an unasked 100): not the answer; its head is skipped.
+            self._informational = True
+            self._head = head[end:]
+            return
+        self.status = status
+        self._head = None
+        self.headers = CIMultiDictProxy(headers)
         self._until_close = (
-            "content-length" not in names and "transfer-encoding" not in names and status >= 200
-            and status not in (204, 304)
+            "content-length" not in headers and "transfer-encoding" not in headers and status >= 200
+            and status != 204 and status != 304
         )
         fut = self.head_future
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    def on_body(self, body: bytes) -> None:
-        if self.body is not None:
-            self.body.feed(body)
+    def on_body(self, data: bytes) -> None:
+        body = self.body
+        if body is None:
+            return
+        chunks = body._chunks
+        chunks.append(data)
+        self.nchunks += 1
+        w = body._waiter
+        if w is not None:
+            body._waiter = None
+            try:
+                w.set_result(None)
+            except asyncio.InvalidStateError:  # the reader was cancelled
+                pass
+        elif len(chunks) > HIGH_WATER_CHUNKS:
+            self.pause()
 
     def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
         self.keep_alive = self.parser.should_keep_alive()  # llhttp resets it once the message is done
         self.complete = True
         if self.body is not None:
@@ -201,30 +253,75 @@ class _Connection(asyncio.Protocol):
             self.body.set_exception(exc)
         self.abort()
 
+    def expire(self) -> None:
+        """The timer fired: fail what is overdue, else re-arm for the next deadline."""
+        self.timer = None
+        if self.complete:
+            return
+        now = self.loop.time()
+        head_pending = self.head_future is not None and not self.head_future.done()
+        overdue = (
+            (head_pending and self.head_at is not None and now >= self.head_at)
+            or (self.total_at is not None and now >= self.total_at)
+            or (self.body_at is not None and now >= self.body_at)
+        )
+        if not overdue and self.idle and not head_pending:
+            if self.nchunks != self.seen or self.paused:  # bytes came (or we stopped reading): not a stall
+                self.seen = self.nchunks
+                self.active_at = now
+            elif now - self.active_at >= self.idle:
+                overdue = True
+        if overdue:
+            self._fail(TimeoutError())
+        else:
+            self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        """(Re)schedule the one timer for the earliest deadline that applies now."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        at = self.total_at
+        if self.head_future is not None and not self.head_future.done():
+            if self.head_at is not None and (at is None or self.head_at < at):
+                at = self.head_at
+        else:
+            if self.body_at is not None and (at is None or self.body_at < at):
+                at = self.body_at
+            if self.idle:
+                tick = now + min(1.0, self.idle / 10)  # a stall is seen between idle and idle + tick
+                if at is None or tick < at:
+                    at = tick
+        if at is not None:
+            self.timer = self.loop.call_at(at, self.expire)
+
     def pause(self) -> None:
-        if not self._paused and self.transport is not None:
-            self._paused = True
+        if not self.paused and self.transport is not None:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self._paused and self.transport is not None and not self.closed:
-            self._paused = False
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
             self.transport.resume_reading()
 
     def abort(self) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.abort()
 
     def send(self, head: bytes, body: bytes) -> None:
         assert self.transport is not None
         self.complete = False
-        self._status_seen = False
-        self._raw_headers = []
-        self._header_bytes = 0
+        self._head = b""
         self.keep_alive = False
+        self.body_at = None
+        self.idle = 0.0
         self.body = _Body(self)
-        self.head_future = self._loop.create_future()
+        self.head_future = self.loop.create_future()
         if len(body) < 16384:
             self.transport.write(head + body)
         else:
@@ -234,15 +331,15 @@ class _Connection(asyncio.Protocol):
 class LeanResponse:
     """The part of ``aiohttp.ClientResponse`` the proxy reads."""
 
-    __slots__ = ("_conn", "_done", "_timer", "content", "headers", "status")
+    __slots__ = ("_conn", "_done", "content", "headers", "status")
 
-    def __init__(self, conn: _Connection, timer: asyncio.TimerHandle | None) -> None:
+    def __init__(self, conn: _Connection) -> None:
         self._conn = conn
-        self._timer = timer
         self._done = False
-        self.status: int = conn.parser.get_status_code()
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(conn._raw_headers))
+        self.status: int = conn.status
+        assert conn.headers is not None
         assert conn.body is not None
+        self.headers: CIMultiDictProxy[str] = conn.headers
         self.content = conn.body
 
     async def read(self) -> bytes:
@@ -251,29 +348,49 @@ class LeanResponse:
         finally:
             self.release()
 
+    def read_timeout(self, seconds: float | None) -> None:
+        """Reads fail with TimeoutError ``seconds`` from now (None: no such deadline)."""
+        conn = self._conn
+        if self._done or conn.complete or (seconds is None and conn.body_at is None):
+            return
+        now = conn.loop.time()
+        conn.body_at = None if seconds is None else now + seconds
+        conn._arm(now)
+
+    def idle_timeout(self, idle: float) -> None:
+        """Reads fail with TimeoutError once no body byte came for ``idle`` seconds (aiohttp's sock_read);
+        checked on a tick of min(1 s, idle / 10), never per chunk.  0 turns it off."""
+        conn = self._conn
+        if self._done or conn.complete:
+            return
+        now = conn.loop.time()
+        conn.idle = idle
+        conn.seen = conn.nchunks
+        conn.active_at = now
+        conn._arm(now)
+
     def release(self) -> None:
         """Done with the answer: the connection goes back to its pool if it is reusable."""
         if self._done:
             return
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
         conn = self._conn
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
         if conn.complete and not conn.closed and conn.keep_alive and self.content.is_eof():
-            conn._pool.put(conn)
+            conn.pool.put(conn)
         else:
             conn.abort()
-            conn._pool.forget(conn)
+            conn.pool.forget(conn)
 
     def close(self) -> None:
         """Abandon the answer: the connection is closed (the upstream stops generating)."""
         if self._done:
             return
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
         self._conn.abort()
-        self._conn._pool.forget(self._conn)
+        self._conn.pool.forget(self._conn)
 
 
 class _Pool:
@@ -291,6 +408,10 @@ class _Pool:
         conn.reused = True
         conn.body = None
         conn.head_future = None
+        conn.headers = None
+        conn.idle_at = conn.loop.time()
+        conn.body_at = None
+        conn.idle = 0.0
         self._idle.append(conn)
 
     def forget(self, conn: _Connection) -> None:
@@ -298,31 +419,51 @@ class _Pool:
             self._live.discard(conn)
             if self._sem is not None:
                 self._sem.release()
-        with contextlib.suppress(ValueError):
+        if conn in self._idle:
             self._idle.remove(conn)
 
-    async def acquire(self, connect_timeout: float | None, fresh: bool = False) -> _Connection:
-        while self._idle and not fresh:
-            conn = self._idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-        if self._sem is not None:
-            await self._sem.acquire()
+    def take(self, now: float) -> _Connection | None:
+        """An idle connection still worth using, or None."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if now - conn.idle_at > KEEPALIVE_S or conn.transport is None or conn.transport.is_closing():
+                conn.abort()
+                self.forget(conn)
+                continue
+            return conn
+        return None
+
+    async def connect(self, connect_timeout: float | None, deadline: float | None) -> _Connection:
+        """A new connection; waits for a free slot until ``deadline`` (loop time), connects within ``connect_timeout``."""
+        sem = self._sem
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
-                    server_hostname=self.host if self.ssl is not None else None,
-                )
-        except TimeoutError:
-            if self._sem is not None:
-                self._sem.release()
-            raise aiohttp.ServerTimeoutError(f"connect to {self.host}:{self.port} timed out") from None
-        except OSError as exc:
-            if self._sem is not None:
-                self._sem.release()
-            raise aiohttp.ClientConnectionError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        async with asyncio.timeout_at(deadline):
+            if sem is not None:
+                await sem.acquire()
+            try:
+                async with asyncio.timeout(connect_timeout) as connecting:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(self), self.host, self.port, ssl=self.ssl,
+                        server_hostname=self.host if self.ssl is not None else None,
+                    )
+            except TimeoutError:
+                if sem is not None:
+                    sem.release()
+                if connecting.expired():
+                    raise aiohttp.ServerTimeoutError(f"connect to {self.host}:{self.port} timed out") from None
+                raise
+            except OSError as exc:
+                if sem is not None:
+                    sem.release()
+                raise aiohttp.ClientConnectionError(
+                    f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+            except BaseException:
+                if sem is not None:
+                    sem.release()
+                raise
         self._live.add(conn)
         return conn
 
@@ -335,11 +476,15 @@ class _Pool:
 class LeanSession:
     """A pool of pools; the one object the proxy keeps for all upstream calls."""
 
-    def __init__(self, limit_per_host: int = 256, ssl_context: ssl_mod.SSLContext | None = None) -> None:
+    def __init__(self, limit_per_host: int = 256, ssl_context: ssl_mod.SSLContext | None = None,
+                 trace_configs: Iterable[aiohttp.TraceConfig] | None = None) -> None:
         self._pools: dict[tuple[str, str, int], _Pool] = {}
         self._limit = limit_per_host
         self._ssl = ssl_context
         self.closed = False
+        self.trace_configs: list[aiohttp.TraceConfig] = list(trace_configs or ())
+        for tc in self.trace_configs:
+            tc.freeze()
 
     def _pool(self, url: URL) -> _Pool:
         key = (url.scheme, url.raw_host or "", url.port or 0)
@@ -352,34 +497,67 @@ class LeanSession:
         return pool
 
     async def request(self, method: str, url: URL, *, data: bytes = b"", headers: Mapping[str, str] | None = None,
-                      timeout: aiohttp.ClientTimeout | None = None, **_: Any) -> LeanResponse:
+                      timeout: aiohttp.ClientTimeout | None = None, head_timeout: float | None = None,
+                      traced: bool = False, **_: Any) -> LeanResponse:
+        """Send one request; return once the answer's head is in.
+
+        ``head_timeout`` bounds the wait for the head (a free pooled slot, the
+        connect and the upstream's first byte), ``timeout.total`` the whole
+        exchange until release, ``timeout.sock_connect`` the connect alone;
+        each raises a TimeoutError (the connect: aiohttp.ServerTimeoutError).
+        """
+        if self.trace_configs and not traced:
+            return await self._traced(method, url, data, headers or {}, timeout, head_timeout)
         pool = self._pool(url)
         head = _head(method, url, headers or {}, len(data))
-        connect_timeout = timeout.sock_connect if timeout is not None else None
-        total = timeout.total if timeout is not None else None
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        total = timeout.total if timeout is not None else None
+        total_at = now + total if total else None
+        head_at = now + head_timeout if head_timeout else None
+        first_at = head_at if total_at is None or (head_at is not None and head_at < total_at) else total_at
         for fresh in (False, True):
-            conn = await pool.acquire(connect_timeout, fresh=fresh)
-            timer = loop.call_later(total, _expire, conn) if total else None
+            conn = None if fresh else pool.take(now)
+            if conn is None:
+                conn = await pool.connect(timeout.sock_connect if timeout is not None else None, first_at)
+            conn.total_at = total_at
+            conn.head_at = head_at
+            if first_at is not None:
+                conn.timer = loop.call_at(first_at, conn.expire)
             conn.send(head, data)
             try:
                 assert conn.head_future is not None
                 await conn.head_future
             except aiohttp.ServerDisconnectedError:
-                if timer is not None:
-                    timer.cancel()
+                conn.abort()
                 pool.forget(conn)
                 if conn.reused and not fresh:
                     continue  # the server closed an idle connection as we wrote: it never saw this request
                 raise
             except BaseException:
-                if timer is not None:
-                    timer.cancel()
                 conn.abort()
                 pool.forget(conn)
                 raise
-            return LeanResponse(conn, timer)
+            return LeanResponse(conn)
         raise aiohttp.ServerDisconnectedError()  # pragma: no cover - the loop returns or raises
+
+    async def _traced(self, method: str, url: URL, data: bytes, headers: Mapping[str, str],
+                      timeout: aiohttp.ClientTimeout | None, head_timeout: float | None) -> LeanResponse:
+        """aiohttp's request trace signals around the request (tracing on: the headers may gain traceparent)."""
+        sent: CIMultiDict[str] = CIMultiDict(headers)
+        traces = [Trace(self, tc, tc.trace_config_ctx()) for tc in self.trace_configs]  # type: ignore[arg-type]
+        for trace in traces:
+            await trace.send_request_start(method, url, sent)
+        try:
+            resp = await self.request(method, url, data=data, headers=sent, timeout=timeout,
+                                      head_timeout=head_timeout, traced=True)
+        except BaseException as exc:
+            for trace in traces:
+                await trace.send_request_exception(method, url, sent, exc)
+            raise
+        for trace in traces:
+            await trace.send_request_end(method, url, sent, resp)  # type: ignore[arg-type]
+        return resp
 
     async def close(self) -> None:
         self.closed = True
@@ -388,8 +566,34 @@ class LeanSession:
         self._pools.clear()
 
 
-def _expire(conn: _Connection) -> None:
-    conn._fail(TimeoutError())
+# One header line (llhttp has checked the syntax): name, then the value without surrounding blanks.
+_HEADER_LINE = re.compile(r"^([^:\r\n]+):[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE)
+
+
+def _headers(head: bytes) -> tuple[CIMultiDict[str], int]:
+    """The header fields of an answer's head (status line, fields, blank line; the body may follow),
+    and where the head ends."""
+    end = head.find(b"\r\n\r\n")
+    if end >= 0:
+        after = end + 4
+    else:
+        end = head.find(b"\n\n")  # bare LF line ends (llhttp accepts them)
+        after = end + 2
+    start = head.find(b"\n") + 1  # after the status line (its reason phrase may hold a colon)
+    return CIMultiDict(_HEADER_LINE.findall(head[start:end].decode("latin-1"))), after
+
+
+# Header names the client sets itself (or that make no sense on a request it frames).
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_SENDABLE: set[str] = set()  # names (exact spelling) known not to be framing: no lower() per header
+_DROPPED: set[str] = set()
+
+
+def _sendable(name: str) -> bool:
+    ok = name.lower() not in _FRAMING
+    if len(_SENDABLE) + len(_DROPPED) < 4096:  # bounded: clients choose some of the names
+        (_SENDABLE if ok else _DROPPED).add(name)
+    return ok
 
 
 def _head(method: str, url: URL, headers: Mapping[str, str], length: int) -> bytes:
@@ -397,15 +601,13 @@ def _head(method: str, url: URL, headers: Mapping[str, str], length: int) -> byt
     host = url.raw_host or ""
     if url.port and not url.is_default_port():
         host = f"{host}:{url.port}"
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    for name, value in headers.items():
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            raise ValueError(f"header {name!r} contains a line break")
-        n = name.lower()
-        if n in ("host", "content-length", "transfer-encoding", "connection"):
-            continue
-        lines.append(f"{name}: {value}")
-    lines.append(f"Content-Length: {length}")
-    lines.append("")
-    lines.append("")
-    return "\r\n".join(lines).encode("latin-1")
+    lines = [
+        f"{name}: {value}\r\n" for name, value in headers.items()
+        if name in _SENDABLE or (name not in _DROPPED and _sendable(name))
+    ]
+    fields = "".join(lines)
+    # A line break inside a name or a value would add a header line: each line has exactly one CR and one LF.
+    n = len(lines)
+    if fields.count("\n") != n or fields.count("\r") != n:
+        raise ValueError("a header name or value contains a line break")
+    return f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{fields}Content-Length: {length}\r\n\r\n".encode("latin-1")
