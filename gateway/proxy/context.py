@@ -54,7 +54,8 @@ class RequestContext:
 
     def gateway_ms(self, now: float | None = None) -> float:
         end = time.perf_counter() if now is None else now
-        return max(0.0, (end - self.start - self.upstream_s) * 1000.0)
+        ms = (end - self.start - self.upstream_s) * 1000.0
+        return ms if ms > 0.0 else 0.0
 
     def server_timing(self) -> str:
         return f"gateway;dur={self.gateway_ms():.3f}"

@@ -61,7 +61,7 @@ class Lease:
             self._owner.give_back(self._key, self._user)
 
 
-# Idle slots are kept (a key's next request reuses its slot) until a table holds this many.
+# Idle slots are kept (a key's next request reuses its slot); a table this full drops its idle ones.
 MAX_IDLE_SLOTS = 10_000
 
 
@@ -85,9 +85,13 @@ class FairShare:
             caps = self._caps[pool] = self.caps(pool)
         k = self._keys.get(key)
         if k is None:
+            if len(self._keys) >= MAX_IDLE_SLOTS:
+                self._tidy_all()
             k = self._keys[key] = _Slot()
         u = self._users.get(user)
         if u is None:
+            if len(self._users) >= MAX_IDLE_SLOTS:
+                self._tidy_all()
             u = self._users[user] = _Slot()
         if k.busy < caps[0] and u.busy < caps[1]:
             k.busy += 1
@@ -107,8 +111,6 @@ class FairShare:
             u.busy -= 1
             if u.waiters:
                 self._wake(u)
-        if len(self._keys) > MAX_IDLE_SLOTS or len(self._users) > MAX_IDLE_SLOTS:
-            self._tidy_all()
 
     async def acquire(self, key: str, user: str, pool: int) -> Lease:
         if not self.take(key, user, pool):

@@ -94,6 +94,9 @@ def _bad(msg: str) -> GatewayError:
     return GatewayError(ErrorKind.INVALID_REQUEST, msg)
 
 
+_GOOD_MODELS: set[str] = set()
+
+
 def parse_facts(
     body: bytes, request: web.Request, ctx: RequestContext, path: str = ""
 ) -> tuple[dict[str, Any], RequestFacts]:
@@ -101,17 +104,19 @@ def parse_facts(
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise _bad("Request body is not valid JSON.") from None
-    if not isinstance(doc, dict):
+    if doc.__class__ is not dict:  # orjson gives exact types: no isinstance call needed
         raise _bad("Request body must be a JSON object.")
-    model = doc.get("model")
-    problem = model_problem(model)
-    if problem is not None:
-        raise _bad(problem)
-    assert isinstance(model, str)  # model_problem checked it
+    model: str = doc.get("model")  # type: ignore[assignment]  # checked just below
+    if model.__class__ is not str or model not in _GOOD_MODELS:
+        problem = model_problem(model)
+        if problem is not None:
+            raise _bad(problem)
+        if len(_GOOD_MODELS) < 4096:  # names clients sent that passed: checked once
+            _GOOD_MODELS.add(model)
     stream = doc.get("stream", False)
     if stream is None:
         stream = False
-    if not isinstance(stream, bool):
+    elif stream.__class__ is not bool:
         raise _bad("stream: must be true or false.")
     try:
         ask = effective_output(doc, path)

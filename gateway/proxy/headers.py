@@ -54,7 +54,7 @@ def never_forwarded(name: str) -> bool:
 class HeaderPolicy:
     """The allow-list, compiled once per configuration (lookups are per header per request)."""
 
-    __slots__ = ("_cache", "_names", "_prefixes")
+    __slots__ = ("_cache", "_names", "_plans", "_prefixes")
 
     def __init__(self, extra: Iterable[str] = ()) -> None:
         names = set(ALLOWED_NAMES)
@@ -69,6 +69,9 @@ class HeaderPolicy:
         self._prefixes = tuple(prefixes)
         # name -> verdict; header names repeat across requests, values do not matter.
         self._cache: dict[str, bool] = {}
+        # The names of a request's headers, in order -> which of them pass: an SDK sends the
+        # same names on every request, so the whole verdict is one lookup.
+        self._plans: dict[tuple[str, ...], tuple[bool, ...]] = {}
 
     def allows(self, name: str) -> bool:
         verdict = self._cache.get(name)
@@ -81,20 +84,25 @@ class HeaderPolicy:
 
     def select(self, incoming: Mapping[str, str]) -> CIMultiDict[str]:
         """The client's headers that may reach the provider (before the gateway adds its own)."""
+        names = tuple(incoming.keys())
+        plan = self._plans.get(names)
+        if plan is None:
+            plan = self._plan(names, incoming.get("connection"))
         out: CIMultiDict[str] = CIMultiDict()
-        conn = incoming.get("connection")
+        for (name, value), keep in zip(incoming.items(), plan, strict=True):
+            if keep:
+                out.add(name, value)
+        return out
+
+    def _plan(self, names: tuple[str, ...], conn: str | None) -> tuple[bool, ...]:
         named: set[str] = set()
         if conn:
             # Headers named in Connection are hop-by-hop (RFC 9110 7.6.1), even allowed ones.
             named = {t.strip().lower() for t in conn.split(",")}
-        cache = self._cache
-        for name, value in incoming.items():
-            verdict = cache.get(name)  # inlined allows(): a known name costs no Python call
-            if verdict is None:
-                verdict = self.allows(name)
-            if verdict and (not named or name.lower() not in named):
-                out.add(name, value)
-        return out
+        plan = tuple(self.allows(name) and name.lower() not in named for name in names)
+        if not conn and len(self._plans) < 256:  # bounded: clients choose the names
+            self._plans[names] = plan
+        return plan
 
 
 def forward_header_errors(extra: Iterable[str]) -> list[str]:
