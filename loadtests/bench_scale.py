@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
-from bench import HOST, KINDS, VENV_BIN, children, run_wrk, wrk_script
+from bench import HOST, KINDS, VENV_BIN, children, cpu_ticks, run_wrk, wrk_script
 
 from tests.fixtures.servers import free_port, wait_port
 
@@ -259,12 +259,24 @@ def throughput_row(tmp: Path, seconds: float) -> dict[str, Any]:
                 (tmp / f"wrk-{kind.name}.lua").unlink(missing_ok=True)  # the key differs per gateway
                 script = wrk_script(tmp, kind, gw.key)
                 run_wrk(url, script, 2, 50)  # warm-up
+                pids = gw.workers()
+                ticks0 = [cpu_ticks([p]) for p in pids]
                 res = run_wrk(url, script, seconds, 100)
+                ticks = [cpu_ticks([p]) - t0 for p, t0 in zip(pids, ticks0, strict=True)]
                 out[f"rps_{workers}"] = res["requests"] / (res["duration_us"] / 1e6)
+                # The work per request, and how evenly the kernel spread it over the workers:
+                # with one core per worker the busiest one bounds throughput.
+                out[f"cpu_us_per_request_{workers}"] = sum(ticks) * 1e6 / bench.CLK_TCK / max(res["requests"], 1)
+                out[f"worker_cpu_shares_{workers}"] = [t / max(sum(ticks), 1) for t in ticks]
                 out[f"errors_{workers}"] = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
             finally:
                 gw.stop()
         out["ratio_2_vs_1"] = out["rps_2"] / out["rps_1"]
+        # What 2 workers give with a core each (not measurable here: the load generator and the
+        # mock share the two cores): the per-request work ratio over the busiest worker's share.
+        out["capacity_ratio_one_core_per_worker"] = (
+            out["cpu_us_per_request_1"] / out["cpu_us_per_request_2"] / max(out["worker_cpu_shares_2"])
+        )
     finally:
         stack.stop()
     return out
