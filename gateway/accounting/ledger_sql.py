@@ -51,14 +51,13 @@ _SUMS = ("requests", "partial_requests", "unpriced_requests", "input_tokens", "o
 _AGG = """count(*), count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced),
            sum(input_tokens), sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens),
            sum(cost_micros), sum(cost_pico)"""
-_SHARD = f"${len(_TYPES) + 1}::int2"
 
 
-def _rollup(name: str, table: str, bucket: str, unit: str) -> str:
+def _rollup(name: str, table: str, bucket: str, unit: str, shard: str) -> str:
     sets = ",\n        ".join(f"{c} = r.{c} + excluded.{c}" for c in _SUMS)
     return f"""{name} AS (
     INSERT INTO {table} AS r ({unit}, user_id, key_id, model, shard, {", ".join(_SUMS)})
-    SELECT {bucket}, user_id, key_id, model, {_SHARD}, {_AGG}
+    SELECT {bucket}, user_id, key_id, model, {shard}, {_AGG}
     FROM ins
     GROUP BY 1, 2, 3, 4
     ORDER BY 1, 2, 3, 4
@@ -68,18 +67,25 @@ def _rollup(name: str, table: str, bucket: str, unit: str) -> str:
 )"""  # noqa: S608 - composed from constants only
 
 
-INSERT_SQL = f"""
+def _insert_sql(rows: str, shard: str) -> str:
+    """The statement for ``rows`` (a SELECT of _COLUMNS), ``shard`` the rollup shard's parameter."""
+    return f"""
 WITH ins AS (
     INSERT INTO usage_ledger ({", ".join(_COLUMNS)})
-    SELECT * FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_TYPES))})
+    {rows}
     ON CONFLICT (request_id, ts) DO NOTHING
     RETURNING request_id, ts, user_id, key_id, model, partial, priced,
               input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros, cost_pico
-), {_rollup("daily", "usage_daily", "(ts AT TIME ZONE 'UTC')::date", "day")},
-{_rollup("hourly", "usage_hourly", "date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", "hour")}
+), {_rollup("daily", "usage_daily", "(ts AT TIME ZONE 'UTC')::date", "day", shard)},
+{_rollup("hourly", "usage_hourly", "date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", "hour", shard)}
 SELECT (SELECT array_agg(request_id) FROM ins) AS ids, pg_current_xact_id()::text AS xid
 """  # noqa: S608 - composed from constants only
 
+
+INSERT_SQL = _insert_sql(
+    f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_TYPES))})",  # noqa: S608
+    f"${len(_TYPES) + 1}::int2",
+)
 
 # The same statement over the journal lines of a batch (a JSON array of UsageRecord.to_dict()).
 # Floats arrive as float8 (the double the gateway had) and are cast like asyncpg's float4 encoder.
@@ -96,12 +102,11 @@ _JSON_VALUES = {
     "ttft_ms": "x.ttft_ms::float4",
     "gateway_ms": "x.gateway_ms::float4",
 }
-JSON_INSERT_SQL = INSERT_SQL.replace(
-    f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_TYPES))})",
-    f"SELECT {', '.join(_JSON_VALUES.get(c, f'x.{c}') for c in _COLUMNS)}\n"
+JSON_INSERT_SQL = _insert_sql(
+    f"SELECT {', '.join(_JSON_VALUES.get(c, f'x.{c}') for c in _COLUMNS)}\n"  # noqa: S608 - constants only
     f"    FROM jsonb_to_recordset($1::text::jsonb) AS x({_JSON_FIELDS})",
-).replace(_SHARD, "$2::int2")
-assert JSON_INSERT_SQL != INSERT_SQL and "unnest" not in JSON_INSERT_SQL
+    "$2::int2",
+)
 
 
 def columns(batch: list[UsageRecord]) -> list[list[Any]]:
