@@ -353,14 +353,12 @@ def _finish(
     )
     if ctx.tags:
         app[keys.TAGS].observe(ctx.tags, cost)
-    if reservation.state is not None:
-        app[keys.TASKS].spawn(
-            app[keys.ADMITTER].settle(principal, facts, reservation, usage.total_tokens, cost)
-        )
+    if reservation.state is not None:  # the limiter owns the settlement from here (no task per request)
+        app[keys.ADMITTER].settle_later(principal, facts, reservation, usage.total_tokens, cost)
     for held in hedges:
         # The hedge's cost is in the request's own settlement above: release its hold.
         if held.state is not None:
-            app[keys.TASKS].spawn(app[keys.ADMITTER].settle(principal, facts, held, 0, 0))
+            app[keys.ADMITTER].settle_later(principal, facts, held, 0, 0)
 
 
 def _cost(prices: PriceTable, usage: Usage, served: str, public: str) -> tuple[int, bool]:
