@@ -95,7 +95,8 @@ def db_fingerprint(dsn: str) -> str:
 
 
 def encode(rec: UsageRecord) -> bytes:
-    return orjson.dumps(rec.to_dict()) + b"\n"
+    """One journal line: every field by name (orjson reads the dataclass itself: one call per record)."""
+    return orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def decode(line: bytes) -> UsageRecord | None:
@@ -106,6 +107,8 @@ def decode(line: bytes) -> UsageRecord | None:
             return None
         if "cost_pico" not in d and "cost_micros" in d:  # a journal line of the previous release
             d["cost_pico"] = d["cost_micros"] * PICO_PER_MICRO
+        if isinstance(d.get("budget_keys"), list):  # a tuple, as recorded (the limiter keys caches on it)
+            d["budget_keys"] = tuple(d["budget_keys"])
         return UsageRecord(**{k: v for k, v in d.items() if k in _FIELD_SET})
     except (orjson.JSONDecodeError, TypeError):
         return None

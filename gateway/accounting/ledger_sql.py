@@ -87,7 +87,7 @@ INSERT_SQL = _insert_sql(
     f"${len(_TYPES) + 1}::int2",
 )
 
-# The same statement over the journal lines of a batch (a JSON array of UsageRecord.to_dict()).
+# The same statement over the journal lines of a batch (a JSON array of ledger.encode(record)).
 # Floats arrive as float8 (the double the gateway had) and are cast like asyncpg's float4 encoder.
 _JSON_FIELDS = (
     "request_id text, ts float8, key_id text, user_id text, model text, route text, upstream text, status int4, "

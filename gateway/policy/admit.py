@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
@@ -147,9 +147,10 @@ class Admitter:
         self.settle_later: SettleLater = getattr(limiter, "settle_later", None) or self._settle_in_task
         self._settling: set[asyncio.Task[None]] = set()
 
-    async def admit(self, principal: Principal, facts: RequestFacts) -> Reservation:
+    def admit(self, principal: Principal, facts: RequestFacts) -> Awaitable[Reservation]:
+        """Raises GatewayError at once for a static refusal; else the limiter's reservation, to await."""
         check_static(principal, facts)
-        return await self.limiter.reserve(principal, facts)
+        return self.limiter.reserve(principal, facts)
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,

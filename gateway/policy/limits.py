@@ -143,20 +143,33 @@ class RedisLimiter:
 
     # -- redis calls ------------------------------------------------------------
 
-    async def _admit(self, plan: Plan, member: str, tokens: int, cost: int) -> Any:
+    def _admit_command(self, plan: Plan, member: str, tokens: int, cost: int) -> bytes:
+        m, t, c = member.encode(), b"%d" % tokens, b"%d" % cost
+        return (plan.admit_head + b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(m), m, len(t), t, len(c), c)
+                + plan.admit_tail)
+
+    def _send_admit(self, plan: Plan, member: str, tokens: int, cost: int) -> asyncio.Future[object] | None:
+        """ADMIT on the fast connection, sent now (None: no fast connection, or not connected yet).
+
+        A caller that goes away mid-admission (client disconnect) cancels its wait: the reply
+        then goes to _release_orphan, which gives back whatever the script reserved."""
         fast = self.store.fast
         if fast is None:
-            return await self.runner.eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
-        m, t, c = member.encode(), b"%d" % tokens, b"%d" % cost
-        parts = plan.admit_head + b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-            len(m), m, len(t), t, len(c), c) + plan.admit_tail
-        try:
-            # A caller that goes away mid-admission (client disconnect) cancels its wait: the
-            # reply then goes to _release_orphan, which gives back whatever the script reserved.
-            reply = await fast.send_encoded(plan.admit_argc, parts, (self._release_orphan, (plan, member, tokens, cost)))
-            return await reply
-        except NoScriptError:
-            return await self.runner.eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
+            return None
+        return fast.send_now(plan.admit_argc, self._admit_command(plan, member, tokens, cost),
+                             (self._release_orphan, (plan, member, tokens, cost)))
+
+    async def _admit(self, plan: Plan, member: str, tokens: int, cost: int) -> Any:
+        """ADMIT by the slower ways: connecting first, or through redis-py; EVAL after a NOSCRIPT."""
+        fast = self.store.fast
+        if fast is not None:
+            reply = await fast.send_encoded(plan.admit_argc, self._admit_command(plan, member, tokens, cost),
+                                            (self._release_orphan, (plan, member, tokens, cost)))
+            try:
+                return await reply
+            except NoScriptError:
+                pass
+        return await self.runner.eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
 
     def _release_orphan(self, ctx: tuple[Plan, str, int, int], raw: Any) -> None:
         plan, member, tokens, cost = ctx
@@ -167,25 +180,27 @@ class RedisLimiter:
     # -- admission --------------------------------------------------------------
 
     async def reserve(self, principal: Principal, facts: RequestFacts) -> Reservation:
+        """One ADMIT round trip; a straight line on the hot path (each coroutine layer costs calls)."""
         plan = self.planner.plan(principal, model=facts.model)
         if plan is None:
             return Reservation()
-        res = await self._reserve(plan, facts)
-        if plan.budget_keys and self.budgets.ledger:
-            res.budget_keys = plan.budget_keys
-            self.budgets.touch(plan)
-        return res
-
-    async def _reserve(self, plan: Plan, facts: RequestFacts) -> Reservation:
         if not self.store.healthy:
             return await self._degraded(plan, facts)
-        limits = plan.limits
         tokens, cost = demand(plan, facts, self.prices, plan.token_cap)
+        member = facts.request_id
         try:
-            raw = await self._admit(plan, facts.request_id, tokens, cost)
+            reply = self._send_admit(plan, member, tokens, cost)
+            if reply is None:
+                raw = await self._admit(plan, member, tokens, cost)
+            else:
+                try:
+                    raw = await reply
+                except NoScriptError:  # Redis lost its scripts (restarted): EVAL it
+                    raw = await self.runner.eval(
+                        scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
             if raw[0] == -1:
                 await self.budgets.rebuild(plan)
-                raw = await self._admit(plan, facts.request_id, tokens, cost)
+                raw = await self._admit(plan, member, tokens, cost)
                 if raw[0] == -1:
                     raise RebuildFailed
         except REDIS_ERRORS as exc:
@@ -200,28 +215,39 @@ class RedisLimiter:
             used[i] = int(used[i])
             self.budgets.spent[plan.checks[i].key] = used[i] - (cost if raw[0] else 0)
         d = Decision(raw[0], raw[1], raw[2], raw[3], used, raw[5::2])
-        headers = decide(self.stats, plan, limits, d, cost)
+        headers = decide(self.stats, plan, plan.limits, d, cost)
         if not plan.settle:
-            return Reservation(headers=headers)
-        held = Held(plan, facts.request_id, d.sec, tokens, cost)
-        if plan.renew_keys:
-            self._held[held.member] = held
-            if self._renewer is None:
-                self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
-        return Reservation(headers=headers, state=held)
+            res = Reservation(headers=headers)
+        else:
+            held = Held(plan, member, d.sec, tokens, cost)
+            if plan.renew_keys:
+                self._held[member] = held
+                if self._renewer is None:
+                    self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
+            res = Reservation(headers=headers, state=held)
+        if plan.budget_keys and self.budgets.ledger:
+            res.budget_keys = plan.budget_keys
+            self.budgets.touch(plan)
+        return res
 
     async def _degraded(self, plan: Plan, facts: RequestFacts) -> Reservation:
+        """The decision without Redis (``redis.failure_mode``); the record still names its budget counters."""
         self.stats.degraded += 1
         if self.mode == "open":
-            return Reservation()
-        if self.mode == "closed":
+            res = Reservation()
+        elif self.mode == "closed":
             raise GatewayError(
                 ErrorKind.UNAVAILABLE, "The rate-limit store is unavailable; try again shortly.",
                 retry_after_s=self.retry_seconds,
             )
-        if any(key not in self.budgets.spent for key in plan.budget_keys):
-            await self.budgets.learn_spend(plan)
-        return self.local.reserve_plan(plan, facts, budget_spent=self.budgets.spent)
+        else:
+            if any(key not in self.budgets.spent for key in plan.budget_keys):
+                await self.budgets.learn_spend(plan)
+            res = self.local.reserve_plan(plan, facts, budget_spent=self.budgets.spent)
+        if plan.budget_keys and self.budgets.ledger:
+            res.budget_keys = plan.budget_keys
+            self.budgets.touch(plan)
+        return res
 
     # -- settlement -------------------------------------------------------------
 
@@ -366,12 +392,17 @@ class RedisLimiter:
             except REDIS_ERRORS as exc:
                 self.store.failed(exc)
 
-    async def close(self) -> None:
+    async def flush_settlements(self) -> None:
+        """Send the queued settlements now and wait for the answers to everything sent so far."""
         if self._settles:
             self._send_settles()
         reply = self._settle_reply
         if reply is not None and not reply.done():
-            await asyncio.wait({reply}, timeout=2 * self.timeout + 1)  # its callback runs first: parks or re-queues
+            # Replies come in order: the last one answers for all.  Its callback runs first (parks or re-queues).
+            await asyncio.wait({reply}, timeout=2 * self.timeout + 1)
+
+    async def close(self) -> None:
+        await self.flush_settlements()
         await tasks.stop(self._renewer)
         if self._flusher is not None:
             with contextlib.suppress(*REDIS_ERRORS):

@@ -312,27 +312,24 @@ def demand(plan: Plan, facts: RequestFacts, prices: PriceTable, token_cap: int) 
     return tokens, cost
 
 
-def _seconds(ms: int) -> str:
-    """``ms`` (>= 0) in seconds with at most three decimals, trailing zeros dropped: 1500 -> "1.5"."""
-    if ms.__class__ is not int:  # never from the limiters; formatted the general way
-        return f"{ms / 1000:.3f}".rstrip("0").rstrip(".")
-    whole, frac = ms // 1000, ms % 1000
-    if not frac:
-        return f"{whole}"
-    if frac % 100 == 0:
-        return f"{whole}.{frac // 100}"
-    if frac % 10 == 0:
-        return f"{whole}.{frac // 10:02d}"
-    return f"{whole}.{frac:03d}"
-
-
 def duration(ms: int) -> str:
-    """OpenAI's reset format: ``250ms``, ``1.5s``, ``1m0s`` (no call beyond this one for an int)."""
+    """OpenAI's reset format: ``250ms``, ``1.5s``, ``1m0s`` (seconds: at most three decimals, no trailing zeros)."""
     if ms < 1000:
         return f"{ms if ms > 0 else 0}ms"
-    if ms < 60_000:
-        return f"{_seconds(ms)}s"
-    return f"{ms // 60_000}m{_seconds(ms % 60_000)}s"
+    if ms.__class__ is not int:  # never from the limiters; formatted the general way
+        minutes, rest = divmod(ms, 60_000) if ms >= 60_000 else (0, ms)
+        return (f"{minutes}m" if minutes else "") + f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = ms // 60_000, ms % 60_000
+    whole, frac = rest // 1000, rest % 1000
+    if not frac:
+        secs = f"{whole}"
+    elif frac % 100 == 0:
+        secs = f"{whole}.{frac // 100}"
+    elif frac % 10 == 0:
+        secs = f"{whole}.{frac // 10:02d}"
+    else:
+        secs = f"{whole}.{frac:03d}"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def _trio(

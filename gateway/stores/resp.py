@@ -198,12 +198,12 @@ class PipelinedRedis:
             proto = await self._proto_ready()
         return self._send_raw(proto, b"*%d\r\n" % count + parts, orphan)
 
-    def send_now(self, count: int, parts: bytes) -> asyncio.Future[object] | None:
+    def send_now(self, count: int, parts: bytes, orphan: Orphan | None = None) -> asyncio.Future[object] | None:
         """``send_encoded`` without waiting: None when not connected (the caller takes its async path)."""
         proto = self._proto
         if proto is None or proto.transport is None:
             return None
-        return self._send_raw(proto, b"*%d\r\n" % count + parts)
+        return self._send_raw(proto, b"*%d\r\n" % count + parts, orphan)
 
     async def close(self) -> None:
         if self._watchdog is not None:
