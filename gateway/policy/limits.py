@@ -291,6 +291,8 @@ class RedisLimiter:
         """This loop pass's settlements: one SETTLE_MANY on the fast connection, else through the flusher."""
         items, self._settles = self._settles, []
         waiters, self._settle_waiters = self._settle_waiters, []
+        if not items:  # sent already (flush_settlements)
+            return
         fast = self.store.fast
         reply = None
         if fast is not None and self.store.healthy:
@@ -400,6 +402,8 @@ class RedisLimiter:
         if reply is not None and not reply.done():
             # Replies come in order: the last one answers for all.  Its callback runs first (parks or re-queues).
             await asyncio.wait({reply}, timeout=2 * self.timeout + 1)
+        if self._flusher is not None:  # what went the slower way (redis-py, not connected, NOSCRIPT)
+            await asyncio.wait({self._flusher}, timeout=2 * self.timeout + 1)
 
     async def close(self) -> None:
         await self.flush_settlements()
