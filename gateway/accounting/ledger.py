@@ -4,9 +4,12 @@
 worker's journal segment with a single ``write(2)``: once it returns the
 record is in the kernel's page cache, so a SIGKILLed worker loses nothing.
 A flusher task then writes the records in batches (one multi-row
-``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`` that also adds
-exactly the inserted rows to the daily rollup, in one statement) and deletes a
-segment once all its records are committed.
+``INSERT ... ON CONFLICT DO NOTHING`` that also adds exactly the inserted rows
+to the daily and hourly rollups, in one statement; ``ledger_sql.py``) and
+deletes a segment once all its records are committed.  A batch still in
+memory is sent as the journal lines ``record()`` already encoded (one JSON
+array: no conversion per record in Python); records read back from a file go
+as typed column arrays.
 
 Exactly once: a replayed record has the same (request_id, ts) and the ledger's
 unique index drops it; the rollup only adds rows the insert returned.
@@ -47,8 +50,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -63,7 +66,8 @@ from gateway.accounting.ledger_errors import (
     persistent,
     sqlstate,
 )
-from gateway.accounting.money import PICO_PER_MICRO, micros_ceil
+from gateway.accounting.ledger_sql import INSERT_SQL, JSON_INSERT_SQL, columns, tag_column
+from gateway.accounting.money import PICO_PER_MICRO
 from gateway.accounting.record import _FIELDS, UsageRecord
 from gateway.accounting.set_aside import SetAside
 from gateway.config import AccountingConfig
@@ -75,58 +79,10 @@ SHARDS = 8  # rollup rows per (day, user, key, model): writers spread over them
 SEGMENT_MAX_RECORDS = 50_000  # rotate the active segment beyond this (bounded replay reads)
 ORPHAN_SCAN_S = 3.0
 _FIELD_SET = frozenset(_FIELDS)
+_TS = attrgetter("ts")
+_NUL = b"\\u0000"  # how orjson writes a NUL character inside a JSON string
 
-_COLUMNS = (
-    "request_id", "ts", "key_id", "user_id", "model", "route", "upstream", "status", "streamed", "partial",
-    "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens", "cost_micros", "priced",
-    "upstream_ms", "ttft_ms", "gateway_ms", "error_kind",
-    "served_model", "cost_pico",
-)
-_TYPES = (
-    "text", "timestamptz", "text", "text", "text", "text", "text", "int4", "bool", "bool",
-    "int8", "int8", "int8", "int8", "int8", "bool", "float4", "float4", "float4", "text",
-    "text", "int8",
-)
-# Cost-attribution tags (migration 0021), last: _columns() ends with tag_column().
-_COLUMNS = (*_COLUMNS, "tags")  # type: ignore[assignment]  # one more column
-_TYPES = (*_TYPES, "jsonb")  # type: ignore[assignment]
-
-# One statement: insert what is new, then roll up exactly those rows (daily and hourly).
-# cost_pico (exact, numeric in the rollups) is the truth; cost_micros (each record rounded up to
-# a micro-dollar) is kept for the previous release (migrations 0011, 0012).
-_SUMS = ("requests", "partial_requests", "unpriced_requests", "input_tokens", "output_tokens",
-         "cache_write_tokens", "cache_read_tokens", "cost_micros", "cost_pico")
-_AGG = """count(*), count(*) FILTER (WHERE partial), count(*) FILTER (WHERE NOT priced),
-           sum(input_tokens), sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens),
-           sum(cost_micros), sum(cost_pico)"""
-_SHARD = f"${len(_TYPES) + 1}::int2"
-
-
-def _rollup(name: str, table: str, bucket: str, unit: str) -> str:
-    sets = ",\n        ".join(f"{c} = r.{c} + excluded.{c}" for c in _SUMS)
-    return f"""{name} AS (
-    INSERT INTO {table} AS r ({unit}, user_id, key_id, model, shard, {", ".join(_SUMS)})
-    SELECT {bucket}, user_id, key_id, model, {_SHARD}, {_AGG}
-    FROM ins
-    GROUP BY 1, 2, 3, 4
-    ORDER BY 1, 2, 3, 4
-    ON CONFLICT ({unit}, user_id, key_id, model, shard) DO UPDATE SET
-        {sets}
-    RETURNING 1
-)"""  # noqa: S608 - composed from constants only
-
-
-INSERT_SQL = f"""
-WITH ins AS (
-    INSERT INTO usage_ledger ({", ".join(_COLUMNS)})
-    SELECT * FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_TYPES))})
-    ON CONFLICT (request_id, ts) DO NOTHING
-    RETURNING request_id, ts, user_id, key_id, model, partial, priced,
-              input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, cost_micros, cost_pico
-), {_rollup("daily", "usage_daily", "(ts AT TIME ZONE 'UTC')::date", "day")},
-{_rollup("hourly", "usage_hourly", "date_trunc('hour', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'", "hour")}
-SELECT (SELECT array_agg(request_id) FROM ins) AS ids, pg_current_xact_id()::text AS xid
-"""  # noqa: S608 - composed from constants only
+__all__ = ["INSERT_SQL", "LedgerWriter", "columns", "db_fingerprint", "decode", "encode", "tag_column"]
 
 PROBE_AFTER = 5  # consecutive persistent failures (same SQLSTATE) before a batch is probed
 
@@ -139,7 +95,8 @@ def db_fingerprint(dsn: str) -> str:
 
 
 def encode(rec: UsageRecord) -> bytes:
-    return orjson.dumps(rec.to_dict()) + b"\n"
+    """One journal line: every field by name (orjson reads the dataclass itself: one call per record)."""
+    return orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def decode(line: bytes) -> UsageRecord | None:
@@ -150,50 +107,11 @@ def decode(line: bytes) -> UsageRecord | None:
             return None
         if "cost_pico" not in d and "cost_micros" in d:  # a journal line of the previous release
             d["cost_pico"] = d["cost_micros"] * PICO_PER_MICRO
+        if isinstance(d.get("budget_keys"), list):  # a tuple, as recorded (the limiter keys caches on it)
+            d["budget_keys"] = tuple(d["budget_keys"])
         return UsageRecord(**{k: v for k, v in d.items() if k in _FIELD_SET})
     except (orjson.JSONDecodeError, TypeError):
         return None
-
-
-def columns(batch: list[UsageRecord]) -> list[list[Any]]:
-    """Column arrays for INSERT_SQL's unnest (RecordRefused when a record cannot be encoded)."""
-    try:
-        return _columns(batch)
-    except ENCODING_ERRORS as exc:
-        raise RecordRefused(f"{type(exc).__name__}: {exc}") from None
-
-
-def _columns(batch: list[UsageRecord]) -> list[list[Any]]:
-    return [
-        [r.request_id for r in batch],
-        [datetime.fromtimestamp(r.ts, UTC) for r in batch],
-        [r.key_id for r in batch],
-        [r.user_id for r in batch],
-        [r.model for r in batch],
-        [r.route for r in batch],
-        [r.upstream for r in batch],
-        [r.status for r in batch],
-        [r.streamed for r in batch],
-        [r.partial for r in batch],
-        [r.input_tokens for r in batch],
-        [r.output_tokens for r in batch],
-        [r.cache_write_tokens for r in batch],
-        [r.cache_read_tokens for r in batch],
-        [micros_ceil(r.cost_pico) for r in batch],
-        [r.priced for r in batch],
-        [r.upstream_ms for r in batch],
-        [r.ttft_ms for r in batch],
-        [r.gateway_ms for r in batch],
-        [r.error_kind for r in batch],
-        [r.served_model for r in batch],
-        [r.cost_pico for r in batch],
-        tag_column(batch),
-    ]
-
-
-def tag_column(batch: list[UsageRecord]) -> list[Any]:
-    """The tags array for INSERT_SQL (after the columns() arrays)."""
-    return [r.tags for r in batch]
 
 
 def read_segment(path: Path, batch_size: int) -> Iterator[list[UsageRecord]]:
@@ -228,6 +146,8 @@ class _Segment:
     fd: int
     count: int = 0
     mem: list[UsageRecord] | None = field(default_factory=list)  # None: read back from the file
+    # The journal lines of ``mem``, as written (None: not kept, e.g. during an outage; the typed path then).
+    lines: list[bytes] | None = field(default_factory=list)
 
 
 class LedgerWriter:
@@ -277,9 +197,10 @@ class LedgerWriter:
         seg = self._active
         if seg is None:
             seg = self._active = self._open_segment()
+        line = encode(rec)
         if seg.fd >= 0:
             try:
-                os.write(seg.fd, encode(rec))
+                os.write(seg.fd, line)
             except OSError as exc:
                 log.error("ledger journal write failed; records kept in memory until it works",
                           error=exc.strerror)
@@ -290,9 +211,14 @@ class LedgerWriter:
             if self._mem_count >= self.max_memory and seg.fd >= 0:
                 # Bounded memory: the journal has them; read back when flushing.
                 self._mem_count -= len(seg.mem)
-                seg.mem = None
+                seg.mem = seg.lines = None
             else:
                 seg.mem.append(rec)
+                if seg.lines is not None:
+                    if self._down_since is None:
+                        seg.lines.append(line)
+                    else:  # an outage: memory holds the records only (their lines are in the journal)
+                        seg.lines = None
                 self._mem_count += 1
         if seg.count >= self.batch_size and self._down_since is None:
             self._wake.set()  # a full batch goes now (during an outage, the backoff decides)
@@ -373,6 +299,8 @@ class LedgerWriter:
                     return
                 if self._down_since is None:
                     self._down_since = loop.time()
+                    for seg in [*self._sealed, *([self._active] if self._active else [])]:
+                        seg.lines = None  # memory bounded by max_memory_records as before
                     if isinstance(exc, DatabaseUnavailable | asyncpg.PostgresError | OSError | asyncpg.InterfaceError):
                         log.warning("ledger: postgres unavailable; journaling until it is back", error=self.last_outage)
                     else:  # not a database error at all: a bug, retried like an outage but loud
@@ -424,8 +352,10 @@ class LedgerWriter:
         while self._sealed:
             seg = self._sealed[0]
             if seg.mem is not None:
+                lines = seg.lines
                 for i in range(0, len(seg.mem), self.batch_size):
-                    await self._insert(seg.mem[i : i + self.batch_size])
+                    await self._insert(seg.mem[i : i + self.batch_size],
+                                       None if lines is None else lines[i : i + self.batch_size])
                 self._mem_count -= len(seg.mem)
             else:
                 for batch in read_segment(seg.path, self.batch_size):
@@ -467,7 +397,7 @@ class LedgerWriter:
             finally:
                 os.close(fd)
 
-    async def _insert(self, batch: list[UsageRecord]) -> int:
+    async def _insert(self, batch: list[UsageRecord], lines: list[bytes] | None = None) -> int:
         """Insert a batch (duplicates skipped); records Postgres refuses are set aside, the rest go in.
 
         An outage raises (the caller retries the whole segment later; what went in
@@ -475,11 +405,13 @@ class LedgerWriter:
         A persistent outage is probed (``_probe``) every ``PROBE_AFTER``-th time it repeats.
         """
         if self.set_aside.ids:
-            batch = [r for r in batch if r.request_id not in self.set_aside.ids]
+            kept = [r for r in batch if r.request_id not in self.set_aside.ids]
+            if len(kept) != len(batch):
+                batch, lines = kept, None
         if not batch:
             return 0
         try:
-            n = await self._insert_rows(batch)
+            n = await self._insert_rows(batch, lines)
         except Exception as exc:
             if classify(exc) is Verdict.OUTAGE:
                 if persistent(exc) and self._repeats(exc) % PROBE_AFTER == 0:
@@ -492,7 +424,9 @@ class LedgerWriter:
             self._suspect = ("", 0)
             return n
         mid = len(batch) // 2
-        return await self._insert(batch[:mid]) + await self._insert(batch[mid:])
+        if lines is None:
+            return await self._insert(batch[:mid]) + await self._insert(batch[mid:])
+        return await self._insert(batch[:mid], lines[:mid]) + await self._insert(batch[mid:], lines[mid:])
 
     def _repeats(self, exc: BaseException) -> int:
         """How many times in a row batches failed with this SQLSTATE."""
@@ -540,7 +474,7 @@ class LedgerWriter:
 
     async def _probe_insert(self, batch: list[UsageRecord], failed: list[tuple[UsageRecord, BaseException]]) -> int:
         try:
-            return await self._insert_rows(batch)
+            return await self._insert_rows(batch)  # typed: a probe is rare and its records few
         except Exception as exc:
             if classify(exc) is Verdict.OUTAGE and not persistent(exc):
                 raise  # a real outage meanwhile: retried later like any other
@@ -550,16 +484,24 @@ class LedgerWriter:
         mid = len(batch) // 2
         return await self._probe_insert(batch[:mid], failed) + await self._probe_insert(batch[mid:], failed)
 
-    async def _insert_rows(self, batch: list[UsageRecord]) -> int:
-        cols = columns(batch)  # first: a record that cannot be encoded is refused, not an outage
-        months = {(t.year, t.month) for t in cols[1]} - self._partitions
+    async def _insert_rows(self, batch: list[UsageRecord], lines: list[bytes] | None = None) -> int:
+        # First: a record that cannot be encoded is refused, not an outage.
+        payload = b"[" + b",".join(lines) + b"]" if lines is not None else b""
+        if lines is None or _NUL in payload:  # a NUL: Postgres refuses it as text (22021), as a typed column
+            cols = columns(batch)
+            months = {(t.year, t.month) for t in cols[1]}
+            sql, args = INSERT_SQL, (*cols, self.shard)
+        else:
+            months = _months(batch)
+            sql, args = JSON_INSERT_SQL, (payload.decode(), self.shard)
+        months -= self._partitions
         async with self.db.connection(timeout=5.0) as conn:
             for y, m in sorted(months):
                 await conn.execute(
                     "SELECT usage_ledger_ensure_partition($1)", datetime(y, m, 1, tzinfo=UTC), timeout=10.0
                 )
                 self._partitions.add((y, m))
-            row = await conn.fetchrow(INSERT_SQL, *cols, self.shard, timeout=30.0)
+            row = await conn.fetchrow(sql, *args, timeout=30.0)
         ids = row["ids"] or []
         n = len(ids)
         self.stats.written += n
@@ -577,6 +519,17 @@ class LedgerWriter:
     def _set_aside(self, rec: UsageRecord, exc: BaseException) -> None:
         self.stats.set_aside += 1
         self.set_aside.add(rec, exc)
+
+
+def _months(batch: list[UsageRecord]) -> set[tuple[int, int]]:
+    """The (year, month) partitions a batch needs, from its earliest and latest record when they agree."""
+    try:
+        lo, hi = datetime.fromtimestamp(min(map(_TS, batch)), UTC), datetime.fromtimestamp(max(map(_TS, batch)), UTC)
+        if (lo.year, lo.month) == (hi.year, hi.month):
+            return {(lo.year, lo.month)}
+        return {(t.year, t.month) for t in (datetime.fromtimestamp(r.ts, UTC) for r in batch)}
+    except ENCODING_ERRORS as exc:
+        raise RecordRefused(f"{type(exc).__name__}: {exc}") from None
 
 
 class _RolledBack(Exception):

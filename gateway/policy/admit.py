@@ -6,8 +6,10 @@ when the request ends (always, also on client disconnect or upstream failure).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
@@ -63,6 +65,13 @@ class Limiter(Protocol):
         tokens: int, cost_pico: int,
     ) -> None: ...
 
+    def settle_later(
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation,
+        tokens: int, cost_pico: int,
+    ) -> None:
+        """``settle`` off the hot path, without a task per request: the limiter owns it from here
+        (sends it soon, and at the latest when it closes)."""
+
     async def close(self) -> None: ...
 
 
@@ -73,6 +82,12 @@ class NullLimiter:
         return Reservation()
 
     async def settle(
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation,
+        tokens: int, cost_pico: int,
+    ) -> None:
+        return None
+
+    def settle_later(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,
         tokens: int, cost_pico: int,
     ) -> None:
@@ -122,16 +137,32 @@ def output_cap(principal: Principal) -> int | None:
     return min(caps) if caps else None
 
 
+SettleLater = Callable[[Principal, RequestFacts, Reservation, int, int], None]
+
+
 class Admitter:
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
+        # The handler's way to settle (``Limiter.settle_later``), bound once: no call of ours in between.
+        self.settle_later: SettleLater = getattr(limiter, "settle_later", None) or self._settle_in_task
+        self._settling: set[asyncio.Task[None]] = set()
 
-    async def admit(self, principal: Principal, facts: RequestFacts) -> Reservation:
+    def admit(self, principal: Principal, facts: RequestFacts) -> Awaitable[Reservation]:
+        """Raises GatewayError at once for a static refusal; else the limiter's reservation, to await."""
         check_static(principal, facts)
-        return await self.limiter.reserve(principal, facts)
+        return self.limiter.reserve(principal, facts)
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation,
         tokens: int, cost_pico: int,
     ) -> None:
         await self.limiter.settle(principal, facts, reservation, tokens, cost_pico)
+
+    def _settle_in_task(
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation,
+        tokens: int, cost_pico: int,
+    ) -> None:
+        """For a limiter without ``settle_later`` (a test double): its ``settle`` in a task held until done."""
+        task = asyncio.get_running_loop().create_task(self.settle(principal, facts, reservation, tokens, cost_pico))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)

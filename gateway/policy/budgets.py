@@ -33,9 +33,10 @@ import structlog
 from gateway import tasks
 from gateway.accounting.record import UsageRecord
 from gateway.policy.budget_rebuild import BudgetScope, LedgerSpend
-from gateway.policy.plans import PLAN_CACHE_MAX, Check, LimiterStats, Plan, scope_of
+from gateway.policy.plans import PLAN_CACHE_MAX, Check, LimiterStats, Plan, budget_scopes, scope_of
 from gateway.stores import redis_scripts as scripts
 from gateway.stores.redis import REDIS_ERRORS, RedisStore
+from gateway.stores.resp import encode_parts
 from gateway.stores.script_calls import Call, ScriptRunner
 
 log = structlog.get_logger("limits")
@@ -44,6 +45,7 @@ RebuildHook = Callable[[Sequence[BudgetScope]], Awaitable[LedgerSpend | Mapping[
 # A settled cost waiting for its ledger commit is held at most this long (a
 # Postgres outage longer than that releases it; the commit still applies it).
 COMMIT_HOLD_MS = 3_600_000
+_APPLY_CHUNK = 500  # records per APPLY_MANY (one script call keeps Redis busy for all of them)
 _MARK_TTL_MS = 30_000  # a rebase not finished by then is abandoned (APPLY adds directly again)
 
 Target = tuple[BudgetScope, int]  # a counter's ledger scope and TTL (seconds, 0 = none)
@@ -70,7 +72,7 @@ class Budgets:
         self.outage_spend: dict[str, int] = {}  # budget key -> spent under local limits (no ledger)
         self.stale: dict[str, Target] = {}  # counters missing an application
         self._touched: dict[str, Target] = {}  # counters used since the last reconcile
-        self._targets: dict[int, tuple[Plan, dict[str, Target]]] = {}
+        self._key_bulk: dict[tuple[str, ...], tuple[bytes, int]] = {}  # budget keys -> (RESP bulk strings, count)
         self._rebuilding: dict[tuple[str, ...], asyncio.Future[None]] = {}
         self._block_until = 0.0
         self._reconciler: asyncio.Task[None] | None = None
@@ -83,14 +85,7 @@ class Budgets:
 
     def touch(self, plan: Plan) -> None:
         """The plan's counters were used: the next reconcile rebases them."""
-        hit = self._targets.get(id(plan))
-        if hit is None or hit[0] is not plan:
-            if len(self._targets) >= PLAN_CACHE_MAX:
-                self._targets.clear()
-            checks = [plan.checks[i] for i in plan.budget_i]
-            ttls = (c.ttl_s for c in checks)
-            hit = self._targets[id(plan)] = (plan, dict(zip(plan.budget_keys, zip(scopes(plan, checks), ttls, strict=True), strict=True)))
-        self._touched.update(hit[1])
+        self._touched.update(plan.budget_targets)
 
     # -- the ledger ---------------------------------------------------------------
 
@@ -187,11 +182,11 @@ class Budgets:
 
     async def apply_committed(self, records: Sequence[UsageRecord], xid: str) -> None:
         """Move committed records' costs into their budget counters (the ledger writer calls this)."""
-        items = [Call(list(r.budget_keys), [r.request_id, r.cost_pico, xid]) for r in records]
         if self.store.healthy:
             try:
-                await self.runner.eval_chunked(scripts.APPLY, items)
-                self.stats.applied += len(items)
+                for start in range(0, len(records), _APPLY_CHUNK):
+                    await self._apply(records[start : start + _APPLY_CHUNK], xid)
+                self.stats.applied += len(records)
                 return
             except REDIS_ERRORS as exc:
                 self.store.failed(exc)
@@ -201,6 +196,29 @@ class Budgets:
             for key in r.budget_keys:
                 self.stale[key] = scope_of(key, r.user_id, r.key_id)
         self.stats.unapplied += len(records)
+
+    async def _apply(self, records: Sequence[UsageRecord], xid: str) -> None:
+        """One APPLY_MANY on the fast connection (one APPLY per record through redis-py)."""
+        lines: list[str] = []
+        if self.store.fast is not None:
+            bulk: list[bytes] = []
+            nkeys = 0
+            for r in records:
+                if "\n" in r.request_id:  # the member ends its line: never so in the gateway's own ids
+                    break
+                hit = self._key_bulk.get(r.budget_keys)
+                if hit is None:
+                    if len(self._key_bulk) >= PLAN_CACHE_MAX:
+                        self._key_bulk.clear()
+                    hit = self._key_bulk[r.budget_keys] = (encode_parts(*r.budget_keys), len(r.budget_keys))
+                bulk.append(hit[0])
+                nkeys += hit[1]
+                lines.append(f"{hit[1]} {r.cost_pico} {r.request_id}")
+            else:
+                await self.runner.eval_encoded(scripts.APPLY_MANY, nkeys, b"".join(bulk), (xid, "\n".join(lines)))
+                return
+        items = [Call(list(r.budget_keys), [r.request_id, r.cost_pico, xid]) for r in records]
+        await self.runner.eval_many(scripts.APPLY, items)
 
     # -- rebases ---------------------------------------------------------------------
 
@@ -278,5 +296,4 @@ def amounts(ledger: LedgerSpend | Mapping[BudgetScope, int]) -> Mapping[BudgetSc
 
 def scopes(plan: Plan, checks: Sequence[Check]) -> list[BudgetScope]:
     """The ledger scopes (user, key or whole user, period) of a plan's budget checks."""
-    return [BudgetScope(plan.user_id, plan.key_id if c.scope == "key" else None, c.period, c.since,
-                        plan.team_id if c.scope == "team" else None, c.model) for c in checks]
+    return budget_scopes(plan.user_id, plan.key_id, plan.team_id, checks)

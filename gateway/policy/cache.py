@@ -106,13 +106,15 @@ class PostgresResolver:
     # ---------------------------------------------------------------- hot path
 
     async def resolve(self, key: str, client_ip: str = "") -> Principal | None:
+        h = ""  # hashed once: the config file's keys are found by the same hash
         if self.static is not None:
-            p = await self.static.resolve(key)
+            h = hash_key(key)
+            p = self.static.by_hash(h)
             if p is not None:
                 return p
         if not (MIN_KEY_LEN <= len(key) <= MAX_KEY_LEN and key.startswith(KEY_PREFIX)):
             return None  # cannot be one of ours: no cache entry, no query
-        h = hash_key(key)
+        h = h or hash_key(key)
         now = time.monotonic()
         entry = self._cache.get(h)
         if entry is not None and entry.fresh_until > now and self._listening:

@@ -3,9 +3,12 @@
 ``RedisLimiter.reserve`` makes one round trip: the versioned ADMIT script
 checks every limit of the key and of its user (requests and tokens per
 rolling minute, a concurrency lease, the budget at the request's worst-case
-cost) and reserves all of them or none.  ``settle`` moves the reservation to
-the real tokens and cost and releases the lease; settlements are queued and
-sent together (one pipeline per flush), off the hot path.  With a ledger
+cost) and reserves all of them or none.  ``settle_later`` moves the
+reservation to the real tokens and cost and releases the lease, off the hot
+path and without a task per request: settlements are queued and sent
+together, one SETTLE_MANY script call per loop pass on the single-node fast
+connection (one SETTLE per settlement, pipelined, through redis-py), and
+``close`` sends what is still queued.  With a ledger
 writer (``attach_ledger``), a budget's settled cost stays held until the
 usage record is committed to Postgres; ``apply_committed`` then moves it into
 the counter, so that a counter rebuilt from the ledger never counts a record
@@ -44,7 +47,6 @@ from gateway.policy.budgets import COMMIT_HOLD_MS, Budgets, RebuildFailed, Rebui
 from gateway.policy.local import LocalLimiter
 from gateway.policy.plans import (
     DEFAULT_OUTPUT_RESERVE,
-    PLAN_CACHE_MAX,
     Held,
     LimiterStats,
     Plan,
@@ -63,6 +65,10 @@ from gateway.stores.script_calls import Call, ScriptRunner
 log = structlog.get_logger("limits")
 
 _PARKED_MAX = 100_000
+_SETTLE_MANY_ARGC = 5  # EVALSHA, sha, numkeys, hold_ms, lines (plus the keys)
+
+# One queued settlement: plan, member, the reservation's second, tokens delta, actual cost.
+_Settle = tuple[Plan, str, int, int, int]
 
 __all__ = ["DEFAULT_OUTPUT_RESERVE", "LocalLimiter", "RebuildHook", "RedisLimiter", "duration"]
 
@@ -92,7 +98,7 @@ class RedisLimiter:
         self.retry_seconds = rc.retry_seconds
         self.timeout = rc.timeout_ms / 1000.0
         self.lease_ms = int(rc.lease_seconds * 1000)
-        self.planner = Planner(rc.key_prefix)
+        self.planner = Planner(rc.key_prefix, self.lease_ms)
         self.local = LocalLimiter(prices, share=share, prefix=rc.key_prefix)
         self.stats = LimiterStats()
         self.runner = ScriptRunner(store, self.timeout)
@@ -104,9 +110,10 @@ class RedisLimiter:
         self._flush = _Flush()
         self._flusher: asyncio.Task[None] | None = None
         self._parked: deque[Call] = deque(maxlen=_PARKED_MAX)
-        self._heads: dict[tuple[int, str], tuple[Plan, bytes]] = {}
-        self._orphans: set[asyncio.Task[None]] = set()
-        self._tails: dict[int, tuple[Plan, bytes]] = {}
+        self._settles: list[_Settle] = []  # queued for this loop pass's SETTLE_MANY
+        self._settle_waiters: list[asyncio.Future[None]] = []  # ``settle`` callers waiting for that batch
+        self._settle_reply: asyncio.Future[object] | None = None  # the last batch sent (replies come in order)
+        self._hold_args = (encode_parts(0), encode_parts(COMMIT_HOLD_MS))  # SETTLE_MANY's hold_ms: no ledger, ledger
         self._renewer: asyncio.Task[None] | None = None
         store.on_recover(self._recovered)
 
@@ -136,74 +143,64 @@ class RedisLimiter:
 
     # -- redis calls ------------------------------------------------------------
 
-    def _head(self, script: scripts.Script, plan: Plan, keys: Sequence[str]) -> bytes:
-        """``EVALSHA sha n keys...`` of a plan, encoded once."""
-        cache_key = (id(plan), script.name)
-        hit = self._heads.get(cache_key)
-        if hit is not None and hit[0] is plan:
-            return hit[1]
-        head = encode_parts("EVALSHA", script.sha, len(keys), *keys)
-        if len(self._heads) >= PLAN_CACHE_MAX:
-            self._heads.clear()
-        self._heads[cache_key] = (plan, head)
-        return head
+    def _admit_command(self, plan: Plan, member: str, tokens: int, cost: int) -> bytes:
+        m, t, c = member.encode(), b"%d" % tokens, b"%d" % cost
+        return (plan.admit_head + b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(m), m, len(t), t, len(c), c)
+                + plan.admit_tail)
 
-    async def _admit(self, plan: Plan, member: str, tokens: int, cost: int) -> Any:
+    def _send_admit(self, plan: Plan, member: str, tokens: int, cost: int) -> asyncio.Future[object] | None:
+        """ADMIT on the fast connection, sent now (None: no fast connection, or not connected yet).
+
+        A caller that goes away mid-admission (client disconnect) cancels its wait: the reply
+        then goes to _release_orphan, which gives back whatever the script reserved."""
         fast = self.store.fast
         if fast is None:
-            return await self.runner.eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
-        tail = self._tails.get(id(plan))
-        if tail is None or tail[0] is not plan:
-            if len(self._tails) >= PLAN_CACHE_MAX:
-                self._tails.clear()
-            tail = self._tails[id(plan)] = (plan, encode_parts(self.lease_ms, *plan.args))
-        count = 7 + len(plan.keys) + len(plan.args)
-        parts = self._head(scripts.ADMIT, plan, plan.keys) + encode_parts(member, tokens, cost) + tail[1]
-        try:
-            reply = await fast.send_encoded(count, parts)
-            try:
-                return await asyncio.shield(reply)
-            except asyncio.CancelledError:
-                # The client went away mid-admission: whatever the script reserved goes back.
-                reply.add_done_callback(functools.partial(self._release_orphan, plan, member, tokens, cost))
-                raise
-        except NoScriptError:
-            return await self.runner.eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
+            return None
+        return fast.send_now(plan.admit_argc, self._admit_command(plan, member, tokens, cost),
+                             (self._release_orphan, (plan, member, tokens, cost)))
 
-    def _release_orphan(self, plan: Plan, member: str, tokens: int, cost: int, reply: asyncio.Future[Any]) -> None:
-        if reply.cancelled() or reply.exception() is not None:
-            return
-        raw = reply.result()
+    async def _admit(self, plan: Plan, member: str, tokens: int, cost: int) -> Any:
+        """ADMIT by the slower ways: connecting first, or through redis-py; EVAL after a NOSCRIPT."""
+        fast = self.store.fast
+        if fast is not None:
+            reply = await fast.send_encoded(plan.admit_argc, self._admit_command(plan, member, tokens, cost),
+                                            (self._release_orphan, (plan, member, tokens, cost)))
+            try:
+                return await reply
+            except NoScriptError:
+                pass
+        return await self.runner.eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
+
+    def _release_orphan(self, ctx: tuple[Plan, str, int, int], raw: Any) -> None:
+        plan, member, tokens, cost = ctx
         if raw[0] != 1 or not plan.settle:
             return
-        held = Held(plan, member, raw[1], tokens, cost)
-        task = asyncio.get_running_loop().create_task(self._settle_held(held, 0, 0))
-        self._orphans.add(task)
-        task.add_done_callback(self._orphans.discard)
+        self._queue_settle(Held(plan, member, raw[1], tokens, cost), 0, 0)
 
     # -- admission --------------------------------------------------------------
 
     async def reserve(self, principal: Principal, facts: RequestFacts) -> Reservation:
+        """One ADMIT round trip; a straight line on the hot path (each coroutine layer costs calls)."""
         plan = self.planner.plan(principal, model=facts.model)
         if plan is None:
             return Reservation()
-        res = await self._reserve(plan, facts)
-        if self.budgets.ledger and plan.budget_keys:
-            res.budget_keys = plan.budget_keys
-            self.budgets.touch(plan)
-        return res
-
-    async def _reserve(self, plan: Plan, facts: RequestFacts) -> Reservation:
         if not self.store.healthy:
             return await self._degraded(plan, facts)
-        limits = plan.limits
-        token_cap = min((limits[i] for i in plan.token_i), default=0)
-        tokens, cost = demand(plan, facts, self.prices, token_cap)
+        tokens, cost = demand(plan, facts, self.prices, plan.token_cap)
+        member = facts.request_id
         try:
-            raw = await self._admit(plan, facts.request_id, tokens, cost)
+            reply = self._send_admit(plan, member, tokens, cost)
+            if reply is None:
+                raw = await self._admit(plan, member, tokens, cost)
+            else:
+                try:
+                    raw = await reply
+                except NoScriptError:  # Redis lost its scripts (restarted): EVAL it
+                    raw = await self.runner.eval(
+                        scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
             if raw[0] == -1:
                 await self.budgets.rebuild(plan)
-                raw = await self._admit(plan, facts.request_id, tokens, cost)
+                raw = await self._admit(plan, member, tokens, cost)
                 if raw[0] == -1:
                     raise RebuildFailed
         except REDIS_ERRORS as exc:
@@ -211,77 +208,140 @@ class RedisLimiter:
             return await self._degraded(plan, facts)
         except RebuildFailed:
             return await self._degraded(plan, facts)
-        n = len(plan.checks)
-        # A budget's used comes back as a decimal string (exact pico-dollars): int() reads both.
-        d = Decision(raw[0], raw[1], raw[2], raw[3], [int(u) for u in raw[4 : 4 + 2 * n : 2]],
-                     list(raw[5 : 5 + 2 * n : 2]))
+        # The reply is status, sec, failed, retry, then (used, reset) per check.  A budget's
+        # used comes back as a decimal string (exact pico-dollars); the others are integers.
+        used = raw[4::2]
         for i in plan.budget_i:
-            self.budgets.spent[plan.checks[i].key] = d.used[i] - (cost if d.status else 0)
-        headers = decide(self.stats, plan, limits, d, cost)
+            used[i] = int(used[i])
+            self.budgets.spent[plan.checks[i].key] = used[i] - (cost if raw[0] else 0)
+        d = Decision(raw[0], raw[1], raw[2], raw[3], used, raw[5::2])
+        headers = decide(self.stats, plan, plan.limits, d, cost)
         if not plan.settle:
-            return Reservation(headers=headers)
-        held = Held(plan, facts.request_id, d.sec, tokens, cost)
-        if plan.renew_keys:
-            self._held[held.member] = held
-            if self._renewer is None:
-                self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
-        return Reservation(headers=headers, state=held)
+            res = Reservation(headers=headers)
+        else:
+            held = Held(plan, member, d.sec, tokens, cost)
+            if plan.renew_keys:
+                self._held[member] = held
+                if self._renewer is None:
+                    self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
+            res = Reservation(headers=headers, state=held)
+        if plan.budget_keys and self.budgets.ledger:
+            res.budget_keys = plan.budget_keys
+            self.budgets.touch(plan)
+        return res
 
     async def _degraded(self, plan: Plan, facts: RequestFacts) -> Reservation:
+        """The decision without Redis (``redis.failure_mode``); the record still names its budget counters."""
         self.stats.degraded += 1
         if self.mode == "open":
-            return Reservation()
-        if self.mode == "closed":
+            res = Reservation()
+        elif self.mode == "closed":
             raise GatewayError(
                 ErrorKind.UNAVAILABLE, "The rate-limit store is unavailable; try again shortly.",
                 retry_after_s=self.retry_seconds,
             )
-        if any(key not in self.budgets.spent for key in plan.budget_keys):
-            await self.budgets.learn_spend(plan)
-        return self.local.reserve_plan(plan, facts, budget_spent=self.budgets.spent)
+        else:
+            if any(key not in self.budgets.spent for key in plan.budget_keys):
+                await self.budgets.learn_spend(plan)
+            res = self.local.reserve_plan(plan, facts, budget_spent=self.budgets.spent)
+        if plan.budget_keys and self.budgets.ledger:
+            res.budget_keys = plan.budget_keys
+            self.budgets.touch(plan)
+        return res
 
     # -- settlement -------------------------------------------------------------
+
+    def settle_later(
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_pico: int
+    ) -> None:
+        """Queue the settlement (sent with the others of this loop pass; ``close`` sends what is left)."""
+        held = reservation.state
+        if held.__class__ is Held:
+            self._queue_settle(held, tokens, cost_pico)  # type: ignore[arg-type]  # checked just above
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_pico: int
     ) -> None:
+        """``settle_later``, then wait until Redis answered for it (or it was parked for Redis's return)."""
         held = reservation.state
         if isinstance(held, Held):
             await self._settle_held(held, tokens, cost_pico)
 
     async def _settle_held(self, held: Held, tokens: int, cost_pico: int) -> None:
+        if self._queue_settle(held, tokens, cost_pico):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._settle_waiters.append(waiter)
+            await waiter
+
+    def _queue_settle(self, held: Held, tokens: int, cost_pico: int) -> bool:
+        """Queue one settlement for this loop pass; False when there is nothing to send (local counters)."""
         plan = held.plan
         self.budgets.settled(plan, cost_pico, local=held.local)
         if held.local:
             self.local.release(held, tokens, cost_pico)
-            return
+            return False
         self._held.pop(held.member, None)
-        keys = plan.settle_keys
-        hold_ms = COMMIT_HOLD_MS if self.budgets.ledger else 0
-        args: list[Any] = [held.member, held.sec, tokens - held.tokens, cost_pico, hold_ms]
-        args += (plan.checks[i].kind for i in plan.settle)
         self.stats.settles += 1
-        fast = self.store.fast
-        if fast is not None and self.store.healthy:
-            # The pipelined connection batches whatever is written in one loop iteration.
-            try:
-                try:
-                    await fast.call_encoded(
-                        3 + len(keys) + len(args), self._head(scripts.SETTLE, plan, keys) + encode_parts(*args)
-                    )
-                except NoScriptError:
-                    await self.runner.eval(scripts.SETTLE, keys, args)
-            except REDIS_ERRORS as exc:
-                self.store.failed(exc)
-                self._parked.append(Call(list(keys), args))
-                self.stats.parked += 1
+        if not self._settles:
+            asyncio.get_running_loop().call_soon(self._send_settles)
+        self._settles.append((plan, held.member, held.sec, tokens - held.tokens, cost_pico))
+        return True
+
+    def _send_settles(self) -> None:
+        """This loop pass's settlements: one SETTLE_MANY on the fast connection, else through the flusher."""
+        items, self._settles = self._settles, []
+        waiters, self._settle_waiters = self._settle_waiters, []
+        if not items:  # sent already (flush_settlements)
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._flush.items.append(Call(list(keys), args))
-        self._flush.waiters.append(waiter)
+        fast = self.store.fast
+        reply = None
+        if fast is not None and self.store.healthy:
+            # The member goes last on its line: a newline in it (never in the gateway's own ids) cannot be sent so.
+            lines = "\n".join([f"{sec} {dtok} {cost} {p.settle_kinds} {m}" for p, m, sec, dtok, cost in items])
+            if lines.count("\n") + 1 == len(items):
+                nkeys = sum([p.settle_n for p, *_ in items])
+                body = lines.encode()
+                reply = fast.send_now(
+                    _SETTLE_MANY_ARGC + nkeys,
+                    b"%s$%d\r\n%d\r\n%s%s$%d\r\n%s\r\n" % (
+                        scripts.SETTLE_MANY.head, len(b"%d" % nkeys), nkeys, b"".join([p.settle_bulk for p, *_ in items]),
+                        self._hold_args[self.budgets.ledger], len(body), body),
+                )
+        if reply is None:  # not connected yet, Redis down, or redis-py: the flusher sends them one by one
+            self._to_flusher(items, waiters)
+            return
+        self._settle_reply = reply
+        reply.add_done_callback(functools.partial(self._settles_answered, items, waiters))
+
+    def _settles_answered(self, items: list[_Settle], waiters: list[asyncio.Future[None]],
+                          reply: asyncio.Future[object]) -> None:
+        exc = reply.exception() if not reply.cancelled() else ConnectionError("settlement reply cancelled")
+        if exc is None:
+            self.stats.settle_batches += 1
+        elif isinstance(exc, NoScriptError):  # Redis lost its scripts (restarted): nothing ran, EVAL them
+            self._to_flusher(items, waiters)
+            return
+        else:
+            if isinstance(exc, REDIS_ERRORS):
+                self.store.failed(exc)
+            else:  # a bug must not lose settlements
+                log.error("settlement batch failed", error=type(exc).__name__)
+            self._parked.extend(self._calls(items))
+            self.stats.parked += len(items)
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def _calls(self, items: list[_Settle]) -> list[Call]:
+        hold_ms = COMMIT_HOLD_MS if self.budgets.ledger else 0
+        return [Call(list(p.settle_keys), [m, sec, dtok, cost, hold_ms, *p.settle_kinds])
+                for p, m, sec, dtok, cost in items]
+
+    def _to_flusher(self, items: list[_Settle], waiters: list[asyncio.Future[None]]) -> None:
+        self._flush.items.extend(self._calls(items))
+        self._flush.waiters.extend(waiters)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_settlements())
-        await waiter
 
     async def _flush_settlements(self) -> None:
         """Send whatever queued up while the previous flush was in flight, together."""
@@ -334,9 +394,19 @@ class RedisLimiter:
             except REDIS_ERRORS as exc:
                 self.store.failed(exc)
 
+    async def flush_settlements(self) -> None:
+        """Send the queued settlements now and wait for the answers to everything sent so far."""
+        if self._settles:
+            self._send_settles()
+        reply = self._settle_reply
+        if reply is not None and not reply.done():
+            # Replies come in order: the last one answers for all.  Its callback runs first (parks or re-queues).
+            await asyncio.wait({reply}, timeout=2 * self.timeout + 1)
+        if self._flusher is not None:  # what went the slower way (redis-py, not connected, NOSCRIPT)
+            await asyncio.wait({self._flusher}, timeout=2 * self.timeout + 1)
+
     async def close(self) -> None:
-        if self._orphans:
-            await asyncio.wait(set(self._orphans), timeout=2 * self.timeout + 1)
+        await self.flush_settlements()
         await tasks.stop(self._renewer)
         if self._flusher is not None:
             with contextlib.suppress(*REDIS_ERRORS):

@@ -87,5 +87,11 @@ class LocalLimiter:
         if isinstance(reservation.state, Held):
             self.release(reservation.state, tokens, cost_pico)
 
+    def settle_later(
+        self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_pico: int
+    ) -> None:
+        if isinstance(reservation.state, Held):  # in memory: nothing to wait for
+            self.release(reservation.state, tokens, cost_pico)
+
     async def close(self) -> None:
         return None

@@ -26,6 +26,7 @@ from gateway.policy.budget_rebuild import BudgetScope
 from gateway.policy.principals import Principal
 from gateway.policy.windows import Decision
 from gateway.stores import redis_scripts as scripts
+from gateway.stores.resp import encode_parts
 
 # Output tokens reserved when neither the request nor a limit caps max_tokens.
 DEFAULT_OUTPUT_RESERVE = 4096
@@ -79,6 +80,17 @@ class Plan:
     budget_keys: tuple[str, ...]
     output_cap: int  # the lowest max_tokens limit, 0 when none
     team_id: str | None = None  # set when the principal's user is in a team
+    # Derived once per plan for the hot path (the fast Redis connection's commands, headers):
+    token_cap: int = 0  # the lowest tokens-per-minute limit (0: none)
+    admit_head: bytes = b""  # ``EVALSHA <ADMIT> n keys...`` as RESP bulk strings
+    admit_tail: bytes = b""  # ADMIT's ARGV after member, tokens, cost: lease_ms, then kind, limit per check
+    admit_argc: int = 0  # the ADMIT command's length: EVALSHA, sha, numkeys, keys, member, tokens, cost, lease, args
+    settle_bulk: bytes = b""  # settle_keys as RESP bulk strings (SETTLE_MANY's KEYS for one request)
+    settle_kinds: str = ""  # the kind letter of each settle key
+    settle_n: int = 0  # len(settle_keys)
+    budget_targets: tuple[tuple[str, tuple[BudgetScope, int]], ...] = ()  # budget key -> (ledger scope, TTL s)
+    rate_best: int = -1  # the only request-rate check (-1: none, or several: the tightest is picked per answer)
+    token_best: int = -1  # the same for tokens per minute
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +131,9 @@ def scope_of(key: str, user_id: str, key_id: str) -> tuple[BudgetScope, int]:
 class Planner:
     """Principal -> Plan, cached by identity (resolvers hand out the same object)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, lease_ms: int = 0) -> None:
         self.prefix = f"{prefix}:{scripts.VERSION}"
+        self.lease_ms = lease_ms
         self._cache: dict[int, tuple[Principal, int, Plan | None]] = {}
         self._by_model: dict[tuple[int, str], tuple[Principal, int, Plan | None]] = {}
         self._periods: tuple[int, _PeriodKeys] | None = None
@@ -206,25 +219,49 @@ class Planner:
         args: list[str | int] = []
         for c in checks:
             args += (c.kind, c.limit)
+        keys = tuple(c.key for c in checks)
+        settle_keys = tuple(c.key for c in checks if c.kind != "r")
+        rate_i = tuple(i for i, c in enumerate(checks) if c.kind == "r")
+        token_i = tuple(i for i, c in enumerate(checks) if c.kind == "t")
+        budget = [c for c in checks if c.kind == "b"]
         return Plan(
             user_id=p.user_id,
             key_id=p.key_id,
             checks=tuple(checks),
-            keys=tuple(c.key for c in checks),
+            keys=keys,
             args=tuple(args),
             limits=tuple(c.limit for c in checks),
-            rate_i=tuple(i for i, c in enumerate(checks) if c.kind == "r"),
-            token_i=tuple(i for i, c in enumerate(checks) if c.kind == "t"),
+            rate_i=rate_i,
+            token_i=token_i,
             budget_i=tuple(i for i, c in enumerate(checks) if c.kind == "b"),
             settle=tuple(i for i, c in enumerate(checks) if c.kind != "r"),
-            settle_keys=tuple(c.key for c in checks if c.kind != "r"),
+            settle_keys=settle_keys,
             lease_keys=tuple(c.key for c in checks if c.kind == "c"),
             renew_keys=tuple(c.key for c in checks if c.kind in ("c", "b")),
             renew_kinds=tuple(c.kind for c in checks if c.kind in ("c", "b")),
             budget_keys=tuple(c.key for c in checks if c.kind == "b"),
             output_cap=min(caps) if caps else 0,
             team_id=p.team_id,
+            token_cap=min((checks[i].limit for i in token_i), default=0),
+            admit_head=encode_parts("EVALSHA", scripts.ADMIT.sha, len(keys), *keys),
+            admit_tail=encode_parts(self.lease_ms, *args),
+            admit_argc=7 + len(keys) + len(args),
+            settle_bulk=encode_parts(*settle_keys),
+            settle_kinds="".join(c.kind for c in checks if c.kind != "r"),
+            settle_n=len(settle_keys),
+            budget_targets=tuple(
+                (c.key, (scope, c.ttl_s))
+                for c, scope in zip(budget, budget_scopes(p.user_id, p.key_id, p.team_id, budget), strict=True)
+            ),
+            rate_best=rate_i[0] if len(rate_i) == 1 else -1,
+            token_best=token_i[0] if len(token_i) == 1 else -1,
         )
+
+
+def budget_scopes(user_id: str, key_id: str, team_id: str | None, checks: Sequence[Check]) -> list[BudgetScope]:
+    """The ledger scopes (user, key or whole user, period) of budget checks."""
+    return [BudgetScope(user_id, key_id if c.scope == "key" else None, c.period, c.since,
+                        team_id if c.scope == "team" else None, c.model) for c in checks]
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -276,13 +313,23 @@ def demand(plan: Plan, facts: RequestFacts, prices: PriceTable, token_cap: int) 
 
 
 def duration(ms: int) -> str:
-    """OpenAI's reset format: ``250ms``, ``1.5s``, ``1m0s``."""
+    """OpenAI's reset format: ``250ms``, ``1.5s``, ``1m0s`` (seconds: at most three decimals, no trailing zeros)."""
     if ms < 1000:
-        return f"{max(0, ms)}ms"
-    if ms < 60_000:
-        return f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
-    minutes, rest = divmod(ms, 60_000)
-    return f"{minutes}m" + f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+        return f"{ms if ms > 0 else 0}ms"
+    if ms.__class__ is not int:  # never from the limiters; formatted the general way
+        minutes, rest = divmod(ms, 60_000) if ms >= 60_000 else (0, ms)
+        return (f"{minutes}m" if minutes else "") + f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = ms // 60_000, ms % 60_000
+    whole, frac = rest // 1000, rest % 1000
+    if not frac:
+        secs = f"{whole}"
+    elif frac % 100 == 0:
+        secs = f"{whole}.{frac // 100}"
+    elif frac % 10 == 0:
+        secs = f"{whole}.{frac // 10:02d}"
+    else:
+        secs = f"{whole}.{frac:03d}"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def _trio(
@@ -290,17 +337,30 @@ def _trio(
     reset: Sequence[int],
 ) -> None:
     best = idx[0] if len(idx) == 1 else min(idx, key=lambda i: limits[i] - used[i])
-    out[f"x-ratelimit-limit-{what}"] = str(limits[best])
-    out[f"x-ratelimit-remaining-{what}"] = str(max(0, limits[best] - used[best]))
+    left = limits[best] - used[best]
+    out[f"x-ratelimit-limit-{what}"] = f"{limits[best]}"
+    out[f"x-ratelimit-remaining-{what}"] = f"{left if left > 0 else 0}"
     out[f"x-ratelimit-reset-{what}"] = duration(reset[best])
 
 
 def rate_headers(plan: Plan, limits: Sequence[int], d: Decision) -> dict[str, str]:
     """``x-ratelimit-*`` for the tightest request and token limits of this request."""
     out: dict[str, str] = {}
-    if plan.rate_i:
+    i = plan.rate_best
+    if i >= 0:  # one request-rate check (the usual case): no choosing, no call but duration's
+        left = limits[i] - d.used[i]
+        out["x-ratelimit-limit-requests"] = f"{limits[i]}"
+        out["x-ratelimit-remaining-requests"] = f"{left if left > 0 else 0}"
+        out["x-ratelimit-reset-requests"] = duration(d.reset[i])
+    elif plan.rate_i:
         _trio(out, "requests", plan.rate_i, limits, d.used, d.reset)
-    if plan.token_i:
+    i = plan.token_best
+    if i >= 0:
+        left = limits[i] - d.used[i]
+        out["x-ratelimit-limit-tokens"] = f"{limits[i]}"
+        out["x-ratelimit-remaining-tokens"] = f"{left if left > 0 else 0}"
+        out["x-ratelimit-reset-tokens"] = duration(d.reset[i])
+    elif plan.token_i:
         _trio(out, "tokens", plan.token_i, limits, d.used, d.reset)
     return out
 

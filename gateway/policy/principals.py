@@ -79,5 +79,9 @@ class StandaloneResolver:
     async def resolve(self, key: str, client_ip: str = "") -> Principal | None:
         return self._by_hash.get(hash_key(key))
 
+    def by_hash(self, digest: str) -> Principal | None:
+        """``resolve`` for a key already hashed (``hash_key``)."""
+        return self._by_hash.get(digest)
+
     async def close(self) -> None:
         return None

@@ -377,14 +377,12 @@ def _finish(
         hot.usage.record(rec)
     if ctx.tags:
         hot.tags.observe(ctx.tags, cost)
-    if reservation.state is not None:
-        hot.tasks.spawn(
-            hot.admitter.settle(principal, facts, reservation, usage.total_tokens, cost)
-        )
+    if reservation.state is not None:  # the limiter owns the settlement from here (no task per request)
+        hot.admitter.settle_later(principal, facts, reservation, usage.total_tokens, cost)
     for held in hedges:
         # The hedge's cost is in the request's own settlement above: release its hold.
         if held.state is not None:
-            hot.tasks.spawn(hot.admitter.settle(principal, facts, held, 0, 0))
+            hot.admitter.settle_later(principal, facts, held, 0, 0)
 
 
 def _cost(prices: PriceTable, usage: Usage, served: str, public: str) -> tuple[int, bool]:

@@ -48,6 +48,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from gateway.stores.resp import encode_parts
+
 VERSION = "v3"
 
 
@@ -56,10 +58,12 @@ class Script:
     name: str
     source: str
     sha: str = field(init=False)
+    head: bytes = field(init=False)  # ``EVALSHA <sha>`` as RESP bulk strings (the command's first two parts)
 
     def __post_init__(self) -> None:
         # Redis names scripts by SHA-1 (EVALSHA).
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())  # noqa: S324
+        object.__setattr__(self, "head", encode_parts("EVALSHA", self.sha))
 
 
 # Budget amounts are pico-dollars (10^-12 USD): past 2^53 (~9,000 USD) a Lua number
@@ -271,53 +275,83 @@ local function visible(xid, snap)
 end
 """
 
-# KEYS[i]: the counters to settle.  ARGV: member, sec, tokens_delta, cost_actual,
-# hold_ms, then per key i: ARGV[5+i] kind.
+# One request's settlement, over KEYS[first ...] (one per letter of ``kinds``):
+# member, sec (the reservation's second), dtok (actual - reserved tokens),
+# cost (actual pico-dollars, a decimal string), hold_ms.
 # Tokens: the reservation's second moves by (actual - reserved), never below 0.
 # Concurrency: the lease is released.  Budget, hold_ms > 0 (a ledger will commit
 # the record): the reservation becomes the real cost, still held for hold_ms or
 # until APPLY; hold_ms = 0 (no ledger): the real cost goes to ``v`` at once.
 # A reservation no longer there (lapsed, applied already, counter rebuilt) is
 # left alone: APPLY (or, without a ledger, ``v``) accounts for the cost.
+_SETTLE_ONE = r"""
+local now = 0
+local function settle_one(first, kinds, member, sec, dtok, cost, hold)
+  local actual = tonumber(cost)
+  for j = 1, #kinds do
+    local kind, key = string.sub(kinds, j, j), KEYS[first + j - 1]
+    if kind == 't' then
+      if dtok ~= 0 and redis.call('HEXISTS', key, sec) == 1 then
+        local v = redis.call('HINCRBY', key, sec, string.format('%d', dtok))
+        if v <= 0 then redis.call('HDEL', key, sec) end
+      end
+    elseif kind == 'c' then
+      redis.call('ZREM', key, member)
+    elseif kind == 'b' and redis.call('HEXISTS', key, 'v') == 1 then
+      local amt = redis.call('HGET', key, 'h:' .. member)
+      if amt then
+        local keep = '0'
+        if hold > 0 then keep = cost end
+        redis.call('HINCRBY', key, 'r', keep)
+        local r = redis.call('HINCRBY', key, 'r', big_neg(amt))
+        if r < 0 then redis.call('HSET', key, 'r', 0) end
+        redis.call('HDEL', key, 'h:' .. member)
+        if tonumber(keep) > 0 then
+          if now == 0 then
+            local t = redis.call('TIME')
+            now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+          end
+          redis.call('HSET', key, 'p:' .. member, keep, 'e:' .. member, now + hold)
+        else
+          redis.call('HDEL', key, 'e:' .. member)
+        end
+      end
+      if hold == 0 and actual ~= 0 then
+        redis.call('HINCRBY', key, 'v', cost)
+      end
+    end
+  end
+end
+"""
+
+# KEYS[i]: the counters to settle.  ARGV: member, sec, tokens_delta, cost_actual,
+# hold_ms, then per key i: ARGV[5+i] kind.
 SETTLE = Script(
     f"gw_settle_{VERSION}",
     _BIG
+    + _SETTLE_ONE
     + r"""
-local member, sec, dtok = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local actual, hold = tonumber(ARGV[4]), tonumber(ARGV[5])
-local now = 0
-for i = 1, #KEYS do
-  local kind, key = ARGV[5 + i], KEYS[i]
-  if kind == 't' then
-    if dtok ~= 0 and redis.call('HEXISTS', key, sec) == 1 then
-      local v = redis.call('HINCRBY', key, sec, string.format('%d', dtok))
-      if v <= 0 then redis.call('HDEL', key, sec) end
-    end
-  elseif kind == 'c' then
-    redis.call('ZREM', key, member)
-  elseif kind == 'b' and redis.call('HEXISTS', key, 'v') == 1 then
-    local amt = redis.call('HGET', key, 'h:' .. member)
-    if amt then
-      local keep = '0'
-      if hold > 0 then keep = ARGV[4] end
-      redis.call('HINCRBY', key, 'r', keep)
-      local r = redis.call('HINCRBY', key, 'r', big_neg(amt))
-      if r < 0 then redis.call('HSET', key, 'r', 0) end
-      redis.call('HDEL', key, 'h:' .. member)
-      if tonumber(keep) > 0 then
-        if now == 0 then
-          local t = redis.call('TIME')
-          now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-        end
-        redis.call('HSET', key, 'p:' .. member, keep, 'e:' .. member, now + hold)
-      else
-        redis.call('HDEL', key, 'e:' .. member)
-      end
-    end
-    if hold == 0 and actual ~= 0 then
-      redis.call('HINCRBY', key, 'v', ARGV[4])
-    end
-  end
+local kinds = ''
+for i = 1, #KEYS do kinds = kinds .. ARGV[5 + i] end
+settle_one(1, kinds, ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]))
+return 1
+""",
+)
+
+# Many requests' settlements in one call (the single-node fast path: one round trip
+# and one command per loop pass).  KEYS: each request's counters in turn.  ARGV[1]:
+# hold_ms; ARGV[2]: one line per request, ``sec dtok cost kinds member`` (the
+# member last: it may hold spaces, never a newline).
+SETTLE_MANY = Script(
+    f"gw_settle_many_{VERSION}",
+    _BIG
+    + _SETTLE_ONE
+    + r"""
+local hold, first = tonumber(ARGV[1]), 1
+for line in string.gmatch(ARGV[2], '[^\n]+') do
+  local sec, dtok, cost, kinds, member = string.match(line, '^(%-?%d+) (%-?%d+) (%-?%d+) (%a*) (.*)$')
+  settle_one(first, kinds, member, sec, tonumber(dtok), cost, hold)
+  first = first + #kinds
 end
 return 1
 """,
@@ -355,39 +389,69 @@ local function queues(key, now)
 end
 """
 
-# KEYS[i]: the budget counters of one committed usage record.  ARGV: member,
-# cost, xid (the Postgres transaction that committed the record).
+# The budget counters KEYS[first .. last] of one committed usage record: member,
+# cost (a decimal string), xid (the Postgres transaction that committed the record).
 # The record's hold (settled or not) is dropped; its cost goes to ``v`` unless
 # the counter was rebuilt from a ledger read that already counted it.  A
 # missing or rebasing counter gets the record queued (``q:<id>`` = cost:xid).
+_APPLY_ONE = r"""
+local function apply_one(first, last, member, cost, xids, now)
+  local actual, xid = tonumber(cost), tonumber(xids)
+  for i = first, last do
+    local key = KEYS[i]
+    local amt = redis.call('HGET', key, 'p:' .. member) or redis.call('HGET', key, 'h:' .. member)
+    if amt then
+      local r = redis.call('HINCRBY', key, 'r', big_neg(amt))
+      if r < 0 then redis.call('HSET', key, 'r', 0) end
+      redis.call('HDEL', key, 'p:' .. member, 'h:' .. member, 'e:' .. member)
+    end
+    if queues(key, now) then
+      redis.call('HSET', key, 'q:' .. member, cost .. ':' .. xids)
+      if redis.call('TTL', key) < 0 and redis.call('HEXISTS', key, 'v') == 0 then
+        redis.call('EXPIRE', key, 86400)
+      end
+    else
+      local snap = redis.call('HGET', key, 's')
+      if not (snap and visible(xid, snap)) and actual ~= 0 then
+        redis.call('HINCRBY', key, 'v', cost)
+      end
+    end
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS[i]: the budget counters of one committed usage record.  ARGV: member,
+# cost, xid.
 APPLY = Script(
     f"gw_apply_{VERSION}",
     _BIG
     + _VISIBLE
     + _QUEUES
+    + _APPLY_ONE
     + r"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local member, actual, xid = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local amt = redis.call('HGET', key, 'p:' .. member) or redis.call('HGET', key, 'h:' .. member)
-  if amt then
-    local r = redis.call('HINCRBY', key, 'r', big_neg(amt))
-    if r < 0 then redis.call('HSET', key, 'r', 0) end
-    redis.call('HDEL', key, 'p:' .. member, 'h:' .. member, 'e:' .. member)
-  end
-  if queues(key, now) then
-    redis.call('HSET', key, 'q:' .. member, ARGV[2] .. ':' .. ARGV[3])
-    if redis.call('TTL', key) < 0 and redis.call('HEXISTS', key, 'v') == 0 then
-      redis.call('EXPIRE', key, 86400)
-    end
-  else
-    local snap = redis.call('HGET', key, 's')
-    if not (snap and visible(xid, snap)) and actual ~= 0 then
-      redis.call('HINCRBY', key, 'v', ARGV[2])
-    end
-  end
+apply_one(1, #KEYS, ARGV[1], ARGV[2], ARGV[3], now)
+return 1
+""",
+)
+
+# Many committed records of one transaction in one call (the single-node fast path).
+# KEYS: each record's budget counters in turn.  ARGV[1]: xid; ARGV[2]: one line
+# per record, ``nkeys cost member`` (the member last, never holding a newline).
+APPLY_MANY = Script(
+    f"gw_apply_many_{VERSION}",
+    _BIG
+    + _VISIBLE
+    + _QUEUES
+    + _APPLY_ONE
+    + r"""
+local first = 1
+for line in string.gmatch(ARGV[2], '[^\n]+') do
+  local n, cost, member = string.match(line, '^(%d+) (%-?%d+) (.*)$')
+  n = tonumber(n)
+  apply_one(first, first + n - 1, member, cost, ARGV[1], now)
+  first = first + n
 end
 return 1
 """,
@@ -502,4 +566,4 @@ return 1
 """,
 )
 
-ALL = (ADMIT, SETTLE, APPLY, MARK, UNMARK, SEED, RENEW)
+ALL = (ADMIT, SETTLE, SETTLE_MANY, APPLY, APPLY_MANY, MARK, UNMARK, SEED, RENEW)

@@ -11,6 +11,11 @@ Timeouts cost nothing per call: a watchdog checks the oldest pending reply;
 when it is older than the timeout the connection is treated as hung and
 closed, failing every pending call with TimeoutError at once.  Used for the
 ``single`` topology over plain TCP; Sentinel, Cluster and TLS use redis-py.
+
+A caller that stops waiting (its task cancelled) cancels its reply future;
+the reply still arrives in its turn and goes to the ``orphan`` handler given
+with the command, if any (the limiter gives back what an abandoned ADMIT
+reserved), at no cost to replies that are awaited.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import typing
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -42,11 +49,16 @@ def _encode(args: tuple[object, ...]) -> bytes:
     return b"*%d\r\n" % len(args) + encode_parts(*args)
 
 
+# Called with (its context, the reply) when a command's caller cancelled its wait before the reply came.
+Orphan = tuple[Callable[[Any, object], None], Any]
+_Pending = tuple[asyncio.Future[object], float, Orphan | None]
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.reader = hiredis.Reader()
-        self.pending: collections.deque[tuple[asyncio.Future[object], float]] = collections.deque()
+        self.pending: collections.deque[_Pending] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
         self.lost: BaseException | None = None
@@ -61,8 +73,10 @@ class _Protocol(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
-            fut = pending.popleft()[0]
+            fut, _, orphan = pending.popleft()
             if fut.done():
+                if orphan is not None and not isinstance(reply, hiredis.ReplyError):
+                    orphan[0](orphan[1], reply)
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 msg = str(reply)
@@ -135,12 +149,12 @@ class PipelinedRedis:
     def _send(self, proto: _Protocol, args: tuple[object, ...]) -> asyncio.Future[object]:
         return self._send_raw(proto, _encode(args))
 
-    def _send_raw(self, proto: _Protocol, command: bytes) -> asyncio.Future[object]:
+    def _send_raw(self, proto: _Protocol, command: bytes, orphan: Orphan | None = None) -> asyncio.Future[object]:
         fut: asyncio.Future[object] = proto.loop.create_future()
         if not proto.out:
             proto.loop.call_soon(proto.flush)
         proto.out.append(command)
-        proto.pending.append((fut, proto.loop.time() + self.timeout))
+        proto.pending.append((fut, proto.loop.time() + self.timeout, orphan))
         if self._watchdog is None:
             self._watchdog = proto.loop.call_later(self.timeout / 2, self._watch)
         return fut
@@ -151,7 +165,7 @@ class PipelinedRedis:
         if proto is None or not proto.pending:
             self._suspect = None
             return
-        oldest, deadline = proto.pending[0]
+        oldest, deadline, _ = proto.pending[0]
         if deadline <= proto.loop.time():
             if oldest is self._suspect:
                 # Still overdue after the loop polled I/O again: the connection (or Redis) is hung.
@@ -177,12 +191,19 @@ class PipelinedRedis:
         """A command of ``count`` arguments already encoded by ``encode_parts``."""
         return await (await self.send_encoded(count, parts))
 
-    async def send_encoded(self, count: int, parts: bytes) -> asyncio.Future[object]:
-        """Send now; the returned future holds the reply (it survives the caller's cancellation)."""
+    async def send_encoded(self, count: int, parts: bytes, orphan: Orphan | None = None) -> asyncio.Future[object]:
+        """Send now; the returned future holds the reply (``orphan`` gets it if the future is cancelled first)."""
         proto = self._proto
         if proto is None or proto.transport is None:
             proto = await self._proto_ready()
-        return self._send_raw(proto, b"*%d\r\n" % count + parts)
+        return self._send_raw(proto, b"*%d\r\n" % count + parts, orphan)
+
+    def send_now(self, count: int, parts: bytes, orphan: Orphan | None = None) -> asyncio.Future[object] | None:
+        """``send_encoded`` without waiting: None when not connected (the caller takes its async path)."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return None
+        return self._send_raw(proto, b"*%d\r\n" % count + parts, orphan)
 
     async def close(self) -> None:
         if self._watchdog is not None:

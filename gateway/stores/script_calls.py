@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError
 
 from gateway.stores import redis_scripts as scripts
 from gateway.stores.redis import REDIS_ERRORS, RedisStore
+from gateway.stores.resp import encode_parts
 
 
 @dataclass(slots=True)
@@ -58,6 +59,17 @@ class ScriptRunner:
                 return await client.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             except NoScriptError:
                 return await client.eval(script.source, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+    async def eval_encoded(self, script: scripts.Script, nkeys: int, keys: bytes, args: Sequence[Any]) -> Any:
+        """EVALSHA on the fast connection with the KEYS already encoded (RESP bulk strings); EVAL on NOSCRIPT."""
+        fast = self.store.fast
+        assert fast is not None
+        body = encode_parts(nkeys) + keys + encode_parts(*args)
+        count = 3 + nkeys + len(args)
+        try:
+            return await fast.call_encoded(count, script.head + body)
+        except NoScriptError:
+            return await fast.call_encoded(count, encode_parts("EVAL", script.source) + body)
 
     async def eval_many(self, script: scripts.Script, items: Sequence[Call]) -> None:
         """One round trip for many calls of ``script`` (per node on a Cluster); raises the first error."""

@@ -1,0 +1,119 @@
+"""Settlements and budget applications batched into one script call each, in a real Redis.
+
+The handler hands a finished request's settlement to the limiter (``settle_later``): those of one
+loop pass go as one SETTLE_MANY; a committed ledger batch's costs go as one APPLY_MANY.  Each must
+leave exactly the counters that one SETTLE / APPLY per request leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from gateway.accounting.ledger import decode, encode
+from gateway.accounting.pricing import PriceTable
+from gateway.accounting.record import UsageRecord
+from gateway.config import Limits, parse
+from gateway.policy.admit import Admitter, RequestFacts
+from gateway.policy.limits import RedisLimiter
+from gateway.policy.plans import duration
+from gateway.policy.principals import Principal
+from gateway.stores.redis import RedisStore
+from tests.conftest import CONFIG_DIR
+
+COUNTERS = "gw:v3:{u:u1}"
+
+
+async def _limiter(redis_url: str) -> RedisLimiter:
+    cfg = parse("", source=str(CONFIG_DIR / "test.toml"))
+
+    async def no_ledger(scopes: Any) -> None:
+        return None
+
+    limiter = RedisLimiter(cfg, RedisStore(cfg.redis, redis_url), PriceTable.load(cfg), rebuild=no_ledger)
+    await limiter.start()
+    return limiter
+
+
+def _record(rid: str, cost: int, budget_keys: tuple[str, ...]) -> UsageRecord:
+    return UsageRecord(
+        request_id=rid, ts=1.0, key_id="k1", user_id="u1", model="demo-gpt", route="", upstream="", status=200,
+        streamed=False, partial=False, input_tokens=1, output_tokens=1, cache_write_tokens=0, cache_read_tokens=0,
+        cost_pico=cost, priced=True, upstream_ms=1.0, ttft_ms=None, gateway_ms=0.1, budget_keys=budget_keys,
+    )
+
+
+async def test_one_loop_pass_of_settlements_is_one_call_and_leaves_what_each_would(redis_url: str) -> None:
+    """Eight requests settled in one loop pass: one SETTLE_MANY; leases released, each second's tokens
+    moved to the real count, each budget reservation turned into its real cost, held for the ledger;
+    then one APPLY_MANY moves the committed costs into the counter and drops the holds."""
+    limiter = await _limiter(redis_url)
+    limiter.attach_ledger()
+    admitter = Admitter(limiter)
+    p = Principal("k1", "k1", "k1", "u1", key_limits=Limits(max_concurrency=20, tpm=10_000_000, budget_usd=1000.0))
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        facts = [RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", f"req batch {i}") for i in range(8)]
+        held = [await admitter.admit(p, f) for f in facts]
+        assert 8 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        budget = f"{COUNTERS}:b:k:k1:all"
+        assert 0 < int(await r.hget(budget, "r"))
+        batches = limiter.stats.settle_batches
+        for i, (f, res) in enumerate(zip(facts, held, strict=True)):
+            admitter.settle_later(p, f, res, 10 + i, 1_000_000 * (i + 1))
+        await limiter.flush_settlements()
+        assert batches + 1 == limiter.stats.settle_batches, "one script call for the loop pass"
+        assert 0 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        assert sum(10 + i for i in range(8)) == sum(int(v) for v in (await r.hgetall(f"{COUNTERS}:t:k:k1")).values())
+        fields = await r.hgetall(budget)
+        assert {f"p:req batch {i}": str(1_000_000 * (i + 1)) for i in range(8)} == \
+            {k: v for k, v in fields.items() if k.startswith("p:")}
+        assert sum(1_000_000 * (i + 1) for i in range(8)) == int(fields["r"])
+        assert "0" == fields["v"]
+
+        records = [decode(encode(_record(f.request_id, 1_000_000 * (i + 1), (budget,)))) for i, f in enumerate(facts)]
+        assert all(rec is not None and (budget,) == rec.budget_keys for rec in records)
+        await limiter.apply_committed([rec for rec in records if rec is not None], "123")
+        fields = await r.hgetall(budget)
+        assert str(sum(1_000_000 * (i + 1) for i in range(8))) == fields["v"]
+        assert "0" == fields["r"]
+        assert not [k for k in fields if k[:2] in ("p:", "h:", "e:")]
+    finally:
+        await r.aclose()
+        await limiter.close()
+
+
+async def test_settlements_queued_at_close_are_sent(redis_url: str) -> None:
+    """A settlement handed over just before shutdown is not lost: close() sends it and waits for it."""
+    limiter = await _limiter(redis_url)
+    admitter = Admitter(limiter)
+    p = Principal("k1", "k1", "k1", "u1", key_limits=Limits(max_concurrency=5))
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        f = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_last")
+        res = await admitter.admit(p, f)
+        assert 1 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        admitter.settle_later(p, f, res, 5, 0)
+        await limiter.close()
+        assert 0 == await r.zcard(f"{COUNTERS}:c:k:k1")
+    finally:
+        await r.aclose()
+
+
+def test_reset_durations_read_as_before() -> None:
+    """duration() without rstrip gives OpenAI's format exactly as the general formatting does."""
+    def reference(ms: float) -> str:
+        if ms < 1000:
+            return f"{max(0, ms)}ms"
+        if ms < 60_000:
+            return f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+        minutes, rest = divmod(ms, 60_000)
+        return f"{minutes}m" + f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+
+    for ms in [*range(-1500, 130_000), 10**9 + 7]:
+        assert reference(ms) == duration(ms), ms
+    for ms in (0.0, 250.5, 1500.25, 61000.0, -3.0, 59999.9996):
+        assert reference(ms) == duration(ms), ms
+
+
