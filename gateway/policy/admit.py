@@ -110,8 +110,19 @@ def _ip_allowed(ip: str, cidrs: tuple[str, ...]) -> bool:
     return any(addr in net for net in _networks(cidrs))
 
 
+_ALLOWED: dict[tuple[tuple[str, ...], str], bool] = {}  # (patterns, model) -> verdict: globs matched once
+
+
 def model_allowed(model: str, limits: Limits) -> bool:
-    return limits.models is None or any(model_matches(p, model) for p in limits.models)
+    patterns = limits.models
+    if patterns is None:
+        return True
+    verdict = _ALLOWED.get((patterns, model))
+    if verdict is None:
+        verdict = any(model_matches(p, model) for p in patterns)
+        if len(_ALLOWED) < 16_384:  # bounded: clients choose the model names
+            _ALLOWED[(patterns, model)] = verdict
+    return verdict
 
 
 def check_static(principal: Principal, facts: RequestFacts) -> None:
@@ -123,7 +134,7 @@ def check_static(principal: Principal, facts: RequestFacts) -> None:
     for who, limits in (("key", principal.key_limits), ("user", principal.user_limits), ("team", principal.team_limits)):
         if limits.allowed_ips is not None and not _ip_allowed(facts.client_ip, limits.allowed_ips):
             raise GatewayError(ErrorKind.PERMISSION, "Requests from this IP address are not allowed for this key.")
-        if not model_allowed(facts.model, limits):
+        if limits.models is not None and not model_allowed(facts.model, limits):
             raise GatewayError(ErrorKind.PERMISSION, f"This API key may not use model '{facts.model}'.")
         if limits.max_tokens is not None:
             problem = cap_problem(facts.output_ask, limits.max_tokens, who)
@@ -133,8 +144,10 @@ def check_static(principal: Principal, facts: RequestFacts) -> None:
 
 def output_cap(principal: Principal) -> int | None:
     """The lowest ``max_tokens`` limit of the key and its user (None: no cap)."""
-    caps = [c for c in (principal.key_limits.max_tokens, principal.user_limits.max_tokens) if c is not None]
-    return min(caps) if caps else None
+    key, user = principal.key_limits.max_tokens, principal.user_limits.max_tokens
+    if key is None:
+        return user
+    return key if user is None or key <= user else user
 
 
 SettleLater = Callable[[Principal, RequestFacts, Reservation, int, int], None]
