@@ -200,7 +200,7 @@ class _Sink:
     """Push mode: each upstream chunk goes through the tap and, as whole lines, straight to the
     client's transport (one chunked-encoding frame, one write), inside the upstream's read callback."""
 
-    __slots__ = ("body", "chunked", "gone", "last", "proto", "sent", "take")
+    __slots__ = ("body", "chunked", "gone", "held", "last", "proto", "sent", "take")
 
     def __init__(self, body: LeanBody, proto: BaseProtocol, chunked: bool, take: Callable[[bytes], bytes]) -> None:
         self.body = body
@@ -210,8 +210,17 @@ class _Sink:
         self.gone = False  # the client's connection closed
         self.sent = 0  # body bytes written (the response's output size)
         self.last = b""
+        self.held = b""  # read, not yet given to the tap: no line ends in it
 
     def push(self, chunk: bytes) -> None:
+        if b"\n" not in chunk:
+            # No line ends here, so nothing to pass on yet (half the reads of a stream whose
+            # events are longer than its reads): not even a call into the tap.
+            self.held += chunk
+            return
+        if self.held:
+            chunk = self.held + chunk
+            self.held = b""
         data = self.take(chunk)
         if not data:
             return
@@ -284,6 +293,8 @@ async def _push(
         failure = _cut(request, exc)
     finally:
         resp.release() if ended else resp.close()
+    if sink.held:
+        take(sink.held)  # no line end in it: nothing to pass on, but the tap parses its last line
     rest = tap.rest()
     return failure, sink.last, rest
 
