@@ -6,13 +6,12 @@ a client that reads slower than the upstream writes holds the upstream back
 (the gateway does not swallow the stream into memory), still gets every byte
 in order, and its slowness is not taken for an upstream stall; a client that
 goes away mid-stream (no handler cancellation: the relay notices at its next
-write) frees the upstream connection, and its usage is recorded once.
+write) frees the upstream connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import textwrap
 from collections.abc import AsyncIterator
@@ -180,12 +179,10 @@ async def test_slow_client_holds_the_upstream_back_and_still_gets_every_byte_in_
     assert up.done
 
 
-async def test_client_gone_mid_stream_frees_the_upstream_without_handler_cancellation(
-    make_gateway, big_upstream, capfd
-):
+async def test_client_gone_mid_stream_frees_the_upstream_without_handler_cancellation(make_gateway, big_upstream):
     """No handler cancellation (the in-process server's default): the relay notices the closed
-    client at its next write, closes the upstream connection, and the request ends as one 499
-    line with the usage up to the cut."""
+    client at its next write and closes the upstream connection.  (With cancellation, as in
+    production, test_proxy_disconnect pins the one 499 line with the usage up to the cut.)"""
     up, base_url = big_upstream
     gw = await make_gateway(big_toml(base_url))
     reader, writer = await open_stream(gw.port)
@@ -198,13 +195,3 @@ async def test_client_gone_mid_stream_frees_the_upstream_without_handler_cancell
         assert loop.time() < deadline, "the upstream connection was not closed"
         await asyncio.sleep(0.02)
     assert not up.done
-    text = ""
-    while "] request " not in text:
-        assert loop.time() < deadline, "no request line"
-        await asyncio.sleep(0.02)
-        text += capfd.readouterr().out
-    lines = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in text.splitlines() if "] request " in line]
-    assert 1 == len(lines)
-    line = lines[0]
-    assert ("499", "client_closed", "True", "True") == (line["status"], line["error"], line["partial"], line["usage"])
-    assert int(line["out_tokens"]) > 0  # what was used up to the cut

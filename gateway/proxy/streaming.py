@@ -270,9 +270,9 @@ async def _push(
     t0 = time.perf_counter()
     try:
         try:
-            body.push(sink.push)
+            body.push(sink.push)  # what arrived since the read-ahead goes now
             while True:
-                await body.wait()
+                # Checked before each wait: the sink may have asked for attention with no one waiting.
                 if sink.gone:
                     raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
                 exc = body.failure
@@ -285,7 +285,10 @@ async def _push(
                     t1 = time.perf_counter()
                     await writer.drain()
                     t0 += time.perf_counter() - t1  # the client's time, not the upstream's
-                body.resume()
+                    body.resume()
+                    continue
+                body.resume()  # woken for backpressure that had cleared already
+                await body.wait()
         finally:
             ctx.upstream_s += time.perf_counter() - t0
             writer.output_size += sink.sent
