@@ -121,6 +121,32 @@ def same_tap(a: StreamTap, b: StreamTap) -> None:
 CUTS = st.lists(st.integers(min_value=0, max_value=10**6), max_size=40)
 
 
+def run_push(dialect: str, chunks: list[bytes], strip: bool = False) -> tuple[list[bytes], bytes, StreamTap]:
+    """Push mode: what each take() passes on (whole lines or events only), and the rest at the end."""
+    tap = StreamTap(dialect, strip_usage=strip)
+    take = tap.taker()
+    passed = [take(c) for c in chunks if c]
+    return passed, tap.rest(), tap
+
+
+@SETTINGS
+@given(stream=st.one_of(anthropic_streams(), openai_streams()), strip=st.booleans(), cuts=CUTS)
+def test_push_mode_passes_whole_lines_and_reads_the_same_usage_for_any_split(stream, strip, cuts):
+    """take() passes on only whole lines (whole events when stripping), the same bytes and usage as feed()."""
+    dialect = "anthropic" if stream.events[0].startswith(b"event:") else "openai"
+    strip = strip and dialect == "openai"
+    data = b"".join(stream.events)
+    chunks = split(data, cuts)
+    passed, rest, tap = run_push(dialect, chunks, strip)
+    fed, fed_tap = run(dialect, chunks, strip)
+    assert fed == b"".join(passed) + rest
+    for piece in passed:
+        assert piece == b"" or piece.endswith(b"\n")
+    same_tap(fed_tap, tap)
+    assert stream.usage == tap.usage
+    assert fed_tap.end_clean() == tap.end_clean()
+
+
 @SETTINGS
 @given(stream=anthropic_streams(), cuts=CUTS)
 def test_anthropic_any_split_gives_same_bytes_and_usage(stream, cuts):

@@ -27,14 +27,21 @@ class ResponsesTap(StreamTap):
         super().__init__(RESPONSES)
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._tail + chunk if self._tail else chunk
-        end = data.rfind(b"\n")
-        if end < 0:
-            self._tail = data
-            return chunk
-        self._tail = data[end + 1 :]
-        self._lines(data[:end].split(b"\n"))
+        self.take(chunk)
         return chunk
+
+    def take(self, chunk: bytes) -> bytes:
+        data = self._tail + chunk if self._tail else chunk
+        end = data.rfind(b"\n") + 1
+        if not end:
+            self._tail = data
+            return b""
+        self._tail = data[end:]
+        out = data[:end]
+        lines = out.split(b"\n")
+        del lines[-1]
+        self._lines(lines)
+        return out
 
     def flush(self) -> bytes:
         if self._tail:

@@ -9,6 +9,8 @@ until their blank line so that the usage-only chunk can be dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 
 from gateway.accounting.usage import Usage, apply_anthropic, apply_openai
@@ -50,16 +52,33 @@ class StreamTap:
         self._drop = False
 
     def feed(self, chunk: bytes) -> bytes:
-        """Consume a chunk; return the bytes the client should get now."""
+        """Consume a chunk; return the bytes the client should get now (all of them, an incomplete
+        last line included, unless whole events are held to strip the usage chunk)."""
+        if self.strip_usage:
+            return self.take_events(chunk)
+        self.take(chunk)
+        return chunk
+
+    def taker(self) -> Callable[[bytes], bytes]:
+        """Push mode: the function that consumes a chunk and returns what the client should get now,
+        whole lines only (``take``; whole events when stripping: ``take_events``); the rest is held
+        until it is complete, or until ``rest`` at the end."""
+        return self.take_events if self.strip_usage else self.take
+
+    def take(self, chunk: bytes) -> bytes:
+        """Consume a chunk; return its whole lines (with what was held back before them)."""
         data = self._tail + chunk if self._tail else chunk
         # Hot path: one C-level split, then a tight loop over the complete lines
         # without a function call per line (this runs for every chunk of every
         # stream: the line-by-line find/slice version was ~15% of a streamed request's CPU).
-        *lines, self._tail = data.split(b"\n")
-        if not lines:
-            return b"" if self.strip_usage else chunk
-        if self.strip_usage:
-            return self._feed_held(lines)
+        end = data.rfind(b"\n") + 1
+        if not end:
+            self._tail = data
+            return b""
+        self._tail = data[end:]
+        out = data[:end]  # all of it (the same object) when it ends with a line end: the usual case
+        lines = out.split(b"\n")
+        del lines[-1]  # what follows the last line end: nothing
         if self.dialect == "anthropic":
             event = self._event
             deltas = 0
@@ -94,10 +113,19 @@ class StreamTap:
             self.deltas += deltas
             if last is not None:
                 self._last = last
-        return chunk
+        return out
 
-    def _feed_held(self, new: list[bytes]) -> bytes:
-        """Strip mode: pass whole events on, minus the usage-only chunk the client did not ask for."""
+    def take_events(self, chunk: bytes) -> bytes:
+        """Strip mode: consume a chunk; return its whole events, minus the usage-only chunk the client
+        did not ask for."""
+        data = self._tail + chunk if self._tail else chunk
+        end = data.rfind(b"\n") + 1
+        if not end:
+            self._tail = data
+            return b""
+        self._tail = data[end:]
+        new = data[:end].split(b"\n")
+        del new[-1]
         held = self._held  # complete lines of an event not yet ended (parsed when they arrived)
         lines = held + new if held else new
         pos = len(held) if held else 0
@@ -130,6 +158,13 @@ class StreamTap:
             return b"\n".join(lines[emit_from:ev_start]) + b"\n" if ev_start > emit_from else b""
         ranges.append((emit_from, ev_start))
         return b"".join(b"\n".join(lines[a:b]) + b"\n" for a, b in ranges if b > a)
+
+    def rest(self) -> bytes:
+        """Push mode, the stream ended: what was held back (an unterminated last line or event), parsed;
+        for the client if the stream ended cleanly."""
+        tail = self._tail
+        rest = self.flush()
+        return rest if self.strip_usage else tail
 
     def flush(self) -> bytes:
         """The stream ended: return anything still held (an unterminated event)."""

@@ -73,13 +73,15 @@ class AttemptFailed(Exception):
 
 
 class Attempt:
-    __slots__ = ("ahead", "dep", "resp", "t0")
+    __slots__ = ("ahead", "dep", "resp", "scan", "seen", "t0")
 
     def __init__(self, dep: Deployment) -> None:
         self.dep = dep
         self.resp: LeanResponse | None = None
         self.ahead: list[bytes] = []
         self.t0 = time.perf_counter()
+        self.scan: FirstContent | None = None
+        self.seen = Seen.NOTHING
 
     async def open(self, session: LeanSession, req: UpstreamRequest) -> Opened:
         """Send the request; return what can be relayed, or raise AttemptFailed.  Closes on any failure."""
@@ -168,20 +170,22 @@ class Attempt:
                     return Opened(dep, resp, None, chunk, time.perf_counter() - self.t0)
                 if seen is Seen.ERROR:
                     raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
-        read = reader or resp.content.readany
         left = dep.cfg.ttft_timeout - (time.perf_counter() - self.t0)
         resp.read_timeout(max(left, 0.0))
         try:
-            while True:
-                chunk = await read()
-                if not chunk:
-                    raise AttemptFailed(cut_failure(dep.name, "ended its stream before any content"))
-                self.ahead.append(chunk)
-                seen = scan.feed(chunk)
-                if seen is Seen.CONTENT or seen is Seen.END:
-                    break
-                if seen is Seen.ERROR:
-                    raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
+            if reader is None:
+                await self._push_ahead(resp, scan)
+            else:
+                while True:
+                    chunk = await reader()
+                    if not chunk:
+                        raise AttemptFailed(cut_failure(dep.name, "ended its stream before any content"))
+                    self.ahead.append(chunk)
+                    seen = scan.feed(chunk)
+                    if seen is Seen.CONTENT or seen is Seen.END:
+                        break
+                    if seen is Seen.ERROR:
+                        raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
         except TimeoutError:
             raise AttemptFailed(timeout_failure(dep.name, "no first token within ttft_timeout")) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError):
@@ -189,6 +193,39 @@ class Attempt:
         resp.read_timeout(None)
         ahead = self.ahead[0] if len(self.ahead) == 1 else b"".join(self.ahead)
         return Opened(dep, resp, None, ahead, time.perf_counter() - self.t0, read=reader)
+
+    async def _push_ahead(self, resp: LeanResponse, scan: FirstContent) -> None:
+        """Read ahead in push mode: each chunk is scanned as it arrives (no task switch per chunk);
+        back to pull mode, the rest unread, once the first content event (or the end) is in."""
+        dep = self.dep
+        body = resp.content
+        self.scan = scan
+        body.push(self._scan_chunk)
+        try:
+            while self.seen is Seen.NOTHING:
+                await body.wait()
+                exc = body.failure
+                if exc is not None and self.seen is Seen.NOTHING:
+                    raise exc
+                if body.is_eof() and self.seen is Seen.NOTHING:
+                    raise AttemptFailed(cut_failure(dep.name, "ended its stream before any content"))
+        finally:
+            body.push(None)
+            self.scan = None
+        if self.seen is Seen.ERROR:
+            raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))
+
+    def _scan_chunk(self, chunk: bytes) -> None:
+        """The read-ahead sink: keep the chunk; wake the attempt once the scan decided."""
+        assert self.scan is not None
+        assert self.resp is not None
+        self.ahead.append(chunk)
+        seen = self.scan.feed(chunk)
+        if seen is not Seen.NOTHING:
+            self.seen = seen
+            body = self.resp.content
+            body.push(None)  # what follows waits in the body, for the relay
+            body.wake()
 
     def reported_usage(self) -> Usage | None:
         """Usage an abandoned stream reported before it was dropped (e.g. message_start's input tokens)."""

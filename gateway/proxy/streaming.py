@@ -1,18 +1,25 @@
 """Relay an open upstream response to the client: a JSON body or an SSE stream.
 
-Streams go chunk by chunk as they arrive, through the usage tap.  A stream
-the upstream cuts (error, idle timeout, close without its terminal event)
-ends with the dialect's error event, never a terminal success event.
+Streams go chunk by chunk as they arrive, through the usage tap: pushed by
+the upstream client's read callback straight to the client's transport (no
+task switch per chunk; the relay coroutine sleeps until the upstream ends,
+fails or stalls, the client goes away or falls behind), or, for a translated
+stream or a cloud's reader, read chunk by chunk.  A stream the upstream cuts
+(error, idle timeout, close without its terminal event) ends with the
+dialect's error event, never a terminal success event.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from gateway.accounting.sse import StreamTap
@@ -24,7 +31,7 @@ from gateway.proxy.attempts import Opened
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
-from gateway.upstream.client import LeanResponse
+from gateway.upstream.client import LeanBody, LeanResponse
 
 if TYPE_CHECKING:
     from gateway.translate.attempt import StreamTranslator, Translation
@@ -133,13 +140,176 @@ async def relay_stream(
     except BaseException:
         resp.close()  # the client is gone before the first byte: free the upstream now
         raise
-    # The client's: the tap's (the Responses API has its own), or the translator's.
-    dialect = tap.dialect if translator is None else translator.dialect
-    read: Reader = opened.read or resp.content.readany
-    failure: tuple[ErrorKind, str] | None = None
+    writer = request.writer
     # The upstream client watches for a stall (no byte for idle_timeout) on a
     # timer tick of its own: nothing to re-arm per chunk here.
     resp.idle_timeout(dep.cfg.idle_timeout)
+    if (
+        translator is None and opened.read is None and opened.ahead and isinstance(writer, StreamWriter)
+        and writer._compress is None and writer.length is None and writer._on_chunk_sent is None
+        and writer.on_body_write is None
+    ):
+        failure, last, rest = await _push(request, writer, out, opened, ctx, tap)
+    else:
+        failure, last, rest = await _pull(request, out, opened, ctx, tap, translator)
+    # The client's: the tap's (the Responses API has its own), or the translator's.
+    dialect = tap.dialect if translator is None else translator.dialect
+    if failure is None and not tap.end_clean() and not tap.errored:
+        failure = (ErrorKind.UPSTREAM_ERROR, "The upstream ended the stream early; the answer is incomplete.")
+    if failure is not None:
+        ctx.partial = True
+        ctx.error_kind = failure[0].label
+        dep.breaker.record_failure()
+        # The unfinished line (and a held event) is dropped; an unfinished
+        # event is ended first, so that the error event parses on its own.
+        lead = b"\n" if last and not last.endswith(_EVENT_END) else b""
+        await out.write(lead + stream_error_event(failure[0], failure[1], dialect))
+    else:
+        if rest:
+            await out.write(rest)
+        if tap.errored:
+            # The upstream sent its own error event (relayed as is): a failed answer all the same.
+            ctx.partial = True
+            ctx.error_kind = ErrorKind.UPSTREAM_ERROR.label
+            dep.breaker.record_failure()
+        else:
+            dep.breaker.record_success()
+    await out.write_eof()
+    return out
+
+
+# What a relay loop hands on: why the stream failed, if it did; the last bytes written (is the
+# client at an event boundary?); what to write if it did not fail.
+_Outcome = tuple[tuple[ErrorKind, str] | None, bytes, bytes]
+
+_STALLED = (ErrorKind.UPSTREAM_TIMEOUT, "The upstream stalled mid-stream; the answer is incomplete.")
+_FAILED = (ErrorKind.UPSTREAM_ERROR, "The upstream connection failed mid-stream; the answer is incomplete.")
+
+
+def _cut(request: web.Request, exc: BaseException) -> tuple[ErrorKind, str]:
+    """An upstream read failed: the dialect's error event to send, or raise on when the client is gone."""
+    if isinstance(exc, TimeoutError):
+        return _STALLED
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise exc  # the client went away: nothing to tell it
+    return _FAILED
+
+
+class _Sink:
+    """Push mode: each upstream chunk goes through the tap and, as whole lines, straight to the
+    client's transport (one chunked-encoding frame, one write), inside the upstream's read callback."""
+
+    __slots__ = ("body", "chunked", "gone", "held", "last", "proto", "sent", "take")
+
+    def __init__(self, body: LeanBody, proto: BaseProtocol, chunked: bool, take: Callable[[bytes], bytes]) -> None:
+        self.body = body
+        self.proto = proto
+        self.chunked = chunked
+        self.take = take
+        self.gone = False  # the client's connection closed
+        self.sent = 0  # body bytes written (the response's output size)
+        self.last = b""
+        self.held = b""  # read, not yet given to the tap: no line ends in it
+
+    def push(self, chunk: bytes) -> None:
+        if b"\n" not in chunk:
+            # No line ends here, so nothing to pass on yet (half the reads of a stream whose
+            # events are longer than its reads): not even a call into the tap.
+            self.held += chunk
+            return
+        if self.held:
+            chunk = self.held + chunk
+            self.held = b""
+        data = self.take(chunk)
+        if not data:
+            return
+        proto = self.proto
+        transport = proto.transport
+        if transport is None or transport.is_closing():
+            self.gone = True
+            self.body.wake()
+            return
+        n = len(data)
+        if not self.chunked:
+            transport.write(data)
+        elif n < _COPY_BELOW:
+            transport.write(b"%x\r\n%b\r\n" % (n, data))
+        else:
+            transport.writelines((b"%x\r\n" % n, data, b"\r\n"))
+        self.sent += n
+        self.last = data
+        if proto._paused:
+            # The client reads slower than the upstream writes: stop reading the upstream until it drains.
+            self.body.pause()
+            self.body.wake()
+
+
+_COPY_BELOW = 16384  # a smaller chunk is copied into its frame (one write); a larger one is not
+
+
+async def _push(
+    request: web.Request, writer: StreamWriter, out: web.StreamResponse, opened: Opened, ctx: RequestContext,
+    tap: StreamTap,
+) -> _Outcome:
+    """The common case: the upstream's SSE relayed as it is, without a task switch per chunk."""
+    resp = opened.resp
+    body = resp.content
+    take = tap.taker()
+    if ctx.ttft_s is None:
+        ctx.ttft_s = time.perf_counter() - ctx.start
+    first = take(opened.ahead)
+    if first:
+        await out.write(first)  # the headers and the first events, in one write
+    else:
+        writer.send_headers()
+    sink = _Sink(body, writer.protocol, writer.chunked, take)
+    sink.last = first
+    ended = False
+    failure: tuple[ErrorKind, str] | None = None
+    t0 = time.perf_counter()
+    try:
+        try:
+            body.push(sink.push)  # what arrived since the read-ahead goes now
+            while True:
+                # Checked before each wait: the sink may have asked for attention with no one waiting.
+                if sink.gone:
+                    raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+                exc = body.failure
+                if exc is not None:
+                    raise exc
+                if body.is_eof():
+                    ended = True
+                    break
+                if writer.protocol._paused:
+                    t1 = time.perf_counter()
+                    await writer.drain()
+                    t0 += time.perf_counter() - t1  # the client's time, not the upstream's
+                    body.resume()
+                    continue
+                body.resume()  # woken for backpressure that had cleared already
+                await body.wait()
+        finally:
+            ctx.upstream_s += time.perf_counter() - t0
+            writer.output_size += sink.sent
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:
+        failure = _cut(request, exc)
+    finally:
+        resp.release() if ended else resp.close()
+    if sink.held:
+        take(sink.held)  # no line end in it: nothing to pass on, but the tap parses its last line
+    rest = tap.rest()
+    return failure, sink.last, rest
+
+
+async def _pull(
+    request: web.Request, out: web.StreamResponse, opened: Opened, ctx: RequestContext, tap: StreamTap,
+    translator: StreamTranslator | None,
+) -> _Outcome:
+    """A translated stream or a cloud's reader: chunk by chunk, a read (and a task switch) each."""
+    resp = opened.resp
+    read: Reader = opened.read or resp.content.readany
+    failure: tuple[ErrorKind, str] | None = None
     # An incomplete last line is held back: if the upstream is cut mid-line,
     # the client must not get half a line glued to our error event.
     pending = b""
@@ -175,37 +345,16 @@ async def relay_stream(
                     await out.write(data)
                     last = data
     except TimeoutError:
-        failure = (ErrorKind.UPSTREAM_TIMEOUT, "The upstream stalled mid-stream; the answer is incomplete.")
+        failure = _STALLED
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:
         if isinstance(exc, ConnectionResetError | aiohttp.ClientConnectionResetError) and request.transport is None:
             raise  # the client went away: nothing to tell it
-        if request.transport is None or request.transport.is_closing():
-            raise
-        failure = (ErrorKind.UPSTREAM_ERROR, "The upstream connection failed mid-stream; the answer is incomplete.")
+        failure = _cut(request, exc)
     finally:
         resp.release() if ended else resp.close()
     rest = tap.flush()
-    if failure is None and not tap.end_clean() and not tap.errored:
-        failure = (ErrorKind.UPSTREAM_ERROR, "The upstream ended the stream early; the answer is incomplete.")
-    if failure is not None:
-        ctx.partial = True
-        ctx.error_kind = failure[0].label
-        dep.breaker.record_failure()
-        # The unfinished line (and a held event) is dropped; an unfinished
-        # event is ended first, so that the error event parses on its own.
-        lead = b"\n" if last and not last.endswith(_EVENT_END) else b""
-        await out.write(lead + stream_error_event(failure[0], failure[1], dialect))
-    else:
+    if failure is None:
         if translator is not None:
             rest = translator.feed(rest) + translator.finish()
-        if pending or rest:
-            await out.write(pending + rest)
-        if tap.errored:
-            # The upstream sent its own error event (relayed as is): a failed answer all the same.
-            ctx.partial = True
-            ctx.error_kind = ErrorKind.UPSTREAM_ERROR.label
-            dep.breaker.record_failure()
-        else:
-            dep.breaker.record_success()
-    await out.write_eof()
-    return out
+        rest = pending + rest
+    return failure, last, rest

@@ -8,7 +8,8 @@ itself.  This client keeps what the job needs:
 * keep-alive pools per (scheme, host, port), bounded per upstream; an idle
   connection is dropped after ``KEEPALIVE_S`` (aiohttp's keepalive_timeout);
 * llhttp (``httptools``, the C parser uvicorn uses) on an asyncio Protocol:
-  the body is handed to the reader as it arrives, without a task per chunk;
+  the body is handed to the reader as it arrives, without a task per chunk,
+  or (push mode) to a synchronous sink, without any task switch per chunk;
 * TLS through the loop (``ssl`` + ``server_hostname``);
 * connect and total timeouts, as ``aiohttp.ClientTimeout`` names them, and a
   first-byte deadline (``head_timeout``) on the same timer: one ``call_at``
@@ -33,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl as ssl_mod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import aiohttp
@@ -49,11 +50,16 @@ MAX_HEADER_BYTES = 64 * 1024
 KEEPALIVE_S = 60.0  # an idle pooled connection older than this is closed, not reused
 
 
-class _Body:
+class LeanBody:
     """The answer's body as the reader sees it: chunks in arrival order, then EOF or an error.
 
-    Fed by ``_Connection.on_body`` directly (no method call per chunk); a reader
-    waits on one future, woken by the first chunk, EOF or error.
+    Pull mode: fed by ``_Connection.data_received`` directly (no method call per
+    chunk); a reader waits on one future, woken by the first chunk, EOF or error.
+
+    Push mode (``push``): each chunk goes to a synchronous sink as it arrives,
+    without waking anyone; the owner waits (``wait``) on one future for the
+    whole body, woken by EOF, an error (a stall included), or ``wake`` (the sink
+    asking for attention: its client is slow, or gone).
     """
 
     __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_waiter")
@@ -118,6 +124,49 @@ class _Body:
             conn.resume()
         return b"".join(chunks)  # one chunk: that very object, no copy
 
+    # -- push mode
+    def push(self, sink: Callable[[bytes], None] | None) -> None:
+        """From now on each chunk goes to ``sink`` as it arrives (what had arrived goes first, now);
+        None: back to pull mode."""
+        conn = self._conn
+        if conn.body is not self:
+            return  # the connection went back to its pool (or serves another answer)
+        conn.sink = sink
+        if sink is None:
+            return
+        chunks = self._chunks
+        if chunks:
+            self._chunks = []
+            sink(b"".join(chunks))
+        if conn.paused:
+            conn.resume()
+
+    async def wait(self) -> None:
+        """Push mode: until the body ended (``is_eof``), failed (``failure``), or ``wake`` was called."""
+        if self._eof or self._exc is not None:
+            return
+        self._waiter = waiter = self._conn.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def wake(self) -> None:
+        """Push mode: end the owner's ``wait`` now."""
+        self._wake()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the body failed (a TimeoutError for a stall); None while it has not."""
+        return None if self._eof else self._exc
+
+    def pause(self) -> None:
+        """Stop reading from the upstream (the idle watch does not count it as a stall)."""
+        self._conn.pause()
+
+    def resume(self) -> None:
+        self._conn.resume()
+
     async def read(self) -> bytes:
         if self._eof:
             chunks = self._chunks
@@ -134,21 +183,27 @@ class _Body:
 class _Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses its answer with llhttp."""
 
-    __slots__ = ("_head", "_informational", "_until_close", "active_at", "body", "body_at", "closed", "complete",
-                 "head_at", "head_future", "headers", "idle", "idle_at", "keep_alive", "loop", "nchunks", "parser",
-                 "paused", "pool", "reused", "seen", "status", "timer", "total_at", "transport")
+    __slots__ = ("_head", "_informational", "_pieces", "_until_close", "active_at", "body", "body_at", "closed",
+                 "complete", "head_at", "head_future", "headers", "idle", "idle_at", "keep_alive", "loop", "nchunks",
+                 "on_body", "parser", "paused", "pool", "reused", "seen", "sink", "status", "timer", "total_at",
+                 "transport")
 
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        # llhttp hands the body's pieces to a C method (no Python call per piece); data_received
+        # passes what one read brought on as one chunk, to the reader or to the sink.
+        self._pieces: list[bytes] = []
+        self.on_body = self._pieces.append
+        self.sink: Callable[[bytes], None] | None = None  # push mode: gets each chunk as it arrives
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.complete = True  # no request in flight
         self.reused = False
         self.paused = False
         self.head_future: asyncio.Future[None] | None = None
-        self.body: _Body | None = None
+        self.body: LeanBody | None = None
         self.status = 0
         self.headers: CIMultiDictProxy[str] | None = None
         # The answer's bytes until its head is complete (None after): its header lines are
@@ -181,9 +236,49 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self._body_received()
             self._fail(aiohttp.ClientPayloadError("upstream switched protocols"))
+            return
         except httptools.HttpParserError as exc:
+            self._body_received()
             self._fail(aiohttp.ClientPayloadError(f"malformed upstream response: {exc}"))
+            return
+        pieces = self._pieces
+        if pieces:
+            # Inlined _body_received: the hot path of a stream (one read, one piece, one chunk).
+            chunk = pieces[0] if pieces[0] is pieces[-1] else b"".join(pieces)
+            del pieces[:]
+            self.nchunks += 1
+            sink = self.sink
+            if sink is not None:
+                sink(chunk)
+                return
+            body = self.body
+            if body is None:
+                return
+            chunks = body._chunks
+            chunks.append(chunk)
+            w = body._waiter
+            if w is not None:
+                body._waiter = None
+                if not w.done():  # the reader may have been cancelled
+                    w.set_result(None)
+            elif len(chunks) > HIGH_WATER_CHUNKS:
+                self.pause()
+
+    def _body_received(self) -> None:
+        """Pass on the body's pieces of this read (before an error is raised: they came first)."""
+        pieces = self._pieces
+        if not pieces:
+            return
+        chunk = b"".join(pieces)
+        del pieces[:]
+        self.nchunks += 1
+        if self.sink is not None:
+            self.sink(chunk)
+        elif self.body is not None:
+            self.body._chunks.append(chunk)
+            self.body._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -218,23 +313,6 @@ class _Connection(asyncio.Protocol):
         fut = self.head_future
         if fut is not None and not fut.done():
             fut.set_result(None)
-
-    def on_body(self, data: bytes) -> None:
-        body = self.body
-        if body is None:
-            return
-        chunks = body._chunks
-        chunks.append(data)
-        self.nchunks += 1
-        w = body._waiter
-        if w is not None:
-            body._waiter = None
-            try:
-                w.set_result(None)
-            except asyncio.InvalidStateError:  # the reader was cancelled
-                pass
-        elif len(chunks) > HIGH_WATER_CHUNKS:
-            self.pause()
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -307,6 +385,7 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self.sink = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -320,7 +399,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.body_at = None
         self.idle = 0.0
-        self.body = _Body(self)
+        self.sink = None
+        self.body = LeanBody(self)
         self.head_future = self.loop.create_future()
         if len(body) < 16384:
             self.transport.write(head + body)
@@ -407,6 +487,7 @@ class _Pool:
     def put(self, conn: _Connection) -> None:
         conn.reused = True
         conn.body = None
+        conn.sink = None
         conn.head_future = None
         conn.headers = None
         conn.idle_at = conn.loop.time()
