@@ -51,6 +51,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
+import setup_test_user
 from bench import HOST, KINDS, ROOT, Kind, children, cpu_ticks
 from setup_test_user import create_key
 
@@ -197,6 +198,7 @@ class Bench:
             st.gateway_src = saved_src
         key = st.key
         if governed:
+            setup_test_user.CALL_TIMEOUT = 900.0 if st.cmd_prefix else 15.0
             key = create_key(f"http://{HOST}:{st.gw_port}", st.overrides["GATEWAY_ADMIN_TOKEN"],
                              email=f"bench-{secrets.token_hex(3)}@example.com", models=["bench-*"])
             self._set_budget(st.overrides["GATEWAY_DATABASE_URL"])

@@ -37,13 +37,16 @@ class AdminApiMissing(Exception):
     pass
 
 
+CALL_TIMEOUT = 15.0  # seconds per admin call (bench_counts --callgrind raises it: argon2 under valgrind)
+
+
 def _call(base: str, token: str, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method, headers={
         "authorization": f"Bearer {token}", "content-type": "application/json", "accept": "application/json",
     })
     try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
+        with urllib.request.urlopen(req, timeout=CALL_TIMEOUT) as resp:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as err:
         raw = err.read()
