@@ -179,9 +179,11 @@ class Bench:
         st.overrides = {}
         if governed:
             st.overrides.update(self._ensure_stores())
-            env = {**os.environ, **st.overrides}
-            subprocess.run([str(bench.VENV_BIN / "llm-gateway"), "migrate"], env=env, check=True,
-                           capture_output=True, cwd=self.tmp)
+            # The target's own migrations: another checkout (NAME@DIR) runs its schema, from DIR/migrations
+            # (`git archive REV gateway migrations config | tar -x -C DIR`).
+            env = {**self._env("migrate", False, src), **st.overrides}
+            subprocess.run([sys.executable, "-m", "gateway", "migrate"], env=env, check=True,
+                           capture_output=True, cwd=src or self.default_src or self.tmp)
         if st.cmd_prefix:
             # A worker under valgrind is ~50x slower: to start, and to answer the supervisor's pings.
             st.overrides["GATEWAY_SERVER__WORKER_PING_SECONDS"] = "600"
