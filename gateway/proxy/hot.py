@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from gateway.proxy.fairshare import FairShare
     from gateway.proxy.headers import HeaderPolicy
     from gateway.proxy.routing import Router
-    from gateway.tasks import TaskTracker
 
 
 @dataclass(slots=True)
@@ -39,7 +38,6 @@ class Hot:
     tags: TagPolicy
     usage: UsageSink
     usage_on_line: bool  # the usage record is written on the request's log line (standalone)
-    tasks: TaskTracker
     max_body_bytes: int
 
 
@@ -60,6 +58,5 @@ async def bind(app: web.Application) -> None:
         tags=app[keys.TAGS],
         usage=usage,
         usage_on_line=bool(getattr(usage, "on_request_line", False)),
-        tasks=app[keys.TASKS],
         max_body_bytes=app[keys.CONFIG].server.max_body_bytes,
     )
