@@ -468,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     global TOP, KEEP
     TOP = args.top
     KEEP = args.keep_pstats
+    if KEEP:
+        Path(KEEP).mkdir(parents=True, exist_ok=True)
     bench.ensure_tools()
     if not args.no_strace and shutil.which("strace") is None:
         raise SystemExit("bench_counts: strace is required (apt-get install strace), or pass --no-strace")
