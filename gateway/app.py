@@ -151,14 +151,17 @@ def create_app(cfg: Config) -> web.Application:
     prices = PriceTable.load(cfg)
     # Priced model names are configured names: safe as metric labels.
     metrics = Metrics(cfg, known_models=getattr(prices, "_exact", {}))
+    middleware = make_middleware(cfg.log.access_log, metrics)
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes + 1,
-        middlewares=[make_middleware(cfg.log.access_log, metrics)],  # type: ignore[list-item]
+        middlewares=[middleware],  # type: ignore[list-item]
         handler_args={"max_field_size": 16384, "keepalive_timeout": cfg.server.keepalive_timeout,
                       # Request bodies are decoded by gateway/server/body.py, within the size limit.
                       "auto_decompress": False},
     )
     app[keys.CONFIG] = cfg
+    app[keys.MIDDLEWARE] = middleware
+    app[keys.FAST_PATHS] = frozenset(path for _, path, _ in DATA_PLANE)  # server/dispatch.py
     app[keys.DRAINING] = [False]  # set by the worker when it drains
     app.on_response_prepare.append(_on_prepare(app[keys.DRAINING]))
     app[keys.EXTRA] = {}

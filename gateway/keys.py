@@ -49,6 +49,9 @@ FAIR_SHARE: web.AppKey[FairShare] = web.AppKey("fair_share")  # per-key/user sha
 TAGS: web.AppKey[TagPolicy] = web.AppKey("tags")  # request tags for cost attribution
 ALERTS: web.AppKey[AlertService] = web.AppKey("alerts")  # database mode with [alerts] enabled
 OIDC: web.AppKey[OidcClient] = web.AppKey("oidc")  # single sign-on, when [oidc] enabled
+# The gateway middleware (server/dispatch.py calls it directly for the data plane's exact paths).
+MIDDLEWARE: web.AppKey[Any] = web.AppKey("middleware")
+FAST_PATHS: web.AppKey[frozenset[str]] = web.AppKey("fast_paths")  # ... and those paths
 
 # Request-scoped, set by the middleware.
 REQ_CTX: web.RequestKey[RequestContext] = web.RequestKey("gw_ctx")

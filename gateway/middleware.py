@@ -99,17 +99,20 @@ def make_middleware(
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     log = structlog.get_logger("request")
 
+    req_ctx = keys.REQ_CTX
+
     @web.middleware
-    async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def gateway_middleware(request: web.Request, handler: Handler, direct: bool = False) -> web.StreamResponse:
+        """``direct``: called by server/dispatch.py for an exact data-plane path (no query string)."""
         ctx = RequestContext.start_now()
-        request[keys.REQ_CTX] = ctx
+        request._state[req_ctx] = ctx  # request[REQ_CTX] = ctx, without the Python-level __setitem__
         status = 500
         gw_ms = -1.0  # measured once, for the header, the metrics and the log line
         if metrics is not None:
             metrics.active += 1  # metrics.started(), inlined: the hot path
         try:
             try:
-                if request.rel_url.raw_query_string and request.path.startswith(_CONTROL_PLANE):
+                if not direct and request.rel_url.raw_query_string and request.path.startswith(_CONTROL_PLANE):
                     # Decoded query values reach Postgres as text: a %00 would be a 500 there.
                     refused = query_error(request.query_string)
                     if refused is not None:

@@ -42,6 +42,7 @@ from aiohttp.web_server import Server
 
 from gateway import keys
 from gateway.errors import OPENAI, ErrorKind, envelope
+from gateway.server.dispatch import fast_dispatch
 from gateway.server.hygiene import BareResponse
 
 log = structlog.get_logger("http")
@@ -188,7 +189,7 @@ class GatewayRunner(web.AppRunner):
         stock = await super()._make_server()
         s = self.app[keys.CONFIG].server
         return GatewayServer(
-            stock.request_handler,
+            fast_dispatch(self.app),
             request_factory=stock.request_factory,
             handler_cancellation=stock.handler_cancellation,
             loop=stock._loop,
