@@ -32,6 +32,8 @@ connection as we wrote, so it never saw the request (Go's net/http does the same
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 import re
 import ssl as ssl_mod
 from collections.abc import Callable, Iterable, Mapping
@@ -661,7 +663,23 @@ def _headers(head: bytes) -> tuple[CIMultiDict[str], int]:
         end = head.find(b"\n\n")  # bare LF line ends (llhttp accepts them)
         after = end + 2
     start = head.find(b"\n") + 1  # after the status line (its reason phrase may hold a colon)
-    return CIMultiDict(_HEADER_LINE.findall(head[start:end].decode("latin-1"))), after
+    text = head[start:end].decode("latin-1")
+    if not text:
+        return CIMultiDict(), after
+    lines = text.split("\r\n")
+    if len(lines) != text.count("\n") + 1 or "\r\n " in text or "\r\n\t" in text:
+        # A bare LF line end or a folded line: the general case, by regular expression.
+        return CIMultiDict(_HEADER_LINE.findall(text)), after
+    # The usual head (CRLF lines), split in C: the regular expression alone was ~12% of a
+    # request's instructions (callgrind), this is less than half of it.
+    parts = list(map(str.partition, lines, _COLONS))
+    return CIMultiDict(zip(map(_NAME, parts), map(str.strip, map(_VALUE, parts), _BLANKS), strict=True)), after
+
+
+_COLONS = itertools.repeat(":")
+_BLANKS = itertools.repeat(" \t")
+_NAME = operator.itemgetter(0)
+_VALUE = operator.itemgetter(2)
 
 
 # Header names the client sets itself (or that make no sense on a request it frames).
