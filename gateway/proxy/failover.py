@@ -142,8 +142,8 @@ class Failover:
                 self._open_retry.append(dep.breaker.retry_after())
                 return None
             if retry == 0:
-                up.retry_budget.deposit()
-                up.hedge_budget.deposit()
+                up.retry_budget.pending += 1  # Budget.deposit(), inlined: one request went to the upstream
+                up.hedge_budget.pending += 1
                 if self._first is None:
                     self._first = dep
             ctx.attempts += 1

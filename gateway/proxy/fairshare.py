@@ -61,6 +61,9 @@ class Lease:
             self._owner.give_back(self._key, self._user)
 
 
+Held = tuple[_Slot, _Slot]  # a key's and its user's slot, while a request holds its share
+
+
 # Idle slots are kept (a key's next request reuses its slot); a table this full drops its idle ones.
 MAX_IDLE_SLOTS = 10_000
 
@@ -78,46 +81,54 @@ class FairShare:
     def caps(self, pool: int) -> tuple[int, int]:
         return max(1, math.floor(self.key_share * pool)), max(1, math.floor(self.user_share * pool))
 
-    def take(self, key: str, user: str, pool: int) -> bool:
-        """Take a share now if one is free (the common case: no await); else False (see ``wait``)."""
-        caps = self._caps.get(pool)
-        if caps is None:
-            caps = self._caps[pool] = self.caps(pool)
-        k = self._keys.get(key)
-        if k is None:
+    def take(self, key: str, user: str, pool: int) -> Held | None:
+        """Take a share now if one is free (the common case: no await): the slots to ``release``;
+        else None (see ``wait``).  A held slot is busy, so it is never tidied away meanwhile."""
+        try:
+            key_cap, user_cap = self._caps[pool]
+        except KeyError:
+            key_cap, user_cap = self._caps[pool] = self.caps(pool)
+        try:
+            k = self._keys[key]
+        except KeyError:
             if len(self._keys) >= MAX_IDLE_SLOTS:
                 self._tidy_all()
             k = self._keys[key] = _Slot()
-        u = self._users.get(user)
-        if u is None:
+        try:
+            u = self._users[user]
+        except KeyError:
             if len(self._users) >= MAX_IDLE_SLOTS:
                 self._tidy_all()
             u = self._users[user] = _Slot()
-        if k.busy < caps[0] and u.busy < caps[1]:
+        if k.busy < key_cap and u.busy < user_cap:
             k.busy += 1
             u.busy += 1
-            return True
-        return False
+            return k, u
+        return None
+
+    def release(self, held: Held) -> None:
+        """The end of a share taken by ``take`` or ``wait`` (exactly once per share)."""
+        k, u = held
+        k.busy -= 1
+        if k.waiters:
+            self._wake(k)
+        u.busy -= 1
+        if u.waiters:
+            self._wake(u)
 
     def give_back(self, key: str, user: str) -> None:
-        """The end of a share taken by ``take`` or ``wait`` (exactly once per share)."""
+        """``release`` by name."""
         k = self._keys.get(key)
-        if k is not None:
-            k.busy -= 1
-            if k.waiters:
-                self._wake(k)
         u = self._users.get(user)
-        if u is not None:
-            u.busy -= 1
-            if u.waiters:
-                self._wake(u)
+        if k is not None and u is not None:
+            self.release((k, u))
 
     async def acquire(self, key: str, user: str, pool: int) -> Lease:
-        if not self.take(key, user, pool):
+        if self.take(key, user, pool) is None:
             await self.wait(key, user, pool)
         return Lease(self, key, user)
 
-    async def wait(self, key: str, user: str, pool: int) -> None:
+    async def wait(self, key: str, user: str, pool: int) -> Held:
         """Wait (first come, first served) up to ``wait_s`` for a share, and take it; 429 when none came."""
         key_cap, user_cap = self.caps(pool)
         self.stats.queued += 1
@@ -134,7 +145,7 @@ class FairShare:
             if k.busy < key_cap and u.busy < user_cap:
                 k.busy += 1
                 u.busy += 1
-                return
+                return k, u
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self.stats.refused += 1

@@ -26,7 +26,7 @@ from gateway.policy.principals import Principal, PrincipalResolver
 from gateway.proxy.attempts import UpstreamRequest
 from gateway.proxy.context import RequestContext
 from gateway.proxy.failover import Failover
-from gateway.proxy.fairshare import pool_size
+from gateway.proxy.fairshare import Held, pool_size
 from gateway.proxy.forward import upstream_headers
 from gateway.proxy.hot import HOT, Hot
 from gateway.proxy.routing import Deployment
@@ -204,7 +204,7 @@ def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Reques
         tap: StreamTap | None = None
         status = 0
         hedges: list[Reservation] = []
-        shared = False
+        held: Held | None = None
         failover = Failover(
             hot.client, ctx,
             UpstreamRequest(request.method, path_qs, BodyFor(facts.model, body, doc, translation),
@@ -216,9 +216,10 @@ def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Reques
         try:
             # This key's and user's fair share of the upstream pool (429 when it stays full).
             fair = hot.fair_share
-            if not fair.take(principal.key_id, principal.user_id, pool_size(candidates)):
-                await fair.wait(principal.key_id, principal.user_id, pool_size(candidates))
-            shared = True
+            pool = candidates[0].upstream.cfg.max_connections if len(candidates) == 1 else pool_size(candidates)
+            held = fair.take(principal.key_id, principal.user_id, pool)
+            if held is None:
+                held = await fair.wait(principal.key_id, principal.user_id, pool)
             opened = await failover.open()
             status = opened.status or opened.resp.status
             if translation is not None and opened.dep.dialect == dialect:
@@ -244,8 +245,8 @@ def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Reques
             raise
         finally:
             failover.close()
-            if shared:
-                hot.fair_share.give_back(principal.key_id, principal.user_id)
+            if held is not None:
+                hot.fair_share.release(held)
             if tap is not None:
                 usage = tap.usage
                 usage.output_tokens = tap.output_estimate

@@ -21,7 +21,10 @@ CAP = 10.0  # most tokens a budget holds
 
 
 class Budget:
-    __slots__ = ("_clock", "_last", "balance", "cap", "denied", "per_second", "ratio")
+    """Deposits are counted (``pending += 1``: the hot path, no call) and folded in at the next
+    withdrawal: each is capped the same way, so folding them later gives the same balance."""
+
+    __slots__ = ("_clock", "_last", "balance", "cap", "denied", "pending", "per_second", "ratio")
 
     def __init__(self, ratio: float = RATIO, per_second: float = PER_SECOND, cap: float = CAP,
                  clock: Callable[[], float] | None = None) -> None:
@@ -32,16 +35,21 @@ class Budget:
         self._last = self._clock()
         self.balance = min(cap, per_second)  # a fresh worker may retry a little at once
         self.denied = 0  # extra attempts refused (for metrics)
+        self.pending = 0  # deposits not yet folded into the balance
 
     def deposit(self) -> None:
-        """One request went to the upstream."""
-        b = self.balance + self.ratio
-        self.balance = b if b < self.cap else self.cap
+        """One request went to the upstream (the proxy counts ``pending`` itself)."""
+        self.pending += 1
 
     def withdraw(self) -> bool:
         """Take a token for one extra attempt; False when the budget is spent."""
         now = self._clock()
-        b = self.balance + (now - self._last) * self.per_second
+        b = self.balance
+        if self.pending:
+            # min(cap, b + ratio) n times over is min(cap, b + n * ratio): the cap only ever lowers.
+            b = min(self.cap, b + self.pending * self.ratio)
+            self.pending = 0
+        b = b + (now - self._last) * self.per_second
         self._last = now
         if b > self.cap:
             b = self.cap
