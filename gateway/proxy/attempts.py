@@ -110,8 +110,9 @@ class Attempt:
             if resp.status == 200 and resp.headers.get("content-type", "").startswith(STREAM_TYPES):
                 return await self._read_ahead(resp)
             content = resp.content
-            if content.is_eof():
-                body = content.read_nowait()  # it came with the headers (the usual case)
+            if content._eof:  # all of it is in (it came with the headers: the usual case); not is_eof(),
+                # which also asks that nothing be left to read
+                body = content.read_nowait()
                 resp.release()
             else:
                 body = await self._read_rest(resp)

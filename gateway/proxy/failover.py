@@ -40,6 +40,8 @@ from gateway.resilience.breaker import State
 from gateway.resilience.retry import backoff
 from gateway.upstream.client import LeanSession
 
+CLOSED = State.CLOSED
+
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -138,7 +140,8 @@ class Failover:
         ctx = self.ctx
         retry = 0
         while True:
-            if not dep.breaker.allow():
+            breaker = dep.breaker
+            if breaker.state is not CLOSED and not breaker.allow():  # closed: allow() is True
                 self._open_retry.append(dep.breaker.retry_after())
                 return None
             if retry == 0:
@@ -258,8 +261,10 @@ class Failover:
                 stats.observe_ttft(opened.ttft_s)
             elif not opened.streaming:
                 stats.observe_ttft(time.perf_counter() - ctx.start)
-            if not opened.streaming:
-                dep.breaker.record_success()  # a stream's verdict comes when it ends (streaming.py)
+            breaker = dep.breaker
+            if not opened.streaming and (breaker.failures or breaker.state is not CLOSED):
+                # A stream's verdict comes when it ends (streaming.py); closed without failures: nothing to record.
+                breaker.record_success()
             self._winner = opened
         else:
             # An error answer relayed as it is: its attempt is over.

@@ -183,7 +183,9 @@ def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Reques
                 include_usage=_wants_usage(doc), client_path=path_qs,
             )
         prices = hot.prices
-        if charge and prices.refuses(facts.model) and all(prices.refuses(d.model) for d in candidates):
+        if charge and prices.default is None and prices.refuses(facts.model) and all(
+            prices.refuses(d.model) for d in candidates
+        ):
             # pricing.unknown_model = "refuse": an unpriced model is as unavailable as an unrouted one.
             raise GatewayError(ErrorKind.NOT_FOUND, f"The model {facts.model!r} has no price configured on this gateway.")
         admitter = hot.admitter
@@ -353,7 +355,7 @@ def _finish(
     ctx.input_tokens = usage.input_tokens + usage.cache_read_tokens + usage.cache_write_tokens
     ctx.output_tokens = usage.output_tokens
     ctx.cost_pico = cost
-    now = time.perf_counter()
+    gateway_ms = (time.perf_counter() - ctx.start - ctx.upstream_s) * 1000.0  # ctx.gateway_ms(), inlined
     rec = UsageRecord(
         request_id=ctx.request_id,
         ts=ctx.wall_start,
@@ -373,7 +375,7 @@ def _finish(
         priced=priced,
         upstream_ms=ctx.upstream_s * 1000.0,
         ttft_ms=None if ctx.ttft_s is None else ctx.ttft_s * 1000.0,
-        gateway_ms=ctx.gateway_ms(now),
+        gateway_ms=gateway_ms if gateway_ms > 0.0 else 0.0,
         error_kind=ctx.error_kind,
         served_model=ctx.served_model,
         budget_keys=reservation.budget_keys,
