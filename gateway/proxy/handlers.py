@@ -35,25 +35,17 @@ from gateway.server import body as body_codec
 from gateway.translate.attempt import TRANSLATABLE, Translation, prepare
 
 
-def access_key(request: web.Request) -> str:
-    """The key from /ak/{key}/, then x-api-key, then Authorization: Bearer."""
-    key = request.match_info.get("access_key")
-    if key:
-        return key
-    h = request.headers
-    key = h.get("x-api-key")
-    if key:
-        return key
-    auth = h.get("authorization")
-    if auth and auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return ""
-
-
 async def authenticate(
     request: web.Request, ctx: RequestContext, resolver: PrincipalResolver | None = None
 ) -> Principal:
-    key = access_key(request)
+    # The key from /ak/{key}/, then x-api-key, then Authorization: Bearer.
+    key = request.match_info.get("access_key")
+    if not key:
+        h = request.headers
+        key = h.get("x-api-key")
+        if not key:
+            auth = h.get("authorization")
+            key = auth[7:].strip() if auth and auth[:7].lower() == "bearer " else ""
     if not key:
         raise GatewayError(ErrorKind.AUTHENTICATION, "Missing API key: send x-api-key or Authorization: Bearer.")
     if resolver is None:
@@ -207,10 +199,10 @@ def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Reques
         status = 0
         hedges: list[Reservation] = []
         held: Held | None = None
+        out = Outgoing(facts.model, body, doc, hot.header_policy.select(headers), translation)
         failover = Failover(
             hot.client, ctx,
-            UpstreamRequest(request.method, path_qs, BodyFor(facts.model, body, doc, translation),
-                            HeadersFor(hot.header_policy.select(headers)), facts.stream,
+            UpstreamRequest(request.method, path_qs, out.body, out.headers, facts.stream,
                             None if translation is None else translation.path_for),
             candidates, plan.context, route.hedge_after_ms,
             _hedge_reserver(admitter, principal, facts, hedges) if route.hedge_after_ms > 0 else None,
@@ -274,36 +266,23 @@ def _hedge_reserver(
     return reserve
 
 
-class HeadersFor:
-    """The headers each upstream receives (built once per upstream, reused by retries)."""
+class Outgoing:
+    """What each deployment receives, built once per deployment and reused by retries: the client's
+    body (``model`` rewritten when the deployment names another model, or translated), and the
+    headers the upstream may see."""
 
-    __slots__ = ("_built", "_incoming")
+    __slots__ = ("_bodies", "_built", "_doc", "_incoming", "_model", "_translation")
 
-    def __init__(self, incoming: Mapping[str, str]) -> None:
-        self._incoming = incoming
-        self._built: dict[str, CIMultiDict[str]] = {}
-
-    def __call__(self, dep: Deployment) -> CIMultiDict[str]:
-        try:
-            return self._built[dep.name]
-        except KeyError:
-            headers = self._built[dep.name] = upstream_headers(self._incoming, dep)
-            return headers
-
-
-class BodyFor:
-    """The bytes each deployment receives: the client's body, with ``model`` rewritten when the
-    deployment names another model (serialised once per model, reused by retries)."""
-
-    __slots__ = ("_bodies", "_doc", "_model", "_translation")
-
-    def __init__(self, model: str, body: bytes, doc: dict[str, Any], translation: Translation | None = None) -> None:
+    def __init__(self, model: str, body: bytes, doc: dict[str, Any], incoming: Mapping[str, str],
+                 translation: Translation | None = None) -> None:
         self._model = model
         self._doc = doc
         self._bodies = {model: body}
         self._translation = translation
+        self._incoming = incoming
+        self._built: dict[str, CIMultiDict[str]] = {}
 
-    def __call__(self, dep: Deployment) -> bytes:
+    def body(self, dep: Deployment) -> bytes:
         if self._translation is not None and dep.dialect == self._translation.upstream:
             return self._translation.body(dep.model)
         try:
@@ -312,6 +291,13 @@ class BodyFor:
             body = orjson.dumps({**self._doc, "model": dep.model})
             self._bodies[dep.model] = body
             return body
+
+    def headers(self, dep: Deployment) -> CIMultiDict[str]:
+        try:
+            return self._built[dep.name]
+        except KeyError:
+            headers = self._built[dep.name] = upstream_headers(self._incoming, dep)
+            return headers
 
 
 def _max_tokens_cap(principal: Principal) -> int | None:
@@ -336,7 +322,11 @@ def _finish(
     cost = 0
     priced = True
     if charge and (usage.found or usage.output_tokens):
-        cost, priced = _cost(prices, usage, ctx.served_model, facts.model)
+        price = prices.lookup(ctx.served_model) if ctx.served_model else None
+        if price is not None:  # _cost's usual case, inlined
+            cost = price.cost_pico(usage)
+        else:
+            cost, priced = _cost(prices, usage, ctx.served_model, facts.model)
     elif not charge:
         usage = Usage()
     if charge and abandoned:

@@ -478,10 +478,12 @@ class LeanResponse:
 class _Pool:
     """Idle connections to one origin, and a bound on all of them."""
 
-    __slots__ = ("_idle", "_live", "_sem", "host", "port", "ssl")
+    __slots__ = ("_idle", "_live", "_sem", "host", "host_header", "port", "ssl")
 
-    def __init__(self, host: str, port: int, ssl: ssl_mod.SSLContext | None, limit: int) -> None:
+    def __init__(self, host: str, port: int, ssl: ssl_mod.SSLContext | None, limit: int,
+                 host_header: str = "") -> None:
         self.host, self.port, self.ssl = host, port, ssl
+        self.host_header = host_header or host  # the Host header's value: the port only when not the default
         self._idle: list[_Connection] = []
         self._live: set[_Connection] = set()
         self._sem = asyncio.Semaphore(limit) if limit > 0 else None
@@ -571,12 +573,17 @@ class LeanSession:
 
     def _pool(self, url: URL) -> _Pool:
         key = (url.scheme, url.raw_host or "", url.port or 0)
-        pool = self._pools.get(key)
-        if pool is None:
-            ssl = None
-            if url.scheme == "https":
-                ssl = self._ssl or ssl_mod.create_default_context()
-            pool = self._pools[key] = _Pool(key[1], key[2], ssl, self._limit)
+        try:
+            return self._pools[key]
+        except KeyError:
+            pass
+        ssl = None
+        if url.scheme == "https":
+            ssl = self._ssl or ssl_mod.create_default_context()
+        host = key[1]
+        if url.port and not url.is_default_port():
+            host = f"{host}:{url.port}"
+        pool = self._pools[key] = _Pool(key[1], key[2], ssl, self._limit, host)
         return pool
 
     async def request(self, method: str, url: URL, *, data: bytes = b"", headers: Mapping[str, str] | None = None,
@@ -591,8 +598,11 @@ class LeanSession:
         """
         if self.trace_configs and not traced:
             return await self._traced(method, url, data, headers or {}, timeout, head_timeout)
-        pool = self._pool(url)
-        head = _head(method, url, headers or {}, len(data))
+        try:  # _pool(url), inlined for a known origin
+            pool = self._pools[(url.scheme, url.raw_host or "", url.port or 0)]
+        except KeyError:
+            pool = self._pool(url)
+        head = _head(method, url.raw_path_qs or "/", pool.host_header, headers or {}, len(data))
         loop = asyncio.get_running_loop()
         now = loop.time()
         total = timeout.total if timeout is not None else None
@@ -695,11 +705,7 @@ def _sendable(name: str) -> bool:
     return ok
 
 
-def _head(method: str, url: URL, headers: Mapping[str, str], length: int) -> bytes:
-    target = url.raw_path_qs or "/"
-    host = url.raw_host or ""
-    if url.port and not url.is_default_port():
-        host = f"{host}:{url.port}"
+def _head(method: str, target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
     lines = [
         f"{name}: {value}\r\n" for name, value in headers.items()
         if name in _SENDABLE or (name not in _DROPPED and _sendable(name))
