@@ -34,18 +34,25 @@ def _int(d: Any, key: str) -> int:
 
 
 def apply_anthropic(usage: Usage, u: Any) -> None:
-    """Apply an Anthropic usage object; later values replace earlier ones (cumulative)."""
-    if not isinstance(u, dict):
+    """Apply an Anthropic usage object; later values replace earlier ones (cumulative).
+
+    ``_int`` inlined (every answer and stream has one or two of these): a count is an exact
+    int above 0, else 0."""
+    if u.__class__ is not dict:
         return
     usage.found = True
     if "input_tokens" in u:
-        usage.input_tokens = _int(u, "input_tokens")
+        v = u["input_tokens"]
+        usage.input_tokens = v if v.__class__ is int and v > 0 else 0
     if "output_tokens" in u:
-        usage.output_tokens = _int(u, "output_tokens")
+        v = u["output_tokens"]
+        usage.output_tokens = v if v.__class__ is int and v > 0 else 0
     if "cache_creation_input_tokens" in u:
-        usage.cache_write_tokens = _int(u, "cache_creation_input_tokens")
+        v = u["cache_creation_input_tokens"]
+        usage.cache_write_tokens = v if v.__class__ is int and v > 0 else 0
     if "cache_read_input_tokens" in u:
-        usage.cache_read_tokens = _int(u, "cache_read_input_tokens")
+        v = u["cache_read_input_tokens"]
+        usage.cache_read_tokens = v if v.__class__ is int and v > 0 else 0
 
 
 def apply_openai(usage: Usage, u: Any) -> None:
@@ -89,7 +96,7 @@ def from_body(dialect: str, body: bytes) -> Usage:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return usage
-    if not isinstance(doc, dict):
+    if doc.__class__ is not dict:  # orjson gives exact types
         return usage
     if dialect == "anthropic":
         apply_anthropic(usage, doc.get("usage"))

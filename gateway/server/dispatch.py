@@ -40,15 +40,18 @@ def fast_dispatch(app: web.Application) -> Dispatch:
     if middleware is None or list(app.middlewares) != [middleware]:
         return slow  # another middleware (tracing) must see every request
     wanted = app.get(keys.FAST_PATHS, frozenset())
-    table: dict[str, dict[str, tuple[UrlMappingMatchInfo, Any]]] = {}
+    table: dict[str, tuple[str, UrlMappingMatchInfo, Any]] = {}  # path -> its one method, match-info, handler
     for resource in app.router.resources():
         if not isinstance(resource, PlainResource) or resource.canonical not in wanted:
             continue
-        for route in resource:
-            info = UrlMappingMatchInfo({}, route)
-            info.add_app(app)
-            info.freeze()  # shared by every request of this route: nothing in it changes
-            table.setdefault(resource.canonical, {})[route.method] = (info, route.handler)
+        routes = list(resource)
+        if len(routes) != 1:
+            continue  # a path of several methods: aiohttp's to dispatch (the data plane has none)
+        route = routes[0]
+        info = UrlMappingMatchInfo({}, route)
+        info.add_app(app)
+        info.freeze()  # shared by every request of this route: nothing in it changes
+        table[resource.canonical] = (route.method, info, route.handler)
     if not table:
         return slow
     expect = hdrs.EXPECT
@@ -56,12 +59,10 @@ def fast_dispatch(app: web.Application) -> Dispatch:
     def dispatch(request: BaseRequest) -> Awaitable[web.StreamResponse]:
         # Not a coroutine: the request's coroutine is the middleware's own (one frame fewer).
         message = request._message
-        methods = table.get(message.path)  # the raw target: a query string makes it miss
-        if methods is not None:
-            hit = methods.get(message.method)
-            if hit is not None and expect not in message.headers:
-                request._match_info = hit[0]  # type: ignore[attr-defined]  # a web.Request: the app made it
-                return middleware(request, hit[1], True)  # type: ignore[no-any-return]
+        hit = table.get(message.path)  # the raw target: a query string makes it miss
+        if hit is not None and hit[0] == message.method and expect not in message.headers:
+            request._match_info = hit[1]  # type: ignore[attr-defined]  # a web.Request: the app made it
+            return middleware(request, hit[2], True)  # type: ignore[no-any-return]
         return slow(request)
 
     return dispatch
