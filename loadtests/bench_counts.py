@@ -80,8 +80,10 @@ if _dir and _who and _who in sys.argv:
             else:
                 py += nc
         tmp = os.path.join(_dir, f"{os.getpid()}.tmp")
+        import gc
+        gens = " ".join(str(g["collections"]) for g in gc.get_stats())
         with open(tmp, "w") as f:
-            f.write(f"{py} {c}\\n")
+            f.write(f"{py} {c} {gens}\\n")
         if os.environ.get("BENCH_COUNTS_DUMP"):
             import marshal
             flat = {f"{fn}:{line}({name})": v[1] for (fn, line, name), v in _prof.stats.items()}
@@ -261,7 +263,8 @@ class Bench:
             data: dict[str, int] = marshal.load(f)
         return data
 
-    def snapshot_calls(self, pid: int) -> tuple[int, int]:
+    def snapshot_calls(self, pid: int) -> tuple[int, ...]:
+        """Python calls, C calls, then the garbage collections of each generation so far."""
         out = self.counts_dir / f"{pid}.calls"
         out.unlink(missing_ok=True)
         os.kill(pid, signal.SIGUSR1)
@@ -270,8 +273,7 @@ class Bench:
             if time.monotonic() > deadline:
                 raise SystemExit(f"bench_counts: no call snapshot from pid {pid}")
             time.sleep(0.01)
-        py, c = out.read_text().split()
-        return int(py), int(c)
+        return tuple(int(v) for v in out.read_text().split())
 
 
 async def _drive(url: str, kind: Kind, key: str, n: int, conc: int) -> None:
@@ -320,6 +322,9 @@ def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, 
         "py_calls": (s2[0] - s1[0]) / n2,
         "c_calls": (s2[1] - s1[1]) / n2,
         "py_calls_check": (s1[0] - s0[0]) / n1,  # the same from the shorter batch: should agree
+        # Garbage collections per 1,000 requests, youngest generation first (cProfile's own records
+        # are not objects the collector tracks: the same collections as without it).
+        "gc_per_1k": [round((b2 - b1) * 1000 / n2, 1) for b1, b2 in zip(s1[2:], s2[2:], strict=True)],
     }
 
 
