@@ -137,7 +137,8 @@ def _on_prepare(draining: list[bool]) -> Callable[[web.Request, web.StreamRespon
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         h = response.headers
         h.popall("Server", None)
-        if hygiene.carries_secrets(request.path):
+        path = request.path
+        if path.startswith(hygiene.SECRET_PREFIXES) or path in hygiene.SECRET_EXACT:  # carries_secrets, inlined
             h["Cache-Control"] = hygiene.NO_STORE
             h["X-Content-Type-Options"] = hygiene.NOSNIFF
         if draining[0]:
