@@ -70,3 +70,18 @@ def test_any_split_gives_the_same_verdict(case: tuple[str, bytes], cuts: list[in
     points = sorted({c % (len(data) + 1) for c in cuts})
     pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     assert verdict(dialect, [data]) == verdict(dialect, [p for p in pieces if p])
+
+
+def test_openai_content_keys_are_found_in_any_order_and_only_when_set() -> None:
+    """A delta's content keys count only with a truthy value, wherever they sit in the delta."""
+    assert Seen.NOTHING == FirstContent("openai").feed(oai({"refusal": None, "role": "assistant", "content": ""}))
+    assert Seen.CONTENT == FirstContent("openai").feed(oai({"role": "assistant", "audio": {"id": "a"}}))
+    assert Seen.END == FirstContent("openai").feed(b"data:  [DONE] \r\n")
+
+
+def test_openai_a_line_without_its_line_end_is_not_scanned_yet() -> None:
+    """Whole lines only: the scan decides once the line end of the content event has come."""
+    scan = FirstContent("openai")
+    event = oai({"content": "Hello"})
+    assert Seen.NOTHING == scan.feed(event[: event.index(b"\n")])
+    assert Seen.CONTENT == scan.feed(event[event.index(b"\n") :])

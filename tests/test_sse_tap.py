@@ -286,3 +286,68 @@ def test_usage_ignores_bools_negatives_and_non_ints():
     u = Usage()
     apply_openai(u, {"prompt_tokens": 1.5, "completion_tokens": None})
     assert Usage(found=True) == u
+
+
+class _Transport:
+    """Records what the tap writes (the client's transport, as far as the tap uses it)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.frames.append(b"".join(parts))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Proto:
+    _paused = False
+
+
+class _Outlet:
+    def __init__(self, chunked: bool) -> None:
+        self.transport: Any = _Transport()
+        self.proto: Any = _Proto()
+        self.chunked = chunked
+        self.sent = 0
+        self.last = b""
+
+    def gone(self) -> None:  # pragma: no cover - the transport never closes here
+        raise AssertionError
+
+    def slow(self) -> None:  # pragma: no cover - never paused here
+        raise AssertionError
+
+
+def unchunk(frame: bytes) -> bytes:
+    size, _, rest = frame.partition(b"\r\n")
+    assert rest.endswith(b"\r\n")
+    body = rest[:-2]
+    assert int(size, 16) == len(body)
+    return body
+
+
+@SETTINGS
+@given(stream=st.one_of(anthropic_streams(), openai_streams()), strip=st.booleans(), chunked=st.booleans(), cuts=CUTS)
+def test_push_mode_writes_to_its_outlet_exactly_what_it_passes_on(stream, strip, chunked, cuts):
+    """With an outlet, take() writes each piece it passes on as one write (one chunked frame), counts the
+    bytes and remembers the last piece; nothing empty is written, whatever the split."""
+    dialect = "anthropic" if stream.events[0].startswith(b"event:") else "openai"
+    strip = strip and dialect == "openai"
+    chunks = split(b"".join(stream.events), cuts)
+    expected, expected_rest, _ = run_push(dialect, chunks, strip)
+    tap = StreamTap(dialect, strip_usage=strip)
+    outlet = _Outlet(chunked)
+    tap.outlet = outlet
+    passed = [tap.take(c) for c in chunks if c]
+    tap.outlet = None
+    assert expected == passed
+    assert expected_rest == tap.rest()
+    written = [unchunk(f) if chunked else f for f in outlet.transport.frames]
+    assert [p for p in passed if p] == written
+    assert sum(len(p) for p in passed) == outlet.sent
+    assert (written[-1] if written else b"") == outlet.last

@@ -195,3 +195,145 @@ async def test_client_gone_mid_stream_frees_the_upstream_without_handler_cancell
         assert loop.time() < deadline, "the upstream connection was not closed"
         await asyncio.sleep(0.02)
     assert not up.done
+
+
+# ------------------------------------------------------------------ awkward reads, relayed byte for byte
+
+ANTHROPIC_SSE = (
+    sse("message_start", {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant",
+                                                             "model": "x", "content": [],
+                                                             "usage": {"input_tokens": 3, "output_tokens": 1}}})
+    + b"event: content_block_start\r\ndata: {\"type\":\"content_block_start\",\"index\":0}\r\n\r\n"
+    + b"".join(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": t}}) for t in ("Hé", "llo", "!"))
+    + sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}})
+    + sse("message_stop", {"type": "message_stop"})
+)
+_CHUNK = {"id": "c", "object": "chat.completion.chunk", "model": "x"}
+OPENAI_EVENTS = [
+    b"data: " + orjson.dumps({**_CHUNK, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+                              "usage": None}) + b"\n\n",
+    *(b"data: " + orjson.dumps({**_CHUNK, "choices": [{"index": 0, "delta": {"content": t}}], "usage": None}) + b"\r\n\r\n"
+      for t in ("Hé", "llo")),
+    b"data: " + orjson.dumps({**_CHUNK, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                              "usage": None}) + b"\n\n",
+    b"data: " + orjson.dumps({**_CHUNK, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4,
+                                                                  "total_tokens": 7}}) + b"\n\n",
+    b"data: [DONE]\n\n",
+]
+OPENAI_SSE = b"".join(OPENAI_EVENTS)
+
+
+def pieces_of(data: bytes, how: str) -> list[bytes]:
+    """The stream cut into the reads an upstream may send: small pieces, cuts at and around line ends."""
+    if how == "sevens":
+        return [data[i : i + 7] for i in range(0, len(data), 7)]
+    cuts = sorted({i + d for i, b in enumerate(data) if b in b"\r\n" for d in (0, 1)} - {0, len(data)})
+    cuts = cuts[: 120]  # the first events, byte by byte around their line ends; the rest in one piece
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+class DribbleUpstream:
+    """A raw upstream: an SSE answer in chunked frames, one per piece, each its own read (a pause between);
+    ``cut``: the connection is closed after the last piece instead of ending the body."""
+
+    def __init__(self, pieces: list[bytes], cut: bool = False) -> None:
+        self.pieces = pieces
+        self.cut = cut
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for piece in self.pieces:
+                writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                await writer.drain()
+                await asyncio.sleep(0.003)
+            if not self.cut:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        finally:
+            writer.close()
+
+
+async def dribbling_gateway(make_gateway: Any, up: DribbleUpstream, provider: str) -> Any:
+    server = await asyncio.start_server(up.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_gateway(gateway_toml("http://127.0.0.1:9", extra=textwrap.dedent(f"""
+        [upstreams.dribble]
+        provider = "{provider}"
+        base_url = "http://127.0.0.1:{port}"
+        api_key_env = "TEST_ANTHROPIC_KEY"
+        first_byte_timeout = 5
+        idle_timeout = 5
+
+        [[routes]]
+        match = "dribble-*"
+        deployments = [{{ upstream = "dribble" }}]
+        """)))
+    client.dribble_server = server
+    return client
+
+
+@pytest.mark.parametrize("how", ["sevens", "line-ends"])
+@pytest.mark.parametrize("case", ["anthropic", "openai-usage-asked", "openai-usage-stripped"])
+async def test_any_reads_are_relayed_byte_for_byte(make_gateway, how, case):
+    """However the upstream's bytes are cut into reads (a line end alone, CR and LF apart, 7-byte pieces),
+    the client gets the stream byte for byte (minus the usage chunk it did not ask for)."""
+    provider = "anthropic" if case == "anthropic" else "openai"
+    data = ANTHROPIC_SSE if provider == "anthropic" else OPENAI_SSE
+    client = await dribbling_gateway(make_gateway, DribbleUpstream(pieces_of(data, how)), provider)
+    try:
+        if provider == "anthropic":
+            r = await client.post("/v1/messages", headers={"x-api-key": TEST_KEY, "anthropic-version": "2023-06-01"},
+                                  json={"model": "dribble-a", "max_tokens": 10, "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]})
+            expected = data
+        else:
+            body: dict[str, Any] = {"model": "dribble-o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            if case == "openai-usage-asked":
+                body["stream_options"] = {"include_usage": True}
+                expected = data
+            else:
+                expected = b"".join(e for e in OPENAI_EVENTS if b'"choices":[]' not in e)
+            r = await client.post("/v1/chat/completions", headers={"authorization": f"Bearer {TEST_KEY}"}, json=body)
+        assert 200 == r.status
+        assert expected == await r.read()
+    finally:
+        client.dribble_server.close()
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai"])
+async def test_a_stream_cut_mid_line_after_awkward_reads_ends_with_whole_lines_and_an_error_event(
+    make_gateway, provider
+):
+    """Cut after half a line that came in several reads: the client gets the whole lines before it,
+    then the dialect's error event, never the half line."""
+    data = ANTHROPIC_SSE if provider == "anthropic" else OPENAI_SSE
+    stop = data.index(b"llo") + 2  # inside the second delta's data line
+    pieces = pieces_of(data[: stop - 9], "line-ends") + [data[stop - 9 : stop - 4], data[stop - 4 : stop]]
+    assert data[:stop] == b"".join(pieces)
+    client = await dribbling_gateway(make_gateway, DribbleUpstream(pieces, cut=True), provider)
+    try:
+        if provider == "anthropic":
+            r = await client.post("/v1/messages", headers={"x-api-key": TEST_KEY, "anthropic-version": "2023-06-01"},
+                                  json={"model": "dribble-a", "max_tokens": 10, "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]})
+        else:
+            r = await client.post("/v1/chat/completions", headers={"authorization": f"Bearer {TEST_KEY}"},
+                                  json={"model": "dribble-o", "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]})
+        assert 200 == r.status
+        raw = await r.read()
+        whole = data[: data.rindex(b"\n", 0, stop) + 1]
+        assert raw.startswith(whole)
+        error = raw[len(whole) :]
+        assert b"llo" not in error
+        assert b"incomplete" in error
+        assert error.endswith(b"\n\n")
+    finally:
+        client.dribble_server.close()

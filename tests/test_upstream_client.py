@@ -350,3 +350,59 @@ async def test_trace_configs_get_start_and_end_and_can_add_headers(mock_upstream
         assert "traceparent" in {k.lower() for k in req["headers"]}
     finally:
         await session.close()
+
+
+async def test_chunked_pieces_of_one_byte_are_all_read(raw_server: Callable[[Handler], Awaitable[str]]) -> None:
+    """Several chunk frames in one read, the first and last one byte long: every byte is read.
+
+    (llhttp hands 1-byte pieces as the same interned bytes object: an identity check for
+    "one piece" would take the first piece for the whole read.)
+    """
+    base = await raw_server(_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"1\r\nx\r\n3\r\nabc\r\n1\r\nx\r\n0\r\n\r\n"))
+    assert (200, b"xabcx") == await _call(base)
+
+
+def _dribble(pieces: list[bytes], *, end: bytes = b"0\r\n\r\n") -> Handler:
+    """A chunked answer written one chunk frame at a time, with a pause between (separate reads)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            await asyncio.sleep(0.02)
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(end)
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    return handler
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_push_by_lines_hands_on_only_reads_that_end_a_line(
+    raw_server: Callable[[Handler], Awaitable[str]], cut: bool
+) -> None:
+    """Push mode with lines: a read without a line end is held and goes with the next read that has one;
+    what follows the last line end stays for held(), at the end of the body or when it is cut."""
+    pieces = [b"data: a", b"b", b"c\r", b"\n\r\ndata: d", b"e\n", b"\n", b"data: f", b"g"]
+    base = await raw_server(_dribble(pieces, end=b"" if cut else b"0\r\n\r\n"))
+    session = LeanSession()
+    try:
+        r = await session.request("POST", URL(base + "/v1/chat/completions"), data=b"{}", headers={},
+                                  timeout=aiohttp.ClientTimeout(total=5, sock_connect=2))
+        got: list[bytes] = []
+        body = r.content
+        body.push(got.append, lines=True)
+        while not body.is_eof() and body.failure is None:
+            await body.wait()
+        if cut:
+            assert isinstance(body.failure, aiohttp.ClientPayloadError)
+        for chunk in got:
+            assert b"\n" in chunk
+        assert b"data: abc\r\n\r\ndata: de\n\ndata: fg" == b"".join(got) + body.held()
+        assert b"" == body.held()
+        r.close()
+    finally:
+        await session.close()

@@ -41,6 +41,8 @@ class ResponsesTap(StreamTap):
         lines = out.split(b"\n")
         del lines[-1]
         self._lines(lines)
+        if self.outlet is not None:
+            self._send(out)
         return out
 
     def flush(self) -> bytes:

@@ -10,10 +10,36 @@ until their blank line so that the usage-only chunk can be dropped.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
 from gateway.accounting.usage import Usage, apply_anthropic, apply_openai
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from aiohttp.base_protocol import BaseProtocol
+
+
+class Outlet(Protocol):
+    """Push mode: where the tap writes what the client should get, inside the upstream's read callback
+    (the relay's state: one write per chunk, no call between the tap and the client's transport)."""
+
+    transport: asyncio.Transport
+    proto: BaseProtocol  # aiohttp's: ``_paused`` while the client's transport is full
+    chunked: bool  # frame each write (chunked transfer encoding)
+    sent: int  # body bytes written
+    last: bytes  # the last bytes written (is the client at an event boundary?)
+
+    def gone(self) -> None:
+        """The client's connection is closing: stop (nothing was written)."""
+
+    def slow(self) -> None:
+        """The client's transport is full: stop reading the upstream until it drains."""
+
+
+_COPY_BELOW = 16384  # a smaller chunk is copied into its frame (one write); a larger one is not
 
 _USAGE_EVENTS = frozenset({b"message_start", b"message_delta", b"error"})
 # Anthropic's event names, as sent after "event: " (anything else is stripped of blanks first).
@@ -34,6 +60,7 @@ class StreamTap:
         "deltas",
         "dialect",
         "errored",
+        "outlet",
         "strip_usage",
         "usage",
     )
@@ -50,33 +77,44 @@ class StreamTap:
         self._event = b""
         self._held: list[bytes] = []  # strip mode: complete lines of an event not yet ended
         self._drop = False
+        self.outlet: Outlet | None = None  # push mode: ``take`` writes what it passes on here
 
     def feed(self, chunk: bytes) -> bytes:
         """Consume a chunk; return the bytes the client should get now (all of them, an incomplete
         last line included, unless whole events are held to strip the usage chunk)."""
         if self.strip_usage:
-            return self.take_events(chunk)
+            return self.take(chunk)
         self.take(chunk)
         return chunk
 
     def taker(self) -> Callable[[bytes], bytes]:
         """Push mode: the function that consumes a chunk and returns what the client should get now,
-        whole lines only (``take``; whole events when stripping: ``take_events``); the rest is held
-        until it is complete, or until ``rest`` at the end."""
-        return self.take_events if self.strip_usage else self.take
+        whole lines only (whole events when stripping); the rest is held until it is complete, or
+        until ``rest`` at the end.  With an ``outlet`` it also writes them there."""
+        return self.take
 
     def take(self, chunk: bytes) -> bytes:
-        """Consume a chunk; return its whole lines (with what was held back before them)."""
+        """Consume a chunk; return its whole lines (whole events when stripping), with what was held
+        back before them, and write them to the outlet if there is one."""
         data = self._tail + chunk if self._tail else chunk
         # Hot path: one C-level split, then a tight loop over the complete lines
         # without a function call per line (this runs for every chunk of every
         # stream: the line-by-line find/slice version was ~15% of a streamed request's CPU).
+        # In push mode this one call per read also writes to the client (the outlet).
         end = data.rfind(b"\n") + 1
         if not end:
             self._tail = data
             return b""
         self._tail = data[end:]
         out = data[:end]  # all of it (the same object) when it ends with a line end: the usual case
+        if self.strip_usage and (
+            self._held or self._drop or self.dialect == "anthropic"
+            or b'"usage"' in out or b"[DONE]" in out or b'"error"' in out
+            or not (out[-2:] == b"\n\n" or out[-3:] == b"\n\r\n")
+        ):
+            # An event still open, or one that may be dropped: whole events only.  Otherwise
+            # (the usual read: whole content events) the lines pass as they are, as without stripping.
+            return self._events(out)
         lines = out.split(b"\n")
         del lines[-1]  # what follows the last line end: nothing
         if self.dialect == "anthropic":
@@ -113,18 +151,51 @@ class StreamTap:
             self.deltas += deltas
             if last is not None:
                 self._last = last
+        o = self.outlet
+        if o is None:
+            return out
+        # Inlined _send (the hot path of a relayed stream).
+        transport = o.transport
+        if transport.is_closing():
+            o.gone()
+            return out
+        if not o.chunked:
+            transport.write(out)
+        elif end < _COPY_BELOW:
+            transport.write(b"%x\r\n%b\r\n" % (end, out))
+        else:
+            transport.writelines((b"%x\r\n" % end, out, b"\r\n"))
+        o.sent += end
+        o.last = out
+        if o.proto._paused:
+            o.slow()
         return out
 
-    def take_events(self, chunk: bytes) -> bytes:
-        """Strip mode: consume a chunk; return its whole events, minus the usage-only chunk the client
-        did not ask for."""
-        data = self._tail + chunk if self._tail else chunk
-        end = data.rfind(b"\n") + 1
-        if not end:
-            self._tail = data
-            return b""
-        self._tail = data[end:]
-        new = data[:end].split(b"\n")
+    def _send(self, out: bytes) -> None:
+        """Push mode: write bytes passed on to the outlet."""
+        o = self.outlet
+        if o is None or not out:
+            return
+        transport = o.transport
+        if transport.is_closing():
+            o.gone()
+            return
+        n = len(out)
+        if not o.chunked:
+            transport.write(out)
+        elif n < _COPY_BELOW:
+            transport.write(b"%x\r\n%b\r\n" % (n, out))
+        else:
+            transport.writelines((b"%x\r\n" % n, out, b"\r\n"))
+        o.sent += n
+        o.last = out
+        if o.proto._paused:
+            o.slow()
+
+    def _events(self, out: bytes) -> bytes:
+        """Strip mode: the whole lines ``out`` read; pass on (return, and write to the outlet) the
+        events they complete, minus the usage-only chunk the client did not ask for."""
+        new = out.split(b"\n")
         del new[-1]
         held = self._held  # complete lines of an event not yet ended (parsed when they arrived)
         lines = held + new if held else new
@@ -155,9 +226,16 @@ class StreamTap:
                 self._line(line[:-1] if line.endswith(b"\r") else line)
         self._held = lines[ev_start:]
         if ranges is None:
-            return b"\n".join(lines[emit_from:ev_start]) + b"\n" if ev_start > emit_from else b""
-        ranges.append((emit_from, ev_start))
-        return b"".join(b"\n".join(lines[a:b]) + b"\n" for a, b in ranges if b > a)
+            if ev_start == emit_from:
+                return b""
+            # Whole events as read: that very object, no copy.
+            passed = out if not held and ev_start == pos else b"\n".join(lines[emit_from:ev_start]) + b"\n"
+        else:
+            ranges.append((emit_from, ev_start))
+            passed = b"".join(b"\n".join(lines[a:b]) + b"\n" for a, b in ranges if b > a)
+        if self.outlet is not None:
+            self._send(passed)
+        return passed
 
     def rest(self) -> bytes:
         """Push mode, the stream ended: what was held back (an unterminated last line or event), parsed;

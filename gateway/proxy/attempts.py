@@ -201,17 +201,24 @@ class Attempt:
         dep = self.dep
         body = resp.content
         self.scan = scan
-        body.push(self._scan_chunk)
+        # Only reads that end a line: a scan decides on whole lines (events) alone.
+        body.push(self._scan_chunk, lines=True)
         try:
             while self.seen is Seen.NOTHING:
                 await body.wait()
                 exc = body.failure
-                if exc is not None and self.seen is Seen.NOTHING:
-                    raise exc
-                if body.is_eof() and self.seen is Seen.NOTHING:
+                if self.seen is Seen.NOTHING and (exc is not None or body.is_eof()):
+                    held = body.held()  # the body's last bytes, no line end after them: scanned all the same
+                    if held:
+                        self._scan_chunk(held)
+                    if self.seen is not Seen.NOTHING:
+                        break
+                    if exc is not None:
+                        raise exc
                     raise AttemptFailed(cut_failure(dep.name, "ended its stream before any content"))
         finally:
-            body.push(None)
+            if self.seen is Seen.NOTHING:
+                body.push(None)  # (once it decided, the scan has done so)
             self.scan = None
         if self.seen is Seen.ERROR:
             raise AttemptFailed(cut_failure(dep.name, "sent an error event before any content"))

@@ -22,7 +22,7 @@ class Seen(enum.Enum):
     ERROR = 3  # the upstream's in-stream error event before any content: a failed attempt
 
 
-_OPENAI_CONTENT = ("content", "tool_calls", "function_call", "refusal", "reasoning_content", "audio")
+_OPENAI_CONTENT = frozenset({"content", "tool_calls", "function_call", "refusal", "reasoning_content", "audio"})
 
 
 class FirstContent:
@@ -36,11 +36,24 @@ class FirstContent:
         self._event = b""
 
     def feed(self, chunk: bytes) -> Seen:
-        if self.dialect == "anthropic":
-            return self._anthropic(chunk)
-        if self.dialect == "openai":
-            return self._openai(chunk)
-        return Seen.CONTENT  # a format this scanner does not know: commit on its first bytes
+        if self.dialect != "openai":
+            return self._anthropic(chunk) if self.dialect == "anthropic" else Seen.CONTENT
+        # OpenAI (chat streams, and the Responses API's named events): line by line, whole lines only.
+        data = self._tail + chunk if self._tail else chunk
+        lines = data.split(b"\n")
+        self._tail = lines[-1]
+        del lines[-1]
+        for line in lines:
+            if line[:5] == b"data:":
+                seen = _openai(line[5:])
+            elif line[:6] == b"event:":  # named events are the Responses API's (chat streams have none)
+                seen = _responses(line[6:].strip())
+            else:
+                continue
+            if seen is not Seen.NOTHING:
+                self._tail = b""
+                return seen
+        return Seen.NOTHING
 
     def _anthropic(self, chunk: bytes) -> Seen:
         # Event names are enough, and they cannot occur inside an earlier event's JSON: the
@@ -49,30 +62,11 @@ class FirstContent:
         self._tail = data[-_ANTHROPIC_KEEP:]
         best, seen = len(data), Seen.NOTHING
         for marker, what in _ANTHROPIC_MARKERS:
-            i = data.find(marker, 0, best)
-            if i >= 0:
-                best, seen = i, what
+            if marker in data:  # (most reads hold none: no find)
+                i = data.find(marker, 0, best)
+                if i >= 0:
+                    best, seen = i, what
         return seen
-
-    def _openai(self, chunk: bytes) -> Seen:
-        data = self._tail + chunk if self._tail else chunk
-        pos = 0
-        while True:
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                self._tail = data[pos:]
-                return Seen.NOTHING
-            line = data[pos:nl]
-            pos = nl + 1
-            if line[:5] == b"data:":
-                seen = _openai(line[5:].strip())
-            elif line[:6] == b"event:":  # named events are the Responses API's (chat streams have none)
-                seen = _responses(line[6:].strip())
-            else:
-                continue
-            if seen is not Seen.NOTHING:
-                self._tail = b""
-                return seen
 
 
 # Anthropic events that decide a commit, by name (``event: x`` lines, or ``"type":"x"`` without them).
@@ -106,14 +100,15 @@ def _load(payload: bytes) -> dict[str, Any] | None:
 
 
 def _openai(payload: bytes) -> Seen:
-    if payload == b"[DONE]":
+    """One data line's payload (after "data:", blanks around it)."""
+    if b"[DONE]" in payload and payload.strip() == b"[DONE]":
         return Seen.END
     # The common case without a parse: a non-empty text delta.  (A quote inside a string value
     # is escaped, so this key pattern only matches a key.)
     i = payload.find(b'"content":"')
     if i >= 0 and payload[i + 11 : i + 12] not in (b'"', b""):
         return Seen.CONTENT
-    doc = _load(payload)
+    doc = _load(payload.strip())
     if doc is None:
         return Seen.NOTHING
     if "error" in doc:
@@ -128,7 +123,7 @@ def _openai(payload: bytes) -> Seen:
             return Seen.CONTENT
         delta = choice.get("delta")
         if isinstance(delta, dict):
-            for key in _OPENAI_CONTENT:
-                if delta.get(key):
+            for key, value in delta.items():
+                if value and key in _OPENAI_CONTENT:
                     return Seen.CONTENT
     return Seen.NOTHING

@@ -11,8 +11,8 @@ dialect's error event, never a terminal success event.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -197,55 +197,30 @@ def _cut(request: web.Request, exc: BaseException) -> tuple[ErrorKind, str]:
 
 
 class _Sink:
-    """Push mode: each upstream chunk goes through the tap and, as whole lines, straight to the
-    client's transport (one chunked-encoding frame, one write), inside the upstream's read callback."""
+    """Push mode: the tap's outlet.  Each upstream read that holds a line end goes to the tap's
+    ``take``, which writes its whole lines straight to the client's transport (one chunked-encoding
+    frame, one write) inside the upstream's read callback; this keeps the relay's state."""
 
-    __slots__ = ("body", "chunked", "gone", "held", "last", "proto", "sent", "take")
+    __slots__ = ("body", "chunked", "is_gone", "last", "proto", "sent", "transport")
 
-    def __init__(self, body: LeanBody, proto: BaseProtocol, chunked: bool, take: Callable[[bytes], bytes]) -> None:
+    transport: asyncio.Transport  # the client's, set once the relay starts
+
+    def __init__(self, body: LeanBody, proto: BaseProtocol, chunked: bool) -> None:
         self.body = body
         self.proto = proto
         self.chunked = chunked
-        self.take = take
-        self.gone = False  # the client's connection closed
+        self.is_gone = False  # the client's connection closed
         self.sent = 0  # body bytes written (the response's output size)
         self.last = b""
-        self.held = b""  # read, not yet given to the tap: no line ends in it
 
-    def push(self, chunk: bytes) -> None:
-        if b"\n" not in chunk:
-            # No line ends here, so nothing to pass on yet (half the reads of a stream whose
-            # events are longer than its reads): not even a call into the tap.
-            self.held += chunk
-            return
-        if self.held:
-            chunk = self.held + chunk
-            self.held = b""
-        data = self.take(chunk)
-        if not data:
-            return
-        proto = self.proto
-        transport = proto.transport
-        if transport is None or transport.is_closing():
-            self.gone = True
-            self.body.wake()
-            return
-        n = len(data)
-        if not self.chunked:
-            transport.write(data)
-        elif n < _COPY_BELOW:
-            transport.write(b"%x\r\n%b\r\n" % (n, data))
-        else:
-            transport.writelines((b"%x\r\n" % n, data, b"\r\n"))
-        self.sent += n
-        self.last = data
-        if proto._paused:
-            # The client reads slower than the upstream writes: stop reading the upstream until it drains.
-            self.body.pause()
-            self.body.wake()
+    def gone(self) -> None:
+        self.is_gone = True
+        self.body.wake()
 
-
-_COPY_BELOW = 16384  # a smaller chunk is copied into its frame (one write); a larger one is not
+    def slow(self) -> None:
+        # The client reads slower than the upstream writes: stop reading the upstream until it drains.
+        self.body.pause()
+        self.body.wake()
 
 
 async def _push(
@@ -263,17 +238,24 @@ async def _push(
         await out.write(first)  # the headers and the first events, in one write
     else:
         writer.send_headers()
-    sink = _Sink(body, writer.protocol, writer.chunked, take)
+    sink = _Sink(body, writer.protocol, writer.chunked)
     sink.last = first
     ended = False
     failure: tuple[ErrorKind, str] | None = None
+    held = b""
     t0 = time.perf_counter()
     try:
         try:
-            body.push(sink.push)  # what arrived since the read-ahead goes now
+            transport = writer.transport
+            if transport is None or transport.is_closing():
+                raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+            sink.transport = transport
+            tap.outlet = sink
+            # What arrived since the read-ahead goes now; then each read that ends a line, as it comes.
+            body.push(take, lines=True)
             while True:
                 # Checked before each wait: the sink may have asked for attention with no one waiting.
-                if sink.gone:
+                if sink.is_gone:
                     raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
                 exc = body.failure
                 if exc is not None:
@@ -290,14 +272,16 @@ async def _push(
                 body.resume()  # woken for backpressure that had cleared already
                 await body.wait()
         finally:
+            tap.outlet = None
             ctx.upstream_s += time.perf_counter() - t0
             writer.output_size += sink.sent
+            held = body.held()  # read after the last line end
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError) as exc:
         failure = _cut(request, exc)
     finally:
         resp.release() if ended else resp.close()
-    if sink.held:
-        take(sink.held)  # no line end in it: nothing to pass on, but the tap parses its last line
+    if held:
+        take(held)  # no line end in it: nothing to pass on, but the tap parses its last line
     rest = tap.rest()
     return failure, sink.last, rest
 

@@ -61,7 +61,10 @@ class LeanBody:
     Push mode (``push``): each chunk goes to a synchronous sink as it arrives,
     without waking anyone; the owner waits (``wait``) on one future for the
     whole body, woken by EOF, an error (a stall included), or ``wake`` (the sink
-    asking for attention: its client is slow, or gone).
+    asking for attention: its client is slow, or gone).  With ``lines`` the
+    connection holds back a read without a line end (b"\n") and hands it on
+    with the next read that has one: a line-oriented sink (SSE) is called only
+    when it has a whole line to pass on; ``held`` gives what is left at the end.
     """
 
     __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_waiter")
@@ -87,8 +90,10 @@ class LeanBody:
         w = self._waiter
         if w is not None:
             self._waiter = None
-            if not w.done():
+            try:  # (not contextlib.suppress: three Python calls per wake)
                 w.set_result(None)
+            except asyncio.InvalidStateError:  # the waiter was cancelled
+                return
 
     # -- read by the proxy
     def is_eof(self) -> bool:
@@ -127,21 +132,42 @@ class LeanBody:
         return b"".join(chunks)  # one chunk: that very object, no copy
 
     # -- push mode
-    def push(self, sink: Callable[[bytes], None] | None) -> None:
+    def push(self, sink: Callable[[bytes], object] | None, *, lines: bool = False) -> None:
         """From now on each chunk goes to ``sink`` as it arrives (what had arrived goes first, now);
-        None: back to pull mode."""
+        None: back to pull mode (bytes held back by ``lines`` stay readable, first).
+
+        ``lines``: only chunks holding a line end go to the sink, with the reads held back before them.
+        """
         conn = self._conn
         if conn.body is not self:
             return  # the connection went back to its pool (or serves another answer)
         conn.sink = sink
+        conn.lines = lines and sink is not None
         if sink is None:
+            held = conn.held
+            if held:
+                conn.held = b""
+                self._chunks.insert(0, held)
             return
         chunks = self._chunks
         if chunks:
             self._chunks = []
-            sink(b"".join(chunks))
+            data = b"".join(chunks)
+            if lines and b"\n" not in data:
+                conn.held = data
+            else:
+                sink(data)
         if conn.paused:
             conn.resume()
+
+    def held(self) -> bytes:
+        """Push mode with ``lines``: the bytes held back after the last line end (they go to no one else)."""
+        conn = self._conn
+        if conn.body is not self:
+            return b""
+        held = conn.held
+        conn.held = b""
+        return held
 
     async def wait(self) -> None:
         """Push mode: until the body ended (``is_eof``), failed (``failure``), or ``wake`` was called."""
@@ -186,9 +212,9 @@ class _Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses its answer with llhttp."""
 
     __slots__ = ("_head", "_informational", "_pieces", "_until_close", "active_at", "body", "body_at", "closed",
-                 "complete", "head_at", "head_future", "headers", "idle", "idle_at", "keep_alive", "loop", "nchunks",
-                 "on_body", "parser", "paused", "pool", "reused", "seen", "sink", "status", "timer", "total_at",
-                 "transport")
+                 "complete", "head_at", "head_future", "headers", "held", "idle", "idle_at", "keep_alive", "lines",
+                 "loop", "nchunks", "on_body", "parser", "paused", "pool", "reused", "seen", "sink", "status", "timer",
+                 "total_at", "transport")
 
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
@@ -198,7 +224,9 @@ class _Connection(asyncio.Protocol):
         # passes what one read brought on as one chunk, to the reader or to the sink.
         self._pieces: list[bytes] = []
         self.on_body = self._pieces.append
-        self.sink: Callable[[bytes], None] | None = None  # push mode: gets each chunk as it arrives
+        self.sink: Callable[[bytes], object] | None = None  # push mode: gets each chunk as it arrives
+        self.lines = False  # push mode: the sink gets only chunks holding a line end...
+        self.held = b""  # ...and these bytes (reads without one) wait for the next read that has one
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.complete = True  # no request in flight
@@ -248,11 +276,21 @@ class _Connection(asyncio.Protocol):
         pieces = self._pieces
         if pieces:
             # Inlined _body_received: the hot path of a stream (one read, one piece, one chunk).
-            chunk = pieces[0] if pieces[0] is pieces[-1] else b"".join(pieces)
+            # (Not "pieces[0] is pieces[-1]" alone: llhttp's 1-byte pieces are the same interned object.)
+            chunk = b"".join(pieces) if pieces[1:] else pieces[0]
             del pieces[:]
             self.nchunks += 1
             sink = self.sink
             if sink is not None:
+                if self.lines:
+                    # An SSE sink has nothing to pass on before a line end: hold the read, no call.
+                    held = self.held
+                    if b"\n" not in chunk:
+                        self.held = held + chunk if held else chunk
+                        return
+                    if held:
+                        chunk = held + chunk
+                        self.held = b""
                 sink(chunk)
                 return
             body = self.body
@@ -263,8 +301,10 @@ class _Connection(asyncio.Protocol):
             w = body._waiter
             if w is not None:
                 body._waiter = None
-                if not w.done():  # the reader may have been cancelled
+                try:
                     w.set_result(None)
+                except asyncio.InvalidStateError:  # the reader was cancelled
+                    return
             elif len(chunks) > HIGH_WATER_CHUNKS:
                 self.pause()
 
@@ -277,6 +317,12 @@ class _Connection(asyncio.Protocol):
         del pieces[:]
         self.nchunks += 1
         if self.sink is not None:
+            if self.lines:
+                chunk = self.held + chunk
+                self.held = b""
+                if b"\n" not in chunk:
+                    self.held = chunk  # an error follows: no line end will come, the owner reads it with held()
+                    return
             self.sink(chunk)
         elif self.body is not None:
             self.body._chunks.append(chunk)
@@ -339,7 +385,7 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             return
         now = self.loop.time()
-        head_pending = self.head_future is not None and not self.head_future.done()
+        head_pending = self.headers is None  # (the answer's head has not come)
         overdue = (
             (head_pending and self.head_at is not None and now >= self.head_at)
             or (self.total_at is not None and now >= self.total_at)
@@ -362,7 +408,7 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         at = self.total_at
-        if self.head_future is not None and not self.head_future.done():
+        if self.headers is None:  # the answer's head has not come
             if self.head_at is not None and (at is None or self.head_at < at):
                 at = self.head_at
         else:
@@ -388,6 +434,7 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         self.closed = True
         self.sink = None
+        self.lines = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -402,6 +449,8 @@ class _Connection(asyncio.Protocol):
         self.body_at = None
         self.idle = 0.0
         self.sink = None
+        self.lines = False
+        self.held = b""
         self.body = LeanBody(self)
         self.head_future = self.loop.create_future()
         if len(body) < 16384:
@@ -433,10 +482,14 @@ class LeanResponse:
     def read_timeout(self, seconds: float | None) -> None:
         """Reads fail with TimeoutError ``seconds`` from now (None: no such deadline)."""
         conn = self._conn
-        if self._done or conn.complete or (seconds is None and conn.body_at is None):
+        if seconds is None:
+            # No re-arm: a timer set for the old deadline finds nothing overdue and re-arms then.
+            conn.body_at = None
+            return
+        if self._done or conn.complete:
             return
         now = conn.loop.time()
-        conn.body_at = None if seconds is None else now + seconds
+        conn.body_at = now + seconds
         conn._arm(now)
 
     def idle_timeout(self, idle: float) -> None:
@@ -492,6 +545,8 @@ class _Pool:
         conn.reused = True
         conn.body = None
         conn.sink = None
+        conn.lines = False
+        conn.held = b""
         conn.head_future = None
         conn.headers = None
         conn.idle_at = conn.loop.time()
