@@ -116,8 +116,8 @@ def _sse(event: str | None, data: Any) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
 
 
-def anthropic_sse_body() -> bytes:
-    """25 events: start, block start, ping, 19 deltas, block stop, message delta, stop."""
+def anthropic_sse_body(deltas: int = 19) -> bytes:
+    """25 events: start, block start, ping, 19 deltas, block stop, message delta, stop (``deltas``: more)."""
     ev = [
         _sse(
             "message_start",
@@ -140,22 +140,22 @@ def anthropic_sse_body() -> bytes:
                                      "content_block": {"type": "text", "text": ""}}),
         _sse("ping", {"type": "ping"}),
     ]
-    for i in range(19):
+    for i in range(deltas):
         word = _WORDS[i % len(_WORDS)]
         ev.append(_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                "delta": {"type": "text_delta", "text": word + " "}}))
     ev += [
         _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
         _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                               "usage": {"output_tokens": 19}}),
+                               "usage": {"output_tokens": deltas}}),
         _sse("message_stop", {"type": "message_stop"}),
     ]
-    assert len(ev) == 25
+    assert len(ev) == deltas + 6
     return "".join(ev).encode()
 
 
-def openai_sse_body() -> bytes:
-    """25 events: role chunk, 21 content chunks, finish chunk, usage chunk, [DONE]."""
+def openai_sse_body(content: int = 21) -> bytes:
+    """25 events: role chunk, 21 content chunks, finish chunk, usage chunk, [DONE] (``content``: more)."""
     base = {"id": "chatcmpl-BenchFixedBody000000000", "object": "chat.completion.chunk", "created": 1700000000,
             "model": "gpt-bench", "system_fingerprint": "fp_bench"}
 
@@ -163,14 +163,14 @@ def openai_sse_body() -> bytes:
         return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
     ev = [_sse(None, chunk({"role": "assistant", "content": "", "refusal": None}))]
-    for i in range(21):
+    for i in range(content):
         ev.append(_sse(None, chunk({"content": _WORDS[i % len(_WORDS)] + " "})))
     ev.append(_sse(None, chunk({}, "stop")))
-    ev.append(_sse(None, {**base, "choices": [], "usage": {"prompt_tokens": 25, "completion_tokens": 21,
-                                                            "total_tokens": 46,
+    ev.append(_sse(None, {**base, "choices": [], "usage": {"prompt_tokens": 25, "completion_tokens": content,
+                                                            "total_tokens": 25 + content,
                                                             "prompt_tokens_details": {"cached_tokens": 0}}}))
     ev.append(_sse(None, "[DONE]"))
-    assert len(ev) == 25
+    assert len(ev) == content + 4
     return "".join(ev).encode()
 
 
@@ -181,7 +181,7 @@ def openai_sse_body() -> bytes:
 class Kind:
     name: str
     dialect: str
-    shape: str  # json | sse (the stream in one piece) | paced (~25 reads over ~100 ms)
+    shape: str  # json | sse (the stream in one piece) | paced (~25 reads over ~100 ms) | long (paced, 100 events)
     path: str  # the client API path
     via: str = ""  # translated: the other dialect's upstream serves it (route bench-<shape>-via-<via>)
 
@@ -243,7 +243,18 @@ TRANSLATED = {
     )
 }
 
-ALL_KINDS = {**KINDS, **TRANSLATED}
+# Long (not in the default set): the paced streams with 75 more content events (100 in all), so that
+# (long - paced) / 75 is the cost of one more event, the stream's own fixed cost left out.
+LONG_EXTRA = 75
+LONG = {
+    k.name: k
+    for k in (
+        Kind("anthropic-long", "anthropic", "long", "/v1/messages"),
+        Kind("openai-long", "openai", "long", "/v1/chat/completions"),
+    )
+}
+
+ALL_KINDS = {**KINDS, **TRANSLATED, **LONG}
 
 # ------------------------------------------------------------------ processes
 
@@ -325,6 +336,8 @@ class Stack:
             "sse/v1/messages": anthropic_sse_body(),
             "json/v1/chat/completions": openai_json_body(),
             "sse/v1/chat/completions": openai_sse_body(),
+            "long/v1/messages": anthropic_sse_body(19 + LONG_EXTRA),
+            "long/v1/chat/completions": openai_sse_body(21 + LONG_EXTRA),
         }
         for rel, body in bodies.items():
             path = self.tmp / "bodies" / rel
@@ -351,7 +364,7 @@ class Stack:
     def _gateway_config(self) -> Path:
         digest = hashlib.sha256(self.key.encode()).hexdigest()
         ups = []
-        for shape in ("json", "sse", "paced"):
+        for shape in ("json", "sse", "paced", "long"):
             for provider in ("anthropic", "openai"):
                 ups.append(
                     f'[upstreams.{shape}-{provider}]\nprovider = "{provider}"\n'
@@ -382,6 +395,10 @@ deployments = [{{ upstream = "sse-anthropic" }}, {{ upstream = "sse-openai" }}]
 [[routes]]
 match = "bench-paced"
 deployments = [{{ upstream = "paced-anthropic" }}, {{ upstream = "paced-openai" }}]
+
+[[routes]]
+match = "bench-long"
+deployments = [{{ upstream = "long-anthropic" }}, {{ upstream = "long-openai" }}]
 {chr(10).join(f'[[routes]]{chr(10)}match = "bench-{k.shape}-via-{k.via}"{chr(10)}deployments = [{{ upstream = "{k.shape}-{k.via}" }}]{chr(10)}' for k in TRANSLATED.values())}
 
 [[keys]]
@@ -751,7 +768,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[str]:
                     lines.append(f"{kname}: {cpu:.0f} CPU-us/request, +{added:.0f} over passthrough "
                                  f"(target <= +60): {'PASS' if added <= 60 else 'FAIL'}")
             continue
-        if kind.shape == "paced":
+        if kind.shape in ("paced", "long"):
             # The issue's targets are for the stream in one piece; paced streams
             # are compared with nginx (the per-read cost of both is mostly syscalls).
             ratio = rows.get("ratio_gateway_vs_nginx", {}).get("cpu_us_per_req")
@@ -849,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {kind.name} {target}: saturation {seconds:.0f}s", file=sys.stderr, flush=True)
                 rows[target] = {"saturation": saturate(stack, target, kind, seconds, warmup, args.conns, repeat),
                                 "latency": {}}
-            for rate in rates if kind.shape != "paced" else []:
+            for rate in rates if kind.shape not in ("paced", "long") else []:
                 for target in targets:
                     print(f"bench: {kind.name} {target}: {rate} req/s for {seconds:.0f}s", file=sys.stderr,
                           flush=True)

@@ -52,7 +52,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 import setup_test_user
-from bench import HOST, KINDS, ROOT, Kind, children, cpu_ticks
+from bench import ALL_KINDS, HOST, LONG_EXTRA, ROOT, Kind, children, cpu_ticks
 from setup_test_user import create_key
 
 from tests.fixtures.servers import PostgresServer, RedisServer, free_port, wait_port
@@ -442,7 +442,8 @@ def count_instructions(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> flo
 
 
 def stream_events(kind: Kind) -> int:
-    body = bench.anthropic_sse_body() if kind.dialect == "anthropic" else bench.openai_sse_body()
+    extra = LONG_EXTRA if kind.shape == "long" else 0
+    body = bench.anthropic_sse_body(19 + extra) if kind.dialect == "anthropic" else bench.openai_sse_body(21 + extra)
     return body.count(b"\n\n")
 
 
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_counts: strace is required (apt-get install strace), or pass --no-strace")
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {int(bench.LOADGEN_CPU)})
-    kinds = [KINDS[k] for k in args.kinds.split(",")]
+    kinds = [ALL_KINDS[k] for k in args.kinds.split(",")]
     targets = args.targets.split(",")
     results: dict[str, dict[str, dict[str, float]]] = {}
     keep = contextlib.nullcontext(tempfile.mkdtemp(prefix="gw-counts-")) if args.keep_tmp else None
@@ -592,16 +593,26 @@ def print_report(report: dict[str, Any]) -> None:
                       f"  added p50 {row['rate_p50_ms'] - d.get('rate_p50_ms', 0):6.2f}  p99 "
                       f"{row['rate_p99_ms'] - d.get('rate_p99_ms', 0):6.2f} ms  dropped {row['rate_dropped']:.0f}"
                       f"  failed {row['rate_failed_rate']:.3f}")
-    print("\nper stream event ((paced - json) / events):")
+    def total(r: dict[str, float]) -> float:
+        return r.get("py_calls", 0) + r.get("c_calls", 0)
+
+    print("\nper stream event ((paced - json) / events: the stream's own fixed cost spread over its events):")
     for name, rows in res.items():
         for kind, events in report["events"].items():
             json_kind = kind.replace("-paced", "-json").replace("-sse", "-json")
-            if kind in rows and json_kind in rows and "py_calls" in rows[kind]:
-                def total(r: dict[str, float]) -> float:
-                    return r.get("py_calls", 0) + r.get("c_calls", 0)
-
-                per = (total(rows[kind]) - total(rows[json_kind])) / events
-                print(f"  {name:12s} {kind:16s} {per:6.1f} calls per event ({events} events)")
+            if kind.endswith("-long") or not (kind in rows and json_kind in rows and "py_calls" in rows[kind]):
+                continue
+            per = (total(rows[kind]) - total(rows[json_kind])) / events
+            print(f"  {name:12s} {kind:16s} {per:6.1f} calls per event ({events} events)")
+    print(f"\nper stream event, marginal ((long - paced) / {LONG_EXTRA}: the cost of one more event):")
+    for name, rows in res.items():
+        for kind in report["events"]:
+            paced = kind.replace("-long", "-paced")
+            if not kind.endswith("-long") or not (kind in rows and paced in rows and "py_calls" in rows[kind]):
+                continue
+            marginal = (total(rows[kind]) - total(rows[paced])) / LONG_EXTRA
+            py = (rows[kind]["py_calls"] - rows[paced]["py_calls"]) / LONG_EXTRA
+            print(f"  {name:12s} {kind:16s} {marginal:6.1f} calls per event ({py:.1f} Python)")
 
 
 if __name__ == "__main__":
