@@ -7,6 +7,8 @@ leave exactly the counters that one SETTLE / APPLY per request leaves.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,6 +17,7 @@ from gateway.accounting.ledger import decode, encode
 from gateway.accounting.pricing import PriceTable
 from gateway.accounting.record import UsageRecord
 from gateway.config import Limits, parse
+from gateway.policy import limits
 from gateway.policy.admit import Admitter, RequestFacts
 from gateway.policy.limits import RedisLimiter
 from gateway.policy.plans import duration
@@ -117,3 +120,90 @@ def test_reset_durations_read_as_before() -> None:
         assert reference(ms) == duration(ms), ms
 
 
+
+
+async def test_a_settlement_rides_on_the_next_admit_and_goes_first(redis_url: str, monkeypatch: Any) -> None:
+    """On a busy worker a settlement handed over is sent with the next ADMIT, ahead of it in the same
+    write: the lease it releases and the budget hold it shrinks are free for that very ADMIT.  (The
+    timer that would send it alone is pushed out of the test's reach: only the ADMIT can carry it.)"""
+    monkeypatch.setattr(limits, "BUSY_ADMITS_PER_S", 0)  # any rate counts as busy
+    monkeypatch.setattr(limits, "SETTLE_WAIT_S", 60.0)
+    limiter = await _limiter(redis_url)
+    limiter.attach_ledger()
+    admitter = Admitter(limiter)
+    first = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_first")
+    # One lease, and a budget for one worst case and a little: the second request fits only once the
+    # first one's hold shrank to its real cost (1,000 pico-dollars).
+    worst = demand_cost(limiter, first)
+    p = Principal("k1", "k1", "k1", "u1", key_limits=Limits(max_concurrency=1, budget_usd=(worst + 10_000) / 10**12))
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        res = await admitter.admit(p, first)
+        budget = f"{COUNTERS}:b:k:k1:all"
+        assert str(worst) == await r.hget(budget, "r")
+        batches = limiter.stats.settle_batches
+        admitter.settle_later(p, first, res, 10, 1_000)
+        await asyncio.sleep(0.05)  # loop passes go by: nothing is sent without an ADMIT (or the timer)
+        assert ["req_first"] == await r.zrange(f"{COUNTERS}:c:k:k1", 0, -1)
+        assert batches == limiter.stats.settle_batches
+
+        second = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_second")
+        res2 = await admitter.admit(p, second)  # would be a 429 (lease and budget) had it gone first
+        assert ["req_second"] == await r.zrange(f"{COUNTERS}:c:k:k1", 0, -1)
+        fields = await r.hgetall(budget)
+        assert "1000" == fields["p:req_first"]  # the real cost, held for the ledger
+        assert str(worst + 1_000) == fields["r"]
+        assert batches + 1 == limiter.stats.settle_batches
+        admitter.settle_later(p, second, res2, 10, 1_000)
+        await limiter.flush_settlements()
+        assert 0 == await r.zcard(f"{COUNTERS}:c:k:k1")
+    finally:
+        await r.aclose()
+        await limiter.close()
+
+
+async def test_a_settlement_without_a_following_admit_is_sent_by_the_timer(redis_url: str, monkeypatch: Any) -> None:
+    """Busy, but no ADMIT comes: the settlement goes alone ``SETTLE_WAIT_S`` later (the lease is back within ms)."""
+    monkeypatch.setattr(limits, "BUSY_ADMITS_PER_S", 0)
+    limiter = await _limiter(redis_url)
+    admitter = Admitter(limiter)
+    p = Principal("k1", "k1", "k1", "u1", key_limits=Limits(max_concurrency=5))
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        f = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_alone")
+        res = await admitter.admit(p, f)
+        admitter.settle_later(p, f, res, 5, 0)
+        deadline = time.monotonic() + 5
+        while await r.zcard(f"{COUNTERS}:c:k:k1"):
+            assert time.monotonic() < deadline, "the settlement was never sent"
+            await asyncio.sleep(limits.SETTLE_WAIT_S)
+        assert 1 == limiter.stats.settle_batches
+    finally:
+        await r.aclose()
+        await limiter.close()
+
+
+async def test_a_quiet_worker_sends_a_settlement_at_once(redis_url: str, monkeypatch: Any) -> None:
+    """Below the busy rate nothing waits for an ADMIT: the lease is back after a loop pass or two."""
+    monkeypatch.setattr(limits, "SETTLE_WAIT_S", 60.0)
+    limiter = await _limiter(redis_url)
+    admitter = Admitter(limiter)
+    p = Principal("k1", "k1", "k1", "u1", key_limits=Limits(max_concurrency=5))
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        f = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_quiet")
+        res = await admitter.admit(p, f)
+        admitter.settle_later(p, f, res, 5, 0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert 0 == await r.zcard(f"{COUNTERS}:c:k:k1")
+    finally:
+        await r.aclose()
+        await limiter.close()
+
+
+def demand_cost(limiter: RedisLimiter, facts: RequestFacts) -> int:
+    """The worst-case cost ADMIT reserves for ``facts`` (no limit caps its output)."""
+    price = limiter.prices.lookup(facts.model) or limiter.prices.default
+    assert price is not None and facts.max_tokens is not None
+    return price.worst_case_pico(facts.est_input_tokens, facts.max_tokens)

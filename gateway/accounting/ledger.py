@@ -197,7 +197,7 @@ class LedgerWriter:
         seg = self._active
         if seg is None:
             seg = self._active = self._open_segment()
-        line = encode(rec)
+        line = orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)  # encode(), written out
         if seg.fd >= 0:
             try:
                 os.write(seg.fd, line)

@@ -134,7 +134,9 @@ def check_static(principal: Principal, facts: RequestFacts) -> None:
     for who, limits in (("key", principal.key_limits), ("user", principal.user_limits), ("team", principal.team_limits)):
         if limits.allowed_ips is not None and not _ip_allowed(facts.client_ip, limits.allowed_ips):
             raise GatewayError(ErrorKind.PERMISSION, "Requests from this IP address are not allowed for this key.")
-        if limits.models is not None and not model_allowed(facts.model, limits):
+        # A verdict seen before is a dict lookup; model_allowed decides (and caches) the others.
+        if limits.models is not None and not (_ALLOWED.get((limits.models, facts.model))
+                                              or model_allowed(facts.model, limits)):
             raise GatewayError(ErrorKind.PERMISSION, f"This API key may not use model '{facts.model}'.")
         if limits.max_tokens is not None:
             problem = cap_problem(facts.output_ask, limits.max_tokens, who)

@@ -72,6 +72,8 @@ class Budgets:
         self.outage_spend: dict[str, int] = {}  # budget key -> spent under local limits (no ledger)
         self.stale: dict[str, Target] = {}  # counters missing an application
         self._touched: dict[str, Target] = {}  # counters used since the last reconcile
+        # The plans' budget_keys added to _touched since then (the hot path checks it: a lookup, not a call).
+        self.touched_plans: set[tuple[str, ...]] = set()
         self._key_bulk: dict[tuple[str, ...], tuple[bytes, int]] = {}  # budget keys -> (RESP bulk strings, count)
         self._rebuilding: dict[tuple[str, ...], asyncio.Future[None]] = {}
         self._block_until = 0.0
@@ -86,6 +88,7 @@ class Budgets:
     def touch(self, plan: Plan) -> None:
         """The plan's counters were used: the next reconcile rebases them."""
         self._touched.update(plan.budget_targets)
+        self.touched_plans.add(plan.budget_keys)
 
     # -- the ledger ---------------------------------------------------------------
 
@@ -199,23 +202,19 @@ class Budgets:
 
     async def _apply(self, records: Sequence[UsageRecord], xid: str) -> None:
         """One APPLY_MANY on the fast connection (one APPLY per record through redis-py)."""
-        lines: list[str] = []
         if self.store.fast is not None:
-            bulk: list[bytes] = []
-            nkeys = 0
+            # A few calls per batch, none per record: comprehensions, the encoded KEYS cached per key set.
+            key_bulk = self._key_bulk
+            if len(key_bulk) + len(records) > PLAN_CACHE_MAX:  # bounded (cleared before, never amid a batch)
+                key_bulk.clear()
             for r in records:
-                if "\n" in r.request_id:  # the member ends its line: never so in the gateway's own ids
-                    break
-                hit = self._key_bulk.get(r.budget_keys)
-                if hit is None:
-                    if len(self._key_bulk) >= PLAN_CACHE_MAX:
-                        self._key_bulk.clear()
-                    hit = self._key_bulk[r.budget_keys] = (encode_parts(*r.budget_keys), len(r.budget_keys))
-                bulk.append(hit[0])
-                nkeys += hit[1]
-                lines.append(f"{hit[1]} {r.cost_pico} {r.request_id}")
-            else:
-                await self.runner.eval_encoded(scripts.APPLY_MANY, nkeys, b"".join(bulk), (xid, "\n".join(lines)))
+                if r.budget_keys not in key_bulk:
+                    key_bulk[r.budget_keys] = (encode_parts(*r.budget_keys), len(r.budget_keys))
+            hits = [key_bulk[r.budget_keys] for r in records]
+            lines = "\n".join([f"{hit[1]} {r.cost_pico} {r.request_id}" for hit, r in zip(hits, records, strict=True)])
+            if lines.count("\n") + 1 == len(records):  # the member ends its line: never a newline in the gateway's ids
+                await self.runner.eval_encoded(scripts.APPLY_MANY, sum([hit[1] for hit in hits]),
+                                               b"".join([hit[0] for hit in hits]), (xid, lines))
                 return
         items = [Call(list(r.budget_keys), [r.request_id, r.cost_pico, xid]) for r in records]
         await self.runner.eval_many(scripts.APPLY, items)
@@ -270,6 +269,7 @@ class Budgets:
         while True:
             await asyncio.sleep(self.reconcile_s)
             touched, self._touched = self._touched, {}
+            self.touched_plans = set()
             if not self.store.healthy:
                 continue
             items = list(touched.items())

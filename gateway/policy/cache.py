@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from hashlib import sha256
 
 import asyncpg
 import structlog
@@ -38,7 +39,7 @@ from gateway import tasks
 from gateway.config import Config
 from gateway.errors import ErrorKind, GatewayError
 from gateway.policy.lookup_gate import PREFIX_LEN, LookupGate
-from gateway.policy.principals import KEY_PREFIX, Principal, StandaloneResolver, hash_key
+from gateway.policy.principals import KEY_PREFIX, Principal, StandaloneResolver
 from gateway.stores import access_keys
 from gateway.stores.notify import Listener
 from gateway.stores.postgres import Database, DatabaseUnavailable
@@ -81,6 +82,7 @@ class PostgresResolver:
         self.timeout = d.timeout_ms / 1000
         self.flush_s = d.last_used_flush_seconds
         self.static = StandaloneResolver(cfg) if cfg.keys else None  # config-file keys keep working
+        self._static = self.static.by_digest if self.static is not None else None  # its hash -> principal
         self.stats = ResolverStats()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._negative: OrderedDict[str, float] = OrderedDict()
@@ -106,22 +108,22 @@ class PostgresResolver:
     # ---------------------------------------------------------------- hot path
 
     async def resolve(self, key: str, client_ip: str = "") -> Principal | None:
-        h = ""  # hashed once: the config file's keys are found by the same hash
-        if self.static is not None:
-            h = hash_key(key)
-            p = self.static.by_hash(h)
+        # Hashed once (``hash_key`` written out): the config file's keys are found by the same hash.
+        h = sha256(key.encode()).hexdigest()
+        if self._static is not None:
+            p = self._static.get(h)
             if p is not None:
                 return p
-        if not (MIN_KEY_LEN <= len(key) <= MAX_KEY_LEN and key.startswith(KEY_PREFIX)):
-            return None  # cannot be one of ours: no cache entry, no query
-        h = h or hash_key(key)
         now = time.monotonic()
         entry = self._cache.get(h)
         if entry is not None and entry.fresh_until > now and self._listening:
+            # Only a well-formed key was ever cached: the format check below is for the others.
             self._cache.move_to_end(h)
             self._used.add(entry.principal.key_id)
             self.stats.hits += 1
             return entry.principal
+        if not (MIN_KEY_LEN <= len(key) <= MAX_KEY_LEN and key.startswith(KEY_PREFIX)):
+            return None  # cannot be one of ours: no cache entry, no query
         if entry is not None and entry.retry_at > now:
             self._used.add(entry.principal.key_id)
             self.stats.stale_served += 1

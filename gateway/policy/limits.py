@@ -6,9 +6,11 @@ rolling minute, a concurrency lease, the budget at the request's worst-case
 cost) and reserves all of them or none.  ``settle_later`` moves the
 reservation to the real tokens and cost and releases the lease, off the hot
 path and without a task per request: settlements are queued and sent
-together, one SETTLE_MANY script call per loop pass on the single-node fast
-connection (one SETTLE per settlement, pipelined, through redis-py), and
-``close`` sends what is still queued.  With a ledger
+together, one SETTLE_MANY script call on the single-node fast connection (one
+SETTLE per settlement, pipelined, through redis-py), and ``close`` sends what
+is still queued.  On a busy worker the queue rides on the next ADMIT (written
+just ahead of it: one round trip per request instead of two), or goes by a
+timer ``SETTLE_WAIT_S`` later; on a quiet one it goes in the next loop pass.  With a ledger
 writer (``attach_ledger``), a budget's settled cost stays held until the
 usage record is committed to Postgres; ``apply_committed`` then moves it into
 the counter, so that a counter rebuilt from the ledger never counts a record
@@ -54,6 +56,7 @@ from gateway.policy.plans import (
     decide,
     demand,
     duration,
+    rate_headers,
 )
 from gateway.policy.principals import Principal
 from gateway.policy.windows import Decision, LocalCounters
@@ -65,6 +68,14 @@ from gateway.stores.script_calls import Call, ScriptRunner
 log = structlog.get_logger("limits")
 
 _PARKED_MAX = 100_000
+# On a busy worker (at least BUSY_ADMITS_PER_S ADMITs a second lately) a settlement waits up to
+# SETTLE_WAIT_S for the next ADMIT to ride on: one round trip (one write, one read) then carries both,
+# the settlement first.  A lease, a token reservation and a budget hold are released at most that much
+# later; a budget is never overshot (the hold stays until the settlement runs).  A quieter worker sends
+# each loop pass's settlements at once, as before.
+SETTLE_WAIT_S = 0.002
+BUSY_ADMITS_PER_S = 200
+_RATE_WINDOW_S = 0.1  # how often the ADMIT rate is looked at again
 _SETTLE_MANY_ARGC = 5  # EVALSHA, sha, numkeys, hold_ms, lines (plus the keys)
 
 # One queued settlement: plan, member, the reservation's second, tokens delta, actual cost.
@@ -110,9 +121,14 @@ class RedisLimiter:
         self._flush = _Flush()
         self._flusher: asyncio.Task[None] | None = None
         self._parked: deque[Call] = deque(maxlen=_PARKED_MAX)
-        self._settles: list[_Settle] = []  # queued for this loop pass's SETTLE_MANY
+        self._settles: list[_Settle] = []  # queued for the next SETTLE_MANY
         self._settle_waiters: list[asyncio.Future[None]] = []  # ``settle`` callers waiting for that batch
         self._settle_reply: asyncio.Future[object] | None = None  # the last batch sent (replies come in order)
+        self._settle_timer: asyncio.TimerHandle | None = None  # sends the queued settlements when no ADMIT came
+        self._admits = 0  # ADMITs sent on the fast connection (the rate that decides whether settlements wait)
+        self._rate_at = 0.0  # loop time of the last look at that rate, and the count then
+        self._rate_admits = 0
+        self._busy = False
         self._hold_args = (encode_parts(0), encode_parts(COMMIT_HOLD_MS))  # SETTLE_MANY's hold_ms: no ledger, ledger
         self._renewer: asyncio.Task[None] | None = None
         store.on_recover(self._recovered)
@@ -148,17 +164,6 @@ class RedisLimiter:
         return (plan.admit_head + b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(m), m, len(t), t, len(c), c)
                 + plan.admit_tail)
 
-    def _send_admit(self, plan: Plan, member: str, tokens: int, cost: int) -> asyncio.Future[object] | None:
-        """ADMIT on the fast connection, sent now (None: no fast connection, or not connected yet).
-
-        A caller that goes away mid-admission (client disconnect) cancels its wait: the reply
-        then goes to _release_orphan, which gives back whatever the script reserved."""
-        fast = self.store.fast
-        if fast is None:
-            return None
-        return fast.send_now(plan.admit_argc, self._admit_command(plan, member, tokens, cost),
-                             (self._release_orphan, (plan, member, tokens, cost)))
-
     async def _admit(self, plan: Plan, member: str, tokens: int, cost: int) -> Any:
         """ADMIT by the slower ways: connecting first, or through redis-py; EVAL after a NOSCRIPT."""
         fast = self.store.fast
@@ -189,7 +194,21 @@ class RedisLimiter:
         tokens, cost = demand(plan, facts, self.prices, plan.token_cap)
         member = facts.request_id
         try:
-            reply = self._send_admit(plan, member, tokens, cost)
+            if self._settles:  # the queued settlements go first, in the same write (and read) as this ADMIT
+                self._send_settles()
+            fast = self.store.fast
+            reply = None
+            if fast is not None:
+                # ADMIT on the fast connection, sent now (None: not connected yet).  A caller that goes
+                # away mid-admission (client disconnect) cancels its wait: the reply then goes to
+                # _release_orphan, which gives back whatever the script reserved.  (``_admit_command``
+                # written out, behind the array header: no call of ours between here and the socket.)
+                self._admits += 1
+                m, t, c = member.encode(), b"%d" % tokens, b"%d" % cost
+                reply = fast.send_command(
+                    plan.admit_start + b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(m), m, len(t), t, len(c), c)
+                    + plan.admit_tail,
+                    (self._release_orphan, (plan, member, tokens, cost)))
             if reply is None:
                 raw = await self._admit(plan, member, tokens, cost)
             else:
@@ -211,11 +230,17 @@ class RedisLimiter:
         # The reply is status, sec, failed, retry, then (used, reset) per check.  A budget's
         # used comes back as a decimal string (exact pico-dollars); the others are integers.
         used = raw[4::2]
-        for i in plan.budget_i:
-            used[i] = int(used[i])
-            self.budgets.spent[plan.checks[i].key] = used[i] - (cost if raw[0] else 0)
+        if plan.budget_i:
+            spent = self.budgets.spent
+            for i in plan.budget_i:
+                used[i] = int(used[i])
+                spent[plan.checks[i].key] = used[i] - (cost if raw[0] else 0)
         d = Decision(raw[0], raw[1], raw[2], raw[3], used, raw[5::2])
-        headers = decide(self.stats, plan, plan.limits, d, cost)
+        if d.status:  # admitted: ``decide`` written out (a call fewer per request)
+            self.stats.admitted += 1
+            headers = rate_headers(plan, plan.limits, d)
+        else:
+            headers = decide(self.stats, plan, plan.limits, d, cost)  # raises the 429
         if not plan.settle:
             res = Reservation(headers=headers)
         else:
@@ -227,7 +252,8 @@ class RedisLimiter:
             res = Reservation(headers=headers, state=held)
         if plan.budget_keys and self.budgets.ledger:
             res.budget_keys = plan.budget_keys
-            self.budgets.touch(plan)
+            if plan.budget_keys not in self.budgets.touched_plans:  # once per reconcile interval
+                self.budgets.touch(plan)
         return res
 
     async def _degraded(self, plan: Plan, facts: RequestFacts) -> Reservation:
@@ -246,7 +272,8 @@ class RedisLimiter:
             res = self.local.reserve_plan(plan, facts, budget_spent=self.budgets.spent)
         if plan.budget_keys and self.budgets.ledger:
             res.budget_keys = plan.budget_keys
-            self.budgets.touch(plan)
+            if plan.budget_keys not in self.budgets.touched_plans:
+                self.budgets.touch(plan)
         return res
 
     # -- settlement -------------------------------------------------------------
@@ -254,10 +281,27 @@ class RedisLimiter:
     def settle_later(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_pico: int
     ) -> None:
-        """Queue the settlement (sent with the others of this loop pass; ``close`` sends what is left)."""
-        held = reservation.state
-        if held.__class__ is Held:
-            self._queue_settle(held, tokens, cost_pico)  # type: ignore[arg-type]  # checked just above
+        """Queue the settlement: sent with the next ADMIT, or by a timer ``SETTLE_WAIT_S`` later when
+        none comes; ``close`` sends what is left.  ``_queue_settle`` written out for the usual case
+        (shared counters): the handler's one call for the settlement."""
+        held: Held = reservation.state  # type: ignore[assignment]  # checked next (no isinstance call)
+        if held.__class__ is not Held:
+            return
+        if held.local:
+            self._queue_settle(held, tokens, cost_pico)
+            return
+        plan = held.plan
+        member = held.member
+        if plan.budget_keys:  # Budgets.settled, written out
+            spent = self.budgets.spent
+            for key in plan.budget_keys:
+                spent[key] = spent.get(key, 0) + cost_pico
+        if plan.renew_keys:
+            self._held.pop(member, None)
+        self.stats.settles += 1
+        if not self._settles:
+            self._schedule_settles()
+        self._settles.append((plan, member, held.sec, tokens - held.tokens, cost_pico))
 
     async def settle(
         self, principal: Principal, facts: RequestFacts, reservation: Reservation, tokens: int, cost_pico: int
@@ -269,6 +313,7 @@ class RedisLimiter:
 
     async def _settle_held(self, held: Held, tokens: int, cost_pico: int) -> None:
         if self._queue_settle(held, tokens, cost_pico):
+            asyncio.get_running_loop().call_soon(self._send_settles)  # awaited: no waiting for an ADMIT
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._settle_waiters.append(waiter)
             await waiter
@@ -283,9 +328,22 @@ class RedisLimiter:
         self._held.pop(held.member, None)
         self.stats.settles += 1
         if not self._settles:
-            asyncio.get_running_loop().call_soon(self._send_settles)
+            self._schedule_settles()
         self._settles.append((plan, held.member, held.sec, tokens - held.tokens, cost_pico))
         return True
+
+    def _schedule_settles(self) -> None:
+        """A first settlement was queued: on a busy worker it rides on the next ADMIT (``reserve`` sends
+        the queue first), else a timer sends it ``SETTLE_WAIT_S`` later; on a quiet one it goes at once."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._rate_at >= _RATE_WINDOW_S:
+            self._busy = self._admits - self._rate_admits >= BUSY_ADMITS_PER_S * (now - self._rate_at)
+            self._rate_at, self._rate_admits = now, self._admits
+        if self._busy:
+            self._settle_timer = loop.call_later(SETTLE_WAIT_S, self._send_settles)
+        else:
+            loop.call_soon(self._send_settles)
 
     def _send_settles(self) -> None:
         """This loop pass's settlements: one SETTLE_MANY on the fast connection, else through the flusher."""
@@ -293,18 +351,26 @@ class RedisLimiter:
         waiters, self._settle_waiters = self._settle_waiters, []
         if not items:  # sent already (flush_settlements)
             return
+        if self._settle_timer is not None:  # sent before it fired: it would only wake the loop
+            self._settle_timer.cancel()
+            self._settle_timer = None
         fast = self.store.fast
         reply = None
         if fast is not None and self.store.healthy:
             # The member goes last on its line: a newline in it (never in the gateway's own ids) cannot be sent so.
-            lines = "\n".join([f"{sec} {dtok} {cost} {p.settle_kinds} {m}" for p, m, sec, dtok, cost in items])
-            if lines.count("\n") + 1 == len(items):
+            if len(items) == 1:  # the usual batch at a low rate (each rides on the next ADMIT): no list building
+                p, m, sec, dtok, cost = items[0]
+                lines, nkeys, bulk = f"{sec} {dtok} {cost} {p.settle_kinds} {m}", p.settle_n, p.settle_bulk
+            else:
+                lines = "\n".join([f"{sec} {dtok} {cost} {p.settle_kinds} {m}" for p, m, sec, dtok, cost in items])
                 nkeys = sum([p.settle_n for p, *_ in items])
+                bulk = b"".join([p.settle_bulk for p, *_ in items])
+            if lines.count("\n") + 1 == len(items):
                 body = lines.encode()
                 reply = fast.send_now(
                     _SETTLE_MANY_ARGC + nkeys,
                     b"%s$%d\r\n%d\r\n%s%s$%d\r\n%s\r\n" % (
-                        scripts.SETTLE_MANY.head, len(b"%d" % nkeys), nkeys, b"".join([p.settle_bulk for p, *_ in items]),
+                        scripts.SETTLE_MANY.head, len(b"%d" % nkeys), nkeys, bulk,
                         self._hold_args[self.budgets.ledger], len(body), body),
                 )
         if reply is None:  # not connected yet, Redis down, or redis-py: the flusher sends them one by one

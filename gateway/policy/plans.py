@@ -85,6 +85,7 @@ class Plan:
     admit_head: bytes = b""  # ``EVALSHA <ADMIT> n keys...`` as RESP bulk strings
     admit_tail: bytes = b""  # ADMIT's ARGV after member, tokens, cost: lease_ms, then kind, limit per check
     admit_argc: int = 0  # the ADMIT command's length: EVALSHA, sha, numkeys, keys, member, tokens, cost, lease, args
+    admit_start: bytes = b""  # admit_head behind the command's array header (``*<argc>``): sent as it is
     settle_bulk: bytes = b""  # settle_keys as RESP bulk strings (SETTLE_MANY's KEYS for one request)
     settle_kinds: str = ""  # the kind letter of each settle key
     settle_n: int = 0  # len(settle_keys)
@@ -246,6 +247,7 @@ class Planner:
             admit_head=encode_parts("EVALSHA", scripts.ADMIT.sha, len(keys), *keys),
             admit_tail=encode_parts(self.lease_ms, *args),
             admit_argc=7 + len(keys) + len(args),
+            admit_start=b"*%d\r\n" % (7 + len(keys) + len(args)) + encode_parts("EVALSHA", scripts.ADMIT.sha, len(keys), *keys),
             settle_bulk=encode_parts(*settle_keys),
             settle_kinds="".join(c.kind for c in checks if c.kind != "r"),
             settle_n=len(settle_keys),
@@ -303,12 +305,13 @@ def demand(plan: Plan, facts: RequestFacts, prices: PriceTable, token_cap: int) 
         return 0, 0
     # Worst case: every choice (OpenAI ``n``) produces its whole per-choice ask.
     output = facts.choices * (facts.max_tokens or plan.output_cap or DEFAULT_OUTPUT_RESERVE)
-    est_in = facts.est_input_tokens
+    est_in = facts.body_len // 4 + 1  # RequestFacts.est_input_tokens, written out (a call fewer per request)
     tokens = min(est_in + output, token_cap) if plan.token_i else 0
     cost = 0
     if plan.budget_i:
         price = prices.lookup(facts.model) or prices.default
-        cost = price.worst_case_pico(est_in, output) if price is not None else 0
+        if price is not None:  # Price.worst_case_pico, written out
+            cost = est_in * (price.input if price.input >= price.cache_write else price.cache_write) + output * price.output
     return tokens, cost
 
 

@@ -7,9 +7,9 @@ unknown key and raise GatewayError(UNAVAILABLE) when they cannot tell.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
+from hashlib import sha256
 from typing import Protocol
 
 from gateway.config import Config, Limits
@@ -19,7 +19,7 @@ DISPLAY_PREFIX_LEN = 12
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    return sha256(key.encode()).hexdigest()
 
 
 def display_prefix(key: str) -> str:
@@ -60,13 +60,13 @@ class StandaloneResolver:
 
     def __init__(self, cfg: Config) -> None:
         users = {u.name: u.limits for u in cfg.users}
-        self._by_hash: dict[str, Principal] = {}
+        self.by_digest: dict[str, Principal] = {}  # SHA-256 hex of the key -> its principal
         for k in cfg.keys:
             plaintext = cfg.env(k.key_env) if k.key_env else ""
             digest = hash_key(plaintext) if plaintext else k.key_sha256
             if not digest:
                 continue  # env var unset: that key is simply not active
-            self._by_hash[digest] = Principal(
+            self.by_digest[digest] = Principal(
                 key_id=k.name,
                 key_prefix=display_prefix(plaintext) if plaintext else k.name,
                 key_name=k.name,
@@ -77,11 +77,7 @@ class StandaloneResolver:
             )
 
     async def resolve(self, key: str, client_ip: str = "") -> Principal | None:
-        return self._by_hash.get(hash_key(key))
-
-    def by_hash(self, digest: str) -> Principal | None:
-        """``resolve`` for a key already hashed (``hash_key``)."""
-        return self._by_hash.get(digest)
+        return self.by_digest.get(sha256(key.encode()).hexdigest())  # hash_key, written out
 
     async def close(self) -> None:
         return None

@@ -52,6 +52,7 @@ def _encode(args: tuple[object, ...]) -> bytes:
 # Called with (its context, the reply) when a command's caller cancelled its wait before the reply came.
 Orphan = tuple[Callable[[Any, object], None], Any]
 _Pending = tuple[asyncio.Future[object], float, Orphan | None]
+_ReplyError = hiredis.ReplyError
 
 
 class _Protocol(asyncio.Protocol):
@@ -68,21 +69,20 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        gets = self.reader.gets
         pending = self.pending
-        while True:
-            reply = self.reader.gets()
-            if reply is False:
-                return
+        while (reply := gets()) is not False:
             fut, _, orphan = pending.popleft()
-            if fut.done():
-                if orphan is not None and not isinstance(reply, hiredis.ReplyError):
-                    orphan[0](orphan[1], reply)
+            if reply.__class__ is _ReplyError:
+                if not fut.done():
+                    msg = str(reply)
+                    fut.set_exception(NoScriptError(msg) if msg.startswith("NOSCRIPT") else ResponseError(msg))
                 continue
-            if isinstance(reply, hiredis.ReplyError):
-                msg = str(reply)
-                fut.set_exception(NoScriptError(msg) if msg.startswith("NOSCRIPT") else ResponseError(msg))
-            else:
+            try:
                 fut.set_result(reply)
+            except asyncio.InvalidStateError:  # its caller stopped waiting (cancelled): rare, so no check per reply
+                if orphan is not None:
+                    orphan[0](orphan[1], reply)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = exc or ConnectionResetError("redis closed the connection")
@@ -200,10 +200,23 @@ class PipelinedRedis:
 
     def send_now(self, count: int, parts: bytes, orphan: Orphan | None = None) -> asyncio.Future[object] | None:
         """``send_encoded`` without waiting: None when not connected (the caller takes its async path)."""
+        return self.send_command(b"*%d\r\n" % count + parts, orphan)
+
+    def send_command(self, command: bytes, orphan: Orphan | None = None) -> asyncio.Future[object] | None:
+        """A whole RESP command (array header included), sent with this loop pass's others; None when
+        not connected.  ``_send_raw`` written out: this is the hot path's one call per request."""
         proto = self._proto
         if proto is None or proto.transport is None:
             return None
-        return self._send_raw(proto, b"*%d\r\n" % count + parts, orphan)
+        loop = proto.loop
+        fut: asyncio.Future[object] = loop.create_future()
+        if not proto.out:
+            loop.call_soon(proto.flush)
+        proto.out.append(command)
+        proto.pending.append((fut, loop.time() + self.timeout, orphan))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.timeout / 2, self._watch)
+        return fut
 
     async def close(self) -> None:
         if self._watchdog is not None:
