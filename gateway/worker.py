@@ -32,6 +32,7 @@ from gateway import keys
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.observability import logging as gwlog
+from gateway.observability import multiproc
 from gateway.server.protocol import GatewayRunner
 
 READY, ALIVE, STOPPED = b"R", b".", b"S"
@@ -120,6 +121,7 @@ def _ignore_group_signals() -> None:
 
 def run(cfg: Config, fd: int, notify_fd: int | None, index: int) -> None:
     _ignore_group_signals()
+    multiproc.pin_pid()
     gwlog.configure(cfg.log.level, worker=index)
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)

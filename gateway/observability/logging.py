@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 import traceback
+from threading import get_ident
 from typing import Any, BinaryIO
 
 import orjson
@@ -68,6 +69,10 @@ class LoopBatchedWriter:
         self._raw = raw
         self._buf = bytearray()
         self._scheduled = False
+        # The loop of the thread that last flushed inside it: asyncio.get_running_loop() asks the
+        # kernel for the pid each time (a syscall per request line), a thread id does not.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
 
     def write(self, data: bytes) -> int:
         self._buf += data
@@ -76,13 +81,21 @@ class LoopBatchedWriter:
     def flush(self) -> None:
         if self._scheduled:
             return
+        loop = self._loop
+        if loop is None or self._thread != get_ident():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.drain()
+                return
+            self._loop, self._thread = loop, get_ident()
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+            loop.call_soon(self.drain)
+        except RuntimeError:  # that loop is closed (the worker is exiting): write at once
+            self._loop = None
             self.drain()
             return
         self._scheduled = True
-        loop.call_soon(self.drain)
 
     def drain(self) -> None:
         self._scheduled = False

@@ -53,6 +53,21 @@ def prepare(environ: MutableMapping[str, str]) -> str:
     return path
 
 
+def pin_pid() -> None:
+    """In a worker, before any metric exists: its values ask for the pid once, not on every update.
+
+    prometheus-client's multiprocess values check ``os.getpid()`` on each ``inc``/``set``
+    (a fork would need new files): a syscall per value of every one-second flush, a few
+    hundred a second.  A worker is started by exec, never forked, so its pid is fixed.
+    """
+    if not os.environ.get(ENV):
+        return
+    import prometheus_client.values as values
+
+    pid = os.getpid()
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: pid)  # type: ignore[no-untyped-call]
+
+
 @contextlib.contextmanager
 def locked(path: str, exclusive: bool) -> Iterator[None]:
     fd = os.open(os.path.join(path, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)

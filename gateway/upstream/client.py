@@ -531,12 +531,14 @@ class LeanResponse:
 class _Pool:
     """Idle connections to one origin, and a bound on all of them."""
 
-    __slots__ = ("_idle", "_live", "_sem", "host", "host_header", "port", "ssl")
+    __slots__ = ("_idle", "_live", "_sem", "host", "host_header", "loop", "port", "ssl")
 
     def __init__(self, host: str, port: int, ssl: ssl_mod.SSLContext | None, limit: int,
                  host_header: str = "") -> None:
         self.host, self.port, self.ssl = host, port, ssl
         self.host_header = host_header or host  # the Host header's value: the port only when not the default
+        # Made on the loop that uses it (a request's): asyncio.get_running_loop() asks getpid() each time.
+        self.loop = asyncio.get_running_loop()
         self._idle: list[_Connection] = []
         self._live: set[_Connection] = set()
         self._sem = asyncio.Semaphore(limit) if limit > 0 else None
@@ -658,7 +660,7 @@ class LeanSession:
         except KeyError:
             pool = self._pool(url)
         head = _head(method, url.raw_path_qs or "/", pool.host_header, headers or {}, len(data))
-        loop = asyncio.get_running_loop()
+        loop = pool.loop
         now = loop.time()
         total = timeout.total if timeout is not None else None
         total_at = now + total if total else None
