@@ -129,6 +129,7 @@ class RedisLimiter:
         self._rate_at = 0.0  # loop time of the last look at that rate, and the count then
         self._rate_admits = 0
         self._busy = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once seen (no getpid() per request)
         self._hold_args = (encode_parts(0), encode_parts(COMMIT_HOLD_MS))  # SETTLE_MANY's hold_ms: no ledger, ledger
         self._renewer: asyncio.Task[None] | None = None
         store.on_recover(self._recovered)
@@ -335,7 +336,9 @@ class RedisLimiter:
     def _schedule_settles(self) -> None:
         """A first settlement was queued: on a busy worker it rides on the next ADMIT (``reserve`` sends
         the queue first), else a timer sends it ``SETTLE_WAIT_S`` later; on a quiet one it goes at once."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
         if now - self._rate_at >= _RATE_WINDOW_S:
             self._busy = self._admits - self._rate_admits >= BUSY_ADMITS_PER_S * (now - self._rate_at)
