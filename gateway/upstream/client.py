@@ -638,6 +638,8 @@ class LeanSession:
         if url.scheme == "https":
             ssl = self._ssl or ssl_mod.create_default_context()
         host = key[1]
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal: bracketed in the Host header (RFC 9110 7.2)
         if url.port and not url.is_default_port():
             host = f"{host}:{url.port}"
         pool = self._pools[key] = _Pool(key[1], key[2], ssl, self._limit, host)
