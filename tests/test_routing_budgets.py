@@ -141,10 +141,11 @@ async def test_a_500_storm_is_not_amplified_beyond_the_retry_budget(make_gateway
 
 
 async def test_hedges_under_a_slow_outage_stay_within_the_hedge_budget(make_gateway, mocks):  # noqa: F811
-    """Every answer from a is slow (no first token for 1 s, hedge after 50 ms): hedges to b stay
-    within 20 % of requests plus 3 a second, so a slow provider does not double the traffic."""
+    """Every answer from a is slow (no first token for 3 s, hedge after 50 ms): hedges to b stay
+    within 20 % of requests plus 3 a second, so a slow provider does not double the traffic.
+    (3 s, not 1: a loop stalled for a second on a loaded machine must not let a win a hedge race.)"""
     a, b = await mocks(), await mocks()
-    await a.faults(then={"x-mock-first-delta-ms": "1000"})
+    await a.faults(then={"x-mock-first-delta-ms": "3000"})
     ups = upstream_toml("a", a.base_url) + upstream_toml("b", b.base_url)
     gw = await make_gateway(routing_toml(ups, f"""
         [[routes]]
