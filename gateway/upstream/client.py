@@ -630,10 +630,9 @@ class LeanSession:
 
     def _pool(self, url: URL) -> _Pool:
         key = (url.scheme, url.raw_host or "", url.port or 0)
-        try:
-            return self._pools[key]
-        except KeyError:
-            pass
+        pool = self._pools.get(key)
+        if pool is not None:
+            return pool
         ssl = None
         if url.scheme == "https":
             ssl = self._ssl or ssl_mod.create_default_context()
