@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -130,24 +130,6 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
     await sink.close()
 
 
-def _on_prepare(draining: list[bool]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """The one on_response_prepare hook (a signal handler is a call per answer): hygiene's headers, and
-    a draining worker answers ``Connection: close`` so that no client reuses a connection it is closing."""
-
-    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        h = response.headers
-        h.popall("Server", None)
-        path = request.path
-        if path.startswith(hygiene.SECRET_PREFIXES) or path in hygiene.SECRET_EXACT:  # carries_secrets, inlined
-            h["Cache-Control"] = hygiene.NO_STORE
-            h["X-Content-Type-Options"] = hygiene.NOSNIFF
-        if draining[0]:
-            response.force_close()
-            h["Connection"] = "close"
-
-    return on_prepare
-
-
 def create_app(cfg: Config) -> web.Application:
     prices = PriceTable.load(cfg)
     # Priced model names are configured names: safe as metric labels.
@@ -164,7 +146,7 @@ def create_app(cfg: Config) -> web.Application:
     app[keys.MIDDLEWARE] = middleware
     app[keys.FAST_PATHS] = frozenset(path for _, path, _ in DATA_PLANE)  # server/dispatch.py
     app[keys.DRAINING] = [False]  # set by the worker when it drains
-    app.on_response_prepare.append(_on_prepare(app[keys.DRAINING]))
+    app.on_response_prepare.append(hygiene.PrepareHook(app[keys.DRAINING]))
     app[keys.EXTRA] = {}
     app[keys.PRICES] = prices
     app[keys.METRICS] = metrics

@@ -31,6 +31,7 @@ from gateway.proxy.attempts import Opened
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
+from gateway.server.response import WholeResponse
 from gateway.upstream.client import LeanBody, LeanResponse
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ def served_headers(out: CIMultiDict[str] | dict[str, str], ctx: RequestContext) 
 
 def relay_body(
     opened: Opened, ctx: RequestContext, extra: dict[str, str], translation: Translation | None = None
-) -> tuple[web.Response, Usage]:
+) -> tuple[WholeResponse, Usage]:
     """A whole answer (read in full by its attempt): success, or an upstream error passed on as it is
     (with a ``translation``: either one in the client's dialect)."""
     dep, resp = opened.dep, opened.resp
@@ -108,7 +109,7 @@ def relay_body(
         status, body = translation.response(status, body, headers.pop("content-encoding", None))
         headers["content-type"] = "application/json"
     # server-timing: set by the middleware, which measures the gateway's time last, as the answer leaves.
-    return web.Response(status=status, body=body, headers=headers), usage
+    return WholeResponse(status, body, headers), usage
 
 
 async def relay_stream(
