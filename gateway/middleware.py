@@ -69,8 +69,8 @@ def _line(request: web.Request, ctx: RequestContext, status: int, gw_ms: float) 
     line: dict[str, object] = {
         "event": "request",
         "request_id": ctx.request_id,
-        "method": request.method,
-        "path": redact_path(request.path),
+        "method": request._method,
+        "path": redact_path(request._rel_url.path),  # request.path
         "route": ctx.route,
         "model": ctx.model,
         "key": ctx.key_prefix,
@@ -144,15 +144,16 @@ def make_middleware(
                 ctx.error_kind = ErrorKind.INTERNAL.label
                 log.error("unhandled error", request_id=ctx.request_id, exc_type=type(exc).__name__)
                 resp = render(GatewayError(ErrorKind.INTERNAL, "Internal gateway error."), ctx.dialect)
-            status = resp.status
-            if not resp.prepared:
-                transport = request.transport
+            status = resp._status  # resp.status; then resp.prepared, request.transport, resp.headers
+            if not (resp._eof_sent or resp._payload_writer is not None):
+                protocol = request._protocol
+                transport = None if protocol is None else protocol.transport
                 if transport is None or transport.is_closing():
                     status = CLIENT_CLOSED  # answered, but nobody is left to receive it
                 gw_ms = (perf_counter() - ctx.start - ctx.upstream_s) * 1000.0  # ctx.gateway_ms(), inlined
                 if gw_ms < 0.0:
                     gw_ms = 0.0
-                h = resp.headers
+                h = resp._headers
                 h["x-request-id"] = ctx.request_id
                 h["server-timing"] = f"gateway;dur={gw_ms:.3f}"
             return resp

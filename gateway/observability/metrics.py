@@ -269,7 +269,7 @@ class Metrics:
         if model and model not in self.known_models:
             model = OTHER_MODEL
         # The resource, not the route: an unmatched request gets a new SystemRoute each time.
-        resource = request.match_info.route.resource
+        resource = request._match_info._route._resource  # type: ignore[union-attr]  # match_info.route.resource
         key = (resource, ctx.route, model, ctx.upstream, status, ctx.error_kind)
         b = self._bound.get(key)
         if b is None:

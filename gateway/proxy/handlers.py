@@ -39,9 +39,10 @@ async def authenticate(
     request: web.Request, ctx: RequestContext, resolver: PrincipalResolver | None = None
 ) -> Principal:
     # The key from /ak/{key}/, then x-api-key, then Authorization: Bearer.
-    key = request.match_info.get("access_key")
+    # request._match_info, ._headers, ... : the attributes behind aiohttp's properties (server/dispatch.py).
+    key = request._match_info.get("access_key")  # type: ignore[union-attr]  # a routed web.Request's
     if not key:
-        h = request.headers
+        h = request._headers
         key = h.get("x-api-key")
         if not key:
             auth = h.get("authorization")
@@ -59,10 +60,11 @@ async def authenticate(
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    length = request.content_length
+    declared = request._headers.get("Content-Length")  # request.content_length; llhttp checked the digits
+    length = None if declared is None else int(declared)
     if length is not None and length > limit:
         raise GatewayError(ErrorKind.TOO_LARGE, f"Request body is larger than {limit} bytes.")
-    payload = request.content
+    payload = request._payload
     if length is not None and payload.is_eof():
         # The whole body is here already (the usual case: it came with the headers), within the
         # limit: taken at once, not by request.read()'s loop of awaited reads (about ten calls).
@@ -72,7 +74,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise GatewayError(ErrorKind.TOO_LARGE, f"Request body is larger than {limit} bytes.") from None
-    encoding = request.headers.get("content-encoding")
+    encoding = request._headers.get("content-encoding")
     if encoding is None:
         return raw
     try:
@@ -148,20 +150,20 @@ def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Reques
     req_ctx = keys.REQ_CTX
 
     async def proxy(request: web.Request) -> web.StreamResponse:
-        hot = request.app[HOT]
+        hot: Hot = request._match_info._current_app._state[HOT]  # type: ignore[union-attr,assignment]  # request.app[HOT]
         ctx: RequestContext = request._state[req_ctx]  # set by the middleware
         ctx.dialect = dialect
         principal = await authenticate(request, ctx, hot.resolver)
         body = await read_body(request, hot.max_body_bytes)
         doc, facts = parse_facts(body, request, ctx, path)
-        headers = request.headers
+        headers = request._headers
         ctx.tags = hot.tags.for_request(headers.get(TAGS_HEADER), doc, dialect, principal.tags)
         router = hot.router
         plan = router.plan(facts.model, dialect, translatable)
         candidates = router.order(plan)
         route = plan.route
         ctx.route = route.match
-        qs = request.rel_url.raw_query_string
+        qs = request._rel_url.raw_query_string
         # The raw query string, never the decoded one: ``?x=%20y`` decoded would put a space
         # into the upstream request line (and ``%00`` a NUL).
         path_qs = path + "?" + qs if qs else path
@@ -202,7 +204,7 @@ def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Reques
         out = Outgoing(facts.model, body, doc, hot.header_policy.select(headers), translation)
         failover = Failover(
             hot.client, ctx,
-            UpstreamRequest(request.method, path_qs, out.body, out.headers, facts.stream,
+            UpstreamRequest(request._method, path_qs, out.body, out.headers, facts.stream,
                             None if translation is None else translation.path_for),
             candidates, plan.context, route.hedge_after_ms,
             _hedge_reserver(admitter, principal, facts, hedges) if route.hedge_after_ms > 0 else None,
@@ -226,7 +228,7 @@ def proxy_handler(dialect: str, charge: bool, path: str) -> Callable[[web.Reques
                 tap = ResponsesTap() if path == RESPONSES_PATH else StreamTap(dialect, strip_usage=strip_usage)
                 return await relay_stream(request, opened, ctx, extra, tap)
             response, usage = relay_body(opened, ctx, extra, translation)
-            status = response.status
+            status = response._status  # response.status
             return response
         except GatewayError as err:
             status = err.kind.status_for(dialect)

@@ -26,7 +26,7 @@ enabled compression or set cookies, a request whose app has another
 ``on_response_prepare`` handler (tracing) or is a sub-application.
 
 aiohttp internals relied on: ``request._message`` (the parsed request line),
-``request._match_info._apps``, ``request._payload_writer`` and the writer's
+``request._match_info._apps``, the app's ``_on_response_prepare``, ``request._payload_writer`` and the writer's
 ``_write``/``_protocol._paused``, the response's ``_payload_writer``,
 ``_eof_sent``, ``_req`` and ``_body_length``.  Every data-plane JSON answer
 of the suite goes through here, so an aiohttp that changes them fails it.
@@ -46,7 +46,6 @@ from multidict import CIMultiDict
 
 from gateway.server.hygiene import PrepareHook
 
-_RECONCILED = ("Content-Length", "Transfer-Encoding", "Date")  # aiohttp's to reconcile: its own path
 _NO_BODY_STATUS = (204, 304)
 
 
@@ -78,13 +77,15 @@ class WholeResponse(web.Response):
             or message.method == "HEAD"
             or status < 200
             or status in _NO_BODY_STATUS
-            or any(name in h for name in _RECONCILED)
+            or "Content-Length" in h
+            or "Transfer-Encoding" in h
+            or "Date" in h
         ):
             return await super().prepare(request)
         target = message.path
         match_info = getattr(request, "_match_info", None)  # a web.Request's (made by the application)
         apps: Sequence[web.Application] = match_info._apps if match_info is not None else ()
-        hooks: Sequence[object] = apps[0].on_response_prepare if len(apps) == 1 else ()
+        hooks: Sequence[object] = apps[0]._on_response_prepare if len(apps) == 1 else ()  # the property's
         hook = hooks[0] if len(hooks) == 1 else None
         if not isinstance(hook, PrepareHook) or "%" in target:
             return await super().prepare(request)  # another hook, or a path that needs decoding first
