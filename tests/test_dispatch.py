@@ -91,3 +91,31 @@ async def test_expect_100_continue_is_honoured(gateway, resolves):
     finally:
         writer.close()
     assert resolves == ["/v1/chat/completions"]
+
+
+@pytest.mark.parametrize("padding", [0, 3_000, 600_000])
+async def test_a_request_body_reaches_the_upstream_whole_however_it_arrives(gateway, mock_upstream, padding):
+    """One piece with the head, one piece after it, or many pieces with reading paused (a body over
+    the reader's high-water mark): the upstream gets the same bytes each time."""
+    doc = {**CHAT, "metadata": {"pad": "x" * padding}}
+    body = orjson.dumps(doc)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        if padding == 0:
+            writer.write(head + body)
+        else:
+            writer.write(head)
+            await writer.drain()
+            for i in range(0, len(body), 1000 if padding > 3_000 else len(body)):
+                writer.write(body[i : i + 1000 if padding > 3_000 else len(body)])
+                await writer.drain()
+        status = await reader.readuntil(b"\r\n")
+        assert status == b"HTTP/1.1 200 OK\r\n"
+    finally:
+        writer.close()
+    seen = (await mock_upstream.requests())[-1]
+    assert seen["body"] == doc
