@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import operator
 import re
 import ssl as ssl_mod
 from collections.abc import Callable, Iterable, Mapping
@@ -739,15 +738,12 @@ def _headers(head: bytes) -> tuple[CIMultiDict[str], int]:
         # A bare LF line end or a folded line: the general case, by regular expression.
         return CIMultiDict(_HEADER_LINE.findall(text)), after
     # The usual head (CRLF lines), split in C: the regular expression alone was ~12% of a
-    # request's instructions (callgrind), this is less than half of it.
-    parts = list(map(str.partition, lines, _COLONS))
-    return CIMultiDict(zip(map(_NAME, parts), map(str.strip, map(_VALUE, parts), _BLANKS), strict=True)), after
+    # request's instructions (callgrind), this is less than half of it.  A list, not zip/map
+    # iterators: multidict builds from a list of pairs in half the time.
+    return CIMultiDict([(name, value.strip(" \t")) for name, _, value in map(str.partition, lines, _COLONS)]), after
 
 
 _COLONS = itertools.repeat(":")
-_BLANKS = itertools.repeat(" \t")
-_NAME = operator.itemgetter(0)
-_VALUE = operator.itemgetter(2)
 
 
 # Header names the client sets itself (or that make no sense on a request it frames).
