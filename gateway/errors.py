@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.server.response import WholeResponse
 
 Dialect = str  # "anthropic" | "openai"
 ANTHROPIC = "anthropic"
@@ -115,11 +118,8 @@ def render(err: GatewayError, dialect: Dialect) -> web.Response:
     if spec.retry_after:
         headers.update(retry_headers(err.retry_after_s if err.retry_after_s is not None else 1.0))
     headers.update(err.headers)
-    return web.Response(
-        status=err.kind.status_for(dialect),
-        body=envelope(err.kind, err.message, dialect),
-        headers=headers,
-    )
+    # A refusal can come in floods (a client past its limit): written like a relayed answer, in one go.
+    return WholeResponse(err.kind.status_for(dialect), envelope(err.kind, err.message, dialect), CIMultiDict(headers))
 
 
 def stream_error_event(kind: ErrorKind, message: str, dialect: Dialect) -> bytes:
