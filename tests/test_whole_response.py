@@ -63,7 +63,7 @@ async def test_relayed_answers_on_one_kept_alive_connection(gateway: Any) -> Non
                 assert names.count(once) == 1, (once, headers)
             assert "server" not in names and "connection" not in names and "transfer-encoding" not in names
             assert orjson.loads(body)["object"] == "chat.completion"
-            ids.append(dict((n.lower(), v) for n, v in headers)["x-request-id"])
+            ids.append({n.lower(): v for n, v in headers}["x-request-id"])
         assert len(set(ids)) == 3
         # A client that asks to close gets Connection: close, and the server closes.
         writer.write(_request("Connection: close\r\n"))
