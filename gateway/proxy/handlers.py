@@ -400,7 +400,7 @@ def _finish(
 def _cost(prices: PriceTable, usage: Usage, served: str, public: str) -> tuple[int, bool]:
     """Priced by the model that served it; the public name's price when it has none; else the default."""
     price = prices.lookup(served) if served else None
-    if price is None:
+    if price is None and public != served:
         price = prices.lookup(public)
     if price is None:
         price = prices.default
