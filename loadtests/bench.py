@@ -315,6 +315,7 @@ class Stack:
     overrides: dict[str, str] = field(default_factory=dict)  # GATEWAY_* for A/B runs
     gateway_src: str = ""  # another checkout's gateway package (PYTHONPATH) for before/after runs
     cmd_prefix: list[str] = field(default_factory=list)  # e.g. valgrind (bench_counts --callgrind)
+    workers: int = 1  # the gateway's; one is pinned to GATEWAY_CPU, more share every core
 
     # -- nginx
     def _render_nginx(self, role: str, port: int, upstream_port: int = 0) -> Path:
@@ -426,17 +427,26 @@ limits = {{ models = ["bench-*"] }}
             )
             env["PYTHONPATH"] = f"{self.gateway_src}:{shim}"
         exe = VENV_BIN / "llm-gateway"
-        cmd = ["taskset", "-c", GATEWAY_CPU, *self.cmd_prefix, str(exe) if exe.exists() else "llm-gateway",
-               "serve", "--config", str(cfg), "--workers", "1"]
+        cpus = GATEWAY_CPU if self.workers == 1 else f"0-{(os.cpu_count() or 1) - 1}"
+        cmd = ["taskset", "-c", cpus, *self.cmd_prefix, str(exe) if exe.exists() else "llm-gateway",
+               "serve", "--config", str(cfg), "--workers", str(self.workers)]
         self.gw_log = self.tmp / "gateway.log"
+        serving = self.gw_log.read_bytes().count(b'"worker serving"') if self.gw_log.exists() else 0
         with open(self.gw_log, "ab") as out, open(self.tmp / "gateway-stderr.log", "ab") as err:
             # cwd: `python -m gateway worker` puts the cwd first on sys.path.
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=self.tmp, start_new_session=True)
         self.procs.append(proc)
         wait_port(self.gw_port, timeout=600 if self.cmd_prefix else 60)
         deadline = time.monotonic() + 30
-        while not self.gateway_workers(proc) and time.monotonic() < deadline:
+        while len(self.gateway_workers(proc)) < self.workers and time.monotonic() < deadline:
             time.sleep(0.05)
+        # The port answers once one worker listens: the others may still be starting (importing,
+        # compiling; slowly under valgrind), which a measured batch must not count.
+        deadline = time.monotonic() + (600 if self.cmd_prefix else 60)
+        while self.gw_log.read_bytes().count(b'"worker serving"') < serving + self.workers:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"gateway workers did not all start; see {self.gw_log}")
+            time.sleep(0.1)
         return proc
 
     def gateway_workers(self, proc: subprocess.Popen[bytes] | None = None) -> list[int]:

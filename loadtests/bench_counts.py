@@ -23,7 +23,14 @@ For each target and kind it reports, per request:
 and per stream event: (paced - json) / events in the stream, since a paced
 stream arrives as separate reads like a real provider's.
 
-Usage: .venv/bin/python loadtests/bench_counts.py [--targets passthrough,standalone,governed]
+A gateway target may name its worker count (``standalone/2``): every count is
+then summed over its workers, and the report projects the N-worker throughput
+ratio from the instructions (N x one worker's per request / N workers' per
+request; what N free cores would give, as long as the load spreads: each
+worker's share of the batch is printed).  It cannot be timed on a 2-core
+machine that also runs the load generator and the mock.
+
+Usage: .venv/bin/python loadtests/bench_counts.py [--targets passthrough,standalone,standalone/2,governed]
            [--kinds openai-json,anthropic-json,openai-paced,anthropic-paced] [--n1 200 --n2 600]
            [--no-strace] [--gateway-src DIR] [--out FILE]
 """
@@ -208,7 +215,7 @@ class Bench:
             self._set_budget(st.overrides["GATEWAY_DATABASE_URL"])
         workers: list[int] = []
         deadline = time.monotonic() + 30
-        while not workers and time.monotonic() < deadline:
+        while len(workers) < st.workers and time.monotonic() < deadline:
             workers = children(proc.pid)
             time.sleep(0.05)
         return Target(label or ("governed" if governed else "standalone"), proc, st.gw_port, key, workers)
@@ -275,6 +282,11 @@ class Bench:
             time.sleep(0.01)
         return tuple(int(v) for v in out.read_text().split())
 
+    def snapshot_all(self, pids: list[int]) -> tuple[int, ...]:
+        """``snapshot_calls`` summed over several workers."""
+        snaps = [self.snapshot_calls(pid) for pid in pids]
+        return tuple(sum(col) for col in zip(*snaps, strict=True))
+
 
 async def _drive(url: str, kind: Kind, key: str, n: int, conc: int) -> None:
     body = kind.body()
@@ -302,17 +314,17 @@ def drive(t: Target, kind: Kind, n: int, conc: int = 8) -> None:
 
 
 def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, float]:
-    pid = t.serving_pids[0]
+    pid = t.serving_pids[0]  # its cProfile stats (--top); the counts are summed over every worker
     drive(t, kind, 50)  # warm-up: caches, pools, first-use imports
-    s0 = b.snapshot_calls(pid)
+    s0 = b.snapshot_all(t.serving_pids)
     drive(t, kind, n1)
-    s1 = b.snapshot_calls(pid)
+    s1 = b.snapshot_all(t.serving_pids)
     f1 = b.snapshot_stats(pid)
     keep = b.counts_dir / f"{pid}.pstats"
     if keep.exists() and KEEP:
         shutil.copy(keep, Path(KEEP) / f"{t.name}-{kind.name}.before.pstats")
     drive(t, kind, n2)
-    s2 = b.snapshot_calls(pid)
+    s2 = b.snapshot_all(t.serving_pids)
     f2 = b.snapshot_stats(pid)
     if f2 and TOP:
         print_top(t.name, kind.name, f1, f2, n2)
@@ -363,9 +375,10 @@ def count_syscalls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> float:
     pid = t.serving_pids[0]
     drive(t, kind, 50)
     totals = []
+    attach = [arg for p in t.serving_pids for arg in ("-p", str(p))]
     for n in (n1, n2):
         out = b.tmp / f"strace-{pid}-{n}.txt"
-        st = subprocess.Popen(["strace", "-f", "-c", "-o", str(out), "-p", str(pid)],
+        st = subprocess.Popen(["strace", "-f", "-c", "-o", str(out), *attach],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert st.stderr is not None
         # strace reports each attached thread on stderr: wait for the first.
@@ -431,14 +444,17 @@ def count_instructions(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> flo
     (I(N2) - I(N1)) / (N2 - N1): the fixed costs between dumps (timers, the
     metrics flush) cancel out as far as they do not grow with the batch.
     """
-    pid = t.serving_pids[0]
+    pids = t.serving_pids  # several workers: their instructions summed, each worker's share kept
     drive(t, kind, 30)
-    callgrind_dump(b, pid)
+    for pid in pids:
+        callgrind_dump(b, pid)
     drive(t, kind, n1)
-    i1 = callgrind_dump(b, pid)
+    i1 = [callgrind_dump(b, pid) for pid in pids]
     drive(t, kind, n2)
-    i2 = callgrind_dump(b, pid)
-    return (i2 - i1) / (n2 - n1)
+    i2 = [callgrind_dump(b, pid) for pid in pids]
+    if len(pids) > 1:
+        print(f"{t.name:12s} {kind.name:16s} instructions per worker, batch of {n2}: {i2}", file=sys.stderr)
+    return (sum(i2) - sum(i1)) / (n2 - n1)
 
 
 def stream_events(kind: Kind) -> int:
@@ -498,9 +514,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{'direct':12s} {k:16s} {json.dumps(row)}", file=sys.stderr)
             def start(spec: str, profile: bool) -> Target:
                 name, _, src = spec.partition("@")
+                name, _, workers = name.partition("/")  # standalone/2: two workers
                 if name == "passthrough":
                     return b.start_passthrough(profile)
-                return b.start_gateway(name == "governed", profile, src, label=spec)
+                b.stack.workers = int(workers or 1)
+                try:
+                    return b.start_gateway(name == "governed", profile, src, label=spec)
+                finally:
+                    b.stack.workers = 1
 
             # Counted (cProfile) runs: one target at a time.
             for spec in targets:
@@ -593,6 +614,18 @@ def print_report(report: dict[str, Any]) -> None:
                       f"  added p50 {row['rate_p50_ms'] - d.get('rate_p50_ms', 0):6.2f}  p99 "
                       f"{row['rate_p99_ms'] - d.get('rate_p99_ms', 0):6.2f} ms  dropped {row['rate_dropped']:.0f}"
                       f"  failed {row['rate_failed_rate']:.3f}")
+    scaled = [(name, name.partition("@")[0].partition("/")) for name in res if "/" in name.partition("@")[0]]
+    if scaled:
+        print("\nseveral workers (instructions per request summed over the workers; projected throughput ratio"
+              " = N x one worker's / N workers', on N free cores):")
+    for name, (base, _, n) in scaled:
+        one = res.get(base + name.partition("@")[1] + name.partition("@")[2], {})
+        for kind, row in res[name].items():
+            if "instructions" in row and "instructions" in one.get(kind, {}):
+                ratio = int(n) * one[kind]["instructions"] / row["instructions"]
+                print(f"  {name:24s} {kind:16s} {row['instructions']:10.0f} vs {one[kind]['instructions']:10.0f}"
+                      f"  projected {ratio:.2f}x")
+
     def total(r: dict[str, float]) -> float:
         return r.get("py_calls", 0) + r.get("c_calls", 0)
 
