@@ -17,6 +17,10 @@ aiohttp's own ``Application._handle``, unchanged.
 The fast dispatch is only used when the gateway's middleware is the
 application's only one: with tracing on, its middleware is outermost, and
 every request takes aiohttp's path.
+
+A request dispatched directly also runs in its connection's own task, not in
+a task of its own (server/inline.py), where aiohttp's internals allow it:
+the connection's loop asks ``direct_dispatch``'s function first.
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ from aiohttp.web_urldispatcher import PlainResource, UrlMappingMatchInfo
 from gateway import keys
 
 Dispatch = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+Direct = Callable[[BaseRequest], Awaitable[web.StreamResponse] | None]
 
 
-def fast_dispatch(app: web.Application) -> Dispatch:
-    """The server's request handler: the app's ``FAST_PATHS`` dispatched directly, the rest by aiohttp."""
-    slow: Dispatch = app._handle  # type: ignore[assignment]  # takes aiohttp's Request
+def direct_dispatch(app: web.Application) -> Direct | None:
+    """The app's ``FAST_PATHS``: a request's coroutine, straight into the gateway's middleware, or None.
+
+    None instead of a function when the fast dispatch is off (tracing on).
+    """
     middleware = app.get(keys.MIDDLEWARE)
     if middleware is None or list(app.middlewares) != [middleware]:
-        return slow  # another middleware (tracing) must see every request
+        return None  # another middleware (tracing) must see every request
     wanted = app.get(keys.FAST_PATHS, frozenset())
     table: dict[str, tuple[str, UrlMappingMatchInfo, Any]] = {}  # path -> its one method, match-info, handler
     for resource in app.router.resources():
@@ -53,16 +60,32 @@ def fast_dispatch(app: web.Application) -> Dispatch:
         info.freeze()  # shared by every request of this route: nothing in it changes
         table[resource.canonical] = (route.method, info, route.handler)
     if not table:
-        return slow
+        return None
     expect = hdrs.EXPECT
 
-    def dispatch(request: BaseRequest) -> Awaitable[web.StreamResponse]:
+    def direct(request: BaseRequest) -> Awaitable[web.StreamResponse] | None:
         # Not a coroutine: the request's coroutine is the middleware's own (one frame fewer).
         message = request._message
         hit = table.get(message.path)  # the raw target: a query string makes it miss
         if hit is not None and hit[0] == message.method and expect not in message.headers:
             request._match_info = hit[1]  # type: ignore[attr-defined]  # a web.Request: the app made it
             return middleware(request, hit[2], True)  # type: ignore[no-any-return]
-        return slow(request)
+        return None
+
+    return direct
+
+
+def fast_dispatch(app: web.Application, direct: Direct | None) -> Dispatch:
+    """The server's request handler: ``direct``'s requests dispatched directly, the rest by aiohttp.
+
+    Under server/inline.py's loop it only sees the requests ``direct`` did not take.
+    """
+    slow: Dispatch = app._handle  # type: ignore[assignment]  # takes aiohttp's Request
+    if direct is None:
+        return slow
+
+    def dispatch(request: BaseRequest) -> Awaitable[web.StreamResponse]:
+        taken = direct(request)
+        return slow(request) if taken is None else taken
 
     return dispatch

@@ -42,8 +42,9 @@ from aiohttp.web_server import Server
 
 from gateway import keys
 from gateway.errors import OPENAI, ErrorKind, envelope
-from gateway.server.dispatch import fast_dispatch
+from gateway.server.dispatch import Direct, direct_dispatch, fast_dispatch
 from gateway.server.hygiene import BareResponse
+from gateway.server.inline import InlineRequests, inline_supported
 
 log = structlog.get_logger("http")
 
@@ -75,10 +76,19 @@ def malformed_message(exc: BaseException | None) -> str:
 class GatewayProtocol(RequestHandler):
     """One client connection."""
 
-    __slots__ = ("_body_timeout", "_deadline", "_header_timeout", "_receiving")
+    __slots__ = ("_body_timeout", "_deadline", "_direct", "_header_timeout", "_receiving")
 
-    def __init__(self, manager: Server, *, header_timeout: float, body_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: Server,
+        *,
+        header_timeout: float,
+        body_timeout: float,
+        direct: Direct | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
+        self._direct = direct  # InlineGatewayProtocol's: the requests it runs in its own task
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._deadline: asyncio.TimerHandle | None = None
@@ -168,17 +178,35 @@ class GatewayProtocol(RequestHandler):
         return resp
 
 
-class GatewayServer(Server):
-    """aiohttp's Server, making GatewayProtocol connections."""
+class InlineGatewayProtocol(InlineRequests, GatewayProtocol):
+    """GatewayProtocol whose fast-dispatched requests run in the connection's task (server/inline.py)."""
 
-    def __init__(self, *args: Any, header_timeout: float, body_timeout: float, **kwargs: Any) -> None:
+    __slots__ = ()
+
+
+class GatewayServer(Server):
+    """aiohttp's Server, making GatewayProtocol connections (inline ones when ``direct`` is given and can be)."""
+
+    def __init__(
+        self, *args: Any, header_timeout: float, body_timeout: float, direct: Direct | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
+        inline = direct is not None and inline_supported()
+        if direct is not None and not inline:
+            log.warning("aiohttp is not the version server/inline.py copies; requests run in aiohttp's own loop")
+        self.direct = direct if inline else None
+        self.protocol: type[GatewayProtocol] = InlineGatewayProtocol if inline else GatewayProtocol
 
     def __call__(self) -> RequestHandler:
-        return GatewayProtocol(
-            self, loop=self._loop, header_timeout=self.header_timeout, body_timeout=self.body_timeout, **self._kwargs
+        return self.protocol(
+            self,
+            loop=self._loop,
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            direct=self.direct,
+            **self._kwargs,
         )
 
 
@@ -188,8 +216,10 @@ class GatewayRunner(web.AppRunner):
     async def _make_server(self) -> Server:
         stock = await super()._make_server()
         s = self.app[keys.CONFIG].server
+        direct = direct_dispatch(self.app)
         return GatewayServer(
-            fast_dispatch(self.app),
+            fast_dispatch(self.app, direct),
+            direct=direct,
             request_factory=stock.request_factory,
             handler_cancellation=stock.handler_cancellation,
             loop=stock._loop,
