@@ -64,13 +64,16 @@ def _copy_allow(exc: web.HTTPException, resp: web.Response) -> None:
         resp.headers["Allow"] = allow
 
 
-def _line(request: web.Request, ctx: RequestContext, status: int, gw_ms: float) -> dict[str, object]:
-    """The request's one log line; in standalone mode it carries the usage record too."""
+def _line(request: web.Request, ctx: RequestContext, status: int, gw_ms: float, direct: bool) -> dict[str, object]:
+    """The request's one log line; in standalone mode it carries the usage record too.
+
+    ``direct``: an exact data-plane path (server/dispatch.py), with no key in it to redact."""
+    path = request._rel_url.path  # request.path
     line: dict[str, object] = {
         "event": "request",
         "request_id": ctx.request_id,
         "method": request._method,
-        "path": redact_path(request._rel_url.path),  # request.path
+        "path": path if direct else redact_path(path),
         "route": ctx.route,
         "model": ctx.model,
         "key": ctx.key_prefix,
@@ -167,7 +170,7 @@ def make_middleware(
             if metrics is not None:
                 metrics.finished(request, ctx, status, gw_ms)
             if access_log or ctx.record is not None:
-                request_line(_line(request, ctx, status, gw_ms))
+                request_line(_line(request, ctx, status, gw_ms, direct))
 
     return gateway_middleware
 

@@ -69,6 +69,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_response import StreamResponse
 
 from gateway.server.dispatch import Direct
+from gateway.server.response import WholeResponse
 
 # The methods InlineRequests.start() follows besides start(), and the sha256 of the source of all three in
 # aiohttp 3.14.5, the one it was copied from.
@@ -208,14 +209,17 @@ class InlineRequests(RequestHandler):
                                 resp, reset = await self.finish_response(request, resp, start)
                             else:
                                 # finish_response's usual case, inline: no upgrade tail to feed, a response.
-                                request._finish()
+                                if request._post is not None:  # what _finish() looks at first
+                                    request._finish()
                                 reset = False
                                 try:
                                     await prepare(request)
-                                    await resp.write_eof()
+                                    if resp.__class__ is not WholeResponse or not resp._eof_sent:
+                                        await resp.write_eof()  # a WholeResponse went whole in prepare()
                                 except ConnectionError:
                                     reset = True
-                                self.log_access(request, resp, start)
+                                if self._logging_enabled:  # what log_access() looks at first
+                                    self.log_access(request, resp, start)
                         finally:
                             self._request_in_progress = False
                             if self._handler_waiter is not None:
