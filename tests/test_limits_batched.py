@@ -249,3 +249,28 @@ async def test_rate_headers_read_from_the_admit_answer_match_the_counters(redis_
     finally:
         await r.aclose()
         await limiter.close()
+
+
+async def test_a_settlement_batch_refused_for_a_lost_script_is_sent_again(redis_url: str) -> None:
+    """Redis lost its scripts (restart, SCRIPT FLUSH) between an admission and its settlement: the
+    batch's NOSCRIPT answer sends it again by EVAL; an awaited ``settle`` returns once that is done and
+    ``flush_settlements`` waits for it too; the lease is back and nothing is parked."""
+    limiter = await _limiter(redis_url)
+    admitter = Admitter(limiter)
+    p = Principal("k1", "k1", "k1", "u1", key_limits=Limits(max_concurrency=5))
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        f1 = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_noscript_1")
+        f2 = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_noscript_2")
+        res1, res2 = await admitter.admit(p, f1), await admitter.admit(p, f2)
+        assert 2 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        await r.script_flush()
+        await limiter.settle(p, f1, res1, 5, 0)
+        assert 1 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        admitter.settle_later(p, f2, res2, 5, 0)
+        await limiter.flush_settlements()
+        assert 0 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        assert 0 == limiter.stats.parked
+    finally:
+        await r.aclose()
+        await limiter.close()
