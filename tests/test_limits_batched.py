@@ -209,3 +209,68 @@ def demand_cost(limiter: RedisLimiter, facts: RequestFacts) -> int:
     price = limiter.prices.lookup(facts.model) or limiter.prices.default
     assert price is not None and facts.max_tokens is not None
     return price.worst_case_pico(facts.est_input_tokens, facts.max_tokens)
+
+
+def _ms(text: str) -> int:
+    """OpenAI's reset format (``250ms``, ``1.5s``, ``1m0s``) back to milliseconds."""
+    if text.endswith("ms"):
+        return int(text[:-2])
+    minutes, _, secs = text[:-1].rpartition("m")
+    return int(minutes or 0) * 60_000 + round(float(secs) * 1000)
+
+
+async def test_rate_headers_read_from_the_admit_answer_match_the_counters(redis_url: str) -> None:
+    """The x-ratelimit-* of an admission, read from ADMIT's answer in place: each limit as configured,
+    what is left in Redis after this request, and a reset within the minute written in OpenAI's format;
+    with a key and a user limit of one kind, the tighter one is reported."""
+    limiter = await _limiter(redis_url)
+    admitter = Admitter(limiter)
+    single = Principal("k1", "k1", "k1", "u1", key_limits=Limits(rpm=7, tpm=50_000))
+    both = Principal("k2", "k2", "k2", "u1", key_limits=Limits(rpm=7, tpm=50_000), user_limits=Limits(rpm=5))
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for i in range(3):
+            res = await admitter.admit(single, RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", f"req_h{i}"))
+            h = res.headers
+            used_tokens = sum(int(v) for v in (await r.hgetall(f"{COUNTERS}:t:k:k1")).values())
+            assert "7" == h["x-ratelimit-limit-requests"]
+            assert str(7 - await r.zcard(f"{COUNTERS}:r:k:k1")) == h["x-ratelimit-remaining-requests"]
+            assert "50000" == h["x-ratelimit-limit-tokens"]
+            assert str(50_000 - used_tokens) == h["x-ratelimit-remaining-tokens"]
+            for kind in ("requests", "tokens"):
+                text = h[f"x-ratelimit-reset-{kind}"]
+                assert 0 < _ms(text) <= 60_000
+                assert duration(_ms(text)) == text
+            await asyncio.sleep(0.011)  # the next answer's resets fall inside the minute, off whole seconds
+        res = await admitter.admit(both, RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_both"))
+        assert "5" == res.headers["x-ratelimit-limit-requests"]  # the user's 5 beats the key's 7
+        assert str(5 - await r.zcard(f"{COUNTERS}:r:u")) == res.headers["x-ratelimit-remaining-requests"]
+        assert "50000" == res.headers["x-ratelimit-limit-tokens"]
+    finally:
+        await r.aclose()
+        await limiter.close()
+
+
+async def test_a_settlement_batch_refused_for_a_lost_script_is_sent_again(redis_url: str) -> None:
+    """Redis lost its scripts (restart, SCRIPT FLUSH) between an admission and its settlement: the
+    batch's NOSCRIPT answer sends it again by EVAL; an awaited ``settle`` returns once that is done and
+    ``flush_settlements`` waits for it too; the lease is back and nothing is parked."""
+    limiter = await _limiter(redis_url)
+    admitter = Admitter(limiter)
+    p = Principal("k1", "k1", "k1", "u1", key_limits=Limits(max_concurrency=5))
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        f1 = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_noscript_1")
+        f2 = RequestFacts("demo-gpt", False, 100, 400, "127.0.0.1", "req_noscript_2")
+        res1, res2 = await admitter.admit(p, f1), await admitter.admit(p, f2)
+        assert 2 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        await r.script_flush()
+        await limiter.settle(p, f1, res1, 5, 0)
+        assert 1 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        admitter.settle_later(p, f2, res2, 5, 0)
+        await limiter.flush_settlements()
+        assert 0 == await r.zcard(f"{COUNTERS}:c:k:k1")
+        assert 0 == limiter.stats.parked
+    finally:
+        await r.aclose()
+        await limiter.close()

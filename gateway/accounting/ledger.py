@@ -140,7 +140,7 @@ class LedgerStats:
     outages: int = 0  # batch writes that failed for an outage (retried with backoff)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Segment:
     path: Path
     fd: int
@@ -207,7 +207,13 @@ class LedgerWriter:
                 self._seal()  # what is already on disk stays in that segment
                 seg = self._active = _Segment(self.dir / "memory-only", -1)
         seg.count += 1
-        if seg.mem is not None:
+        lines = seg.lines  # not None: neither is ``mem``
+        if lines is not None and self._mem_count < self.max_memory and self._down_since is None:
+            # The usual case (Postgres up, memory not full): the record and its line kept for the batch.
+            seg.mem.append(rec)  # type: ignore[union-attr]
+            lines.append(line)
+            self._mem_count += 1
+        elif seg.mem is not None:
             if self._mem_count >= self.max_memory and seg.fd >= 0:
                 # Bounded memory: the journal has them; read back when flushing.
                 self._mem_count -= len(seg.mem)
@@ -506,9 +512,13 @@ class LedgerWriter:
         n = len(ids)
         self.stats.written += n
         if self.on_commit is not None:
-            # Only rows this statement inserted (a replayed duplicate was applied when first committed).
-            new = set(ids)
-            committed = [r for r in batch if r.budget_keys and r.cost_pico and r.request_id in new]
+            # Only rows this statement inserted (a replayed duplicate was applied when first committed);
+            # all of them, the usual case: no set to look each record up in.
+            if n == len(batch):
+                committed = [r for r in batch if r.budget_keys and r.cost_pico]
+            else:
+                new = set(ids)
+                committed = [r for r in batch if r.budget_keys and r.cost_pico and r.request_id in new]
             if committed:
                 try:
                     await self.on_commit(committed, row["xid"])

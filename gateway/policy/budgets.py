@@ -26,6 +26,7 @@ import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import structlog
@@ -38,6 +39,9 @@ from gateway.stores import redis_scripts as scripts
 from gateway.stores.redis import REDIS_ERRORS, RedisStore
 from gateway.stores.resp import encode_parts
 from gateway.stores.script_calls import Call, ScriptRunner
+
+_BUDGET_KEYS = attrgetter("budget_keys")
+_BULK, _COUNT = itemgetter(0), itemgetter(1)  # of a key set's (RESP bulk strings, count)
 
 log = structlog.get_logger("limits")
 
@@ -203,18 +207,19 @@ class Budgets:
     async def _apply(self, records: Sequence[UsageRecord], xid: str) -> None:
         """One APPLY_MANY on the fast connection (one APPLY per record through redis-py)."""
         if self.store.fast is not None:
-            # A few calls per batch, none per record: comprehensions, the encoded KEYS cached per key set.
+            # A few calls per batch, none per record: one comprehension (the lines), the rest mapped in C;
+            # the encoded KEYS cached per key set.
             key_bulk = self._key_bulk
             if len(key_bulk) + len(records) > PLAN_CACHE_MAX:  # bounded (cleared before, never amid a batch)
                 key_bulk.clear()
-            for r in records:
-                if r.budget_keys not in key_bulk:
-                    key_bulk[r.budget_keys] = (encode_parts(*r.budget_keys), len(r.budget_keys))
-            hits = [key_bulk[r.budget_keys] for r in records]
+            key_sets = list(map(_BUDGET_KEYS, records))
+            for ks in set(key_sets).difference(key_bulk):  # usually none: a batch's keys were seen before
+                key_bulk[ks] = (encode_parts(*ks), len(ks))
+            hits = list(map(key_bulk.__getitem__, key_sets))
             lines = "\n".join([f"{hit[1]} {r.cost_pico} {r.request_id}" for hit, r in zip(hits, records, strict=True)])
             if lines.count("\n") + 1 == len(records):  # the member ends its line: never a newline in the gateway's ids
-                await self.runner.eval_encoded(scripts.APPLY_MANY, sum([hit[1] for hit in hits]),
-                                               b"".join([hit[0] for hit in hits]), (xid, lines))
+                await self.runner.eval_encoded(scripts.APPLY_MANY, sum(map(_COUNT, hits)),
+                                               b"".join(map(_BULK, hits)), (xid, lines))
                 return
         items = [Call(list(r.budget_keys), [r.request_id, r.cost_pico, xid]) for r in records]
         await self.runner.eval_many(scripts.APPLY, items)

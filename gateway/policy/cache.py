@@ -110,18 +110,19 @@ class PostgresResolver:
     async def resolve(self, key: str, client_ip: str = "") -> Principal | None:
         # Hashed once (``hash_key`` written out): the config file's keys are found by the same hash.
         h = sha256(key.encode()).hexdigest()
-        if self._static is not None:
-            p = self._static.get(h)
-            if p is not None:
-                return p
-        now = time.monotonic()
         entry = self._cache.get(h)
+        now = time.monotonic()
         if entry is not None and entry.fresh_until > now and self._listening:
-            # Only a well-formed key was ever cached: the format check below is for the others.
+            # Only a well-formed key was ever cached (and never a config file's: those are found
+            # below, before any lookup); the format check further down is for the others.
             self._cache.move_to_end(h)
             self._used.add(entry.principal.key_id)
             self.stats.hits += 1
             return entry.principal
+        if self._static is not None:
+            p = self._static.get(h)
+            if p is not None:
+                return p
         if not (MIN_KEY_LEN <= len(key) <= MAX_KEY_LEN and key.startswith(KEY_PREFIX)):
             return None  # cannot be one of ours: no cache entry, no query
         if entry is not None and entry.retry_at > now:

@@ -10,7 +10,8 @@ together, one SETTLE_MANY script call on the single-node fast connection (one
 SETTLE per settlement, pipelined, through redis-py), and ``close`` sends what
 is still queued.  On a busy worker the queue rides on the next ADMIT (written
 just ahead of it: one round trip per request instead of two), or goes by a
-timer ``SETTLE_WAIT_S`` later; on a quiet one it goes in the next loop pass.  With a ledger
+timer at most ``SETTLE_WAIT_S`` later (one armed at a time, left to run out);
+on a quiet one it goes in the next loop pass.  With a ledger
 writer (``attach_ledger``), a budget's settled cost stays held until the
 usage record is committed to Postgres; ``apply_committed`` then moves it into
 the counter, so that a counter rebuilt from the ledger never counts a record
@@ -34,6 +35,7 @@ import functools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import structlog
@@ -49,14 +51,14 @@ from gateway.policy.budgets import COMMIT_HOLD_MS, Budgets, RebuildFailed, Rebui
 from gateway.policy.local import LocalLimiter
 from gateway.policy.plans import (
     DEFAULT_OUTPUT_RESERVE,
+    FRACTION,
+    SECONDS,
     Held,
     LimiterStats,
     Plan,
     Planner,
     decide,
-    demand,
     duration,
-    rate_headers,
 )
 from gateway.policy.principals import Principal
 from gateway.policy.windows import Decision, LocalCounters
@@ -80,6 +82,8 @@ _SETTLE_MANY_ARGC = 5  # EVALSHA, sha, numkeys, hold_ms, lines (plus the keys)
 
 # One queued settlement: plan, member, the reservation's second, tokens delta, actual cost.
 _Settle = tuple[Plan, str, int, int, int]
+_PLAN = itemgetter(0)  # of a _Settle (mapped in C over a batch: no Python call per settlement)
+_SETTLE_N, _SETTLE_BULK = attrgetter("settle_n"), attrgetter("settle_bulk")
 
 __all__ = ["DEFAULT_OUTPUT_RESERVE", "LocalLimiter", "RebuildHook", "RedisLimiter", "duration"]
 
@@ -130,6 +134,8 @@ class RedisLimiter:
         self._rate_admits = 0
         self._busy = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once seen (no getpid() per request)
+        self._orphan = self._release_orphan  # bound once: handed with every ADMIT
+        self._worst: dict[str, tuple[int, int]] = {}  # model -> worst-case prices per input and output token
         self._hold_args = (encode_parts(0), encode_parts(COMMIT_HOLD_MS))  # SETTLE_MANY's hold_ms: no ledger, ledger
         self._renewer: asyncio.Task[None] | None = None
         store.on_recover(self._recovered)
@@ -165,23 +171,34 @@ class RedisLimiter:
         return (plan.admit_head + b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(m), m, len(t), t, len(c), c)
                 + plan.admit_tail)
 
+    def _worst_prices(self, model: str) -> tuple[int, int]:
+        """(per input token, per output token) of a reservation's worst case (``demand``), kept per model."""
+        price = self.prices.lookup(model) or self.prices.default
+        worst = (0, 0) if price is None else (max(price.input, price.cache_write), price.output)
+        if len(self._worst) >= 10_000:  # bounded: clients choose the model names
+            self._worst.clear()
+        self._worst[model] = worst
+        return worst
+
     async def _admit(self, plan: Plan, member: str, tokens: int, cost: int) -> Any:
         """ADMIT by the slower ways: connecting first, or through redis-py; EVAL after a NOSCRIPT."""
         fast = self.store.fast
         if fast is not None:
-            reply = await fast.send_encoded(plan.admit_argc, self._admit_command(plan, member, tokens, cost),
-                                            (self._release_orphan, (plan, member, tokens, cost)))
+            reply = await fast.send_encoded(
+                plan.admit_argc, self._admit_command(plan, member, tokens, cost),
+                (self._orphan, Held(plan, member, 0, tokens, cost)) if plan.settle else None)
             try:
                 return await reply
             except NoScriptError:
                 pass
         return await self.runner.eval(scripts.ADMIT, plan.keys, (member, tokens, cost, self.lease_ms, *plan.args))
 
-    def _release_orphan(self, ctx: tuple[Plan, str, int, int], raw: Any) -> None:
-        plan, member, tokens, cost = ctx
-        if raw[0] != 1 or not plan.settle:
+    def _release_orphan(self, held: Held, raw: Any) -> None:
+        """An ADMIT whose caller went away: give back what it reserved (``held``: not yet its second)."""
+        if raw[0] != 1:
             return
-        self._queue_settle(Held(plan, member, raw[1], tokens, cost), 0, 0)
+        held.sec = raw[1]
+        self._queue_settle(held, 0, 0)
 
     # -- admission --------------------------------------------------------------
 
@@ -192,8 +209,22 @@ class RedisLimiter:
             return Reservation()
         if not self.store.healthy:
             return await self._degraded(plan, facts)
-        tokens, cost = demand(plan, facts, self.prices, plan.token_cap)
+        # ``demand`` written out, with the model's worst-case prices looked up once per model.
+        tokens = cost = 0
+        if plan.demands:
+            output = facts.choices * (facts.max_tokens or plan.output_cap or DEFAULT_OUTPUT_RESERVE)
+            est_in = facts.body_len // 4 + 1
+            if plan.token_i:
+                tokens = est_in + output
+                if tokens > plan.token_cap:
+                    tokens = plan.token_cap
+            if plan.budget_at:
+                worst = self._worst.get(facts.model)
+                if worst is None:
+                    worst = self._worst_prices(facts.model)
+                cost = est_in * worst[0] + output * worst[1]
         member = facts.request_id
+        held = Held(plan, member, 0, tokens, cost) if plan.settle else None  # its second comes with the answer
         try:
             if self._settles:  # the queued settlements go first, in the same write (and read) as this ADMIT
                 self._send_settles()
@@ -207,9 +238,9 @@ class RedisLimiter:
                 self._admits += 1
                 m, t, c = member.encode(), b"%d" % tokens, b"%d" % cost
                 reply = fast.send_command(
-                    plan.admit_start + b"$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(m), m, len(t), t, len(c), c)
-                    + plan.admit_tail,
-                    (self._release_orphan, (plan, member, tokens, cost)))
+                    b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+                        plan.admit_start, len(m), m, len(t), t, len(c), c, plan.admit_tail),
+                    None if held is None else (self._orphan, held))
             if reply is None:
                 raw = await self._admit(plan, member, tokens, cost)
             else:
@@ -230,32 +261,50 @@ class RedisLimiter:
             return await self._degraded(plan, facts)
         # The reply is status, sec, failed, retry, then (used, reset) per check.  A budget's
         # used comes back as a decimal string (exact pico-dollars); the others are integers.
-        used = raw[4::2]
-        if plan.budget_i:
+        status = raw[0]
+        if plan.budget_at:
             spent = self.budgets.spent
+            held_cost = cost if status else 0
+            for at, key in plan.budget_at:
+                spent[key] = int(raw[at]) - held_cost
+        if status and plan.simple_headers:
+            # Admitted (the usual answer): ``decide`` and ``rate_headers`` written out, read from the
+            # reply in place; the limits' texts were formatted with the plan.
+            self.stats.admitted += 1
+            headers = {}
+            at = plan.rate_at
+            if at:
+                left = plan.rate_limit - raw[at]
+                ms = raw[at + 1]
+                headers["x-ratelimit-limit-requests"] = plan.rate_limit_s
+                headers["x-ratelimit-remaining-requests"] = f"{left if left > 0 else 0}"
+                headers["x-ratelimit-reset-requests"] = (
+                    SECONDS[ms // 1000] + FRACTION[ms % 1000] if 1000 <= ms < 60_000 else duration(ms))
+            at = plan.token_at
+            if at:
+                left = plan.token_limit - raw[at]
+                ms = raw[at + 1]
+                headers["x-ratelimit-limit-tokens"] = plan.token_limit_s
+                headers["x-ratelimit-remaining-tokens"] = f"{left if left > 0 else 0}"
+                headers["x-ratelimit-reset-tokens"] = (
+                    SECONDS[ms // 1000] + FRACTION[ms % 1000] if 1000 <= ms < 60_000 else duration(ms))
+        else:
+            used = raw[4::2]
             for i in plan.budget_i:
                 used[i] = int(used[i])
-                spent[plan.checks[i].key] = used[i] - (cost if raw[0] else 0)
-        d = Decision(raw[0], raw[1], raw[2], raw[3], used, raw[5::2])
-        if d.status:  # admitted: ``decide`` written out (a call fewer per request)
-            self.stats.admitted += 1
-            headers = rate_headers(plan, plan.limits, d)
-        else:
-            headers = decide(self.stats, plan, plan.limits, d, cost)  # raises the 429
-        if not plan.settle:
-            res = Reservation(headers=headers)
-        else:
-            held = Held(plan, member, d.sec, tokens, cost)
+            headers = decide(self.stats, plan, plan.limits, Decision(status, raw[1], raw[2], raw[3], used, raw[5::2]),
+                             cost)  # raises the 429
+        if held is not None:
+            held.sec = raw[1]
             if plan.renew_keys:
                 self._held[member] = held
                 if self._renewer is None:
                     self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
-            res = Reservation(headers=headers, state=held)
         if plan.budget_keys and self.budgets.ledger:
-            res.budget_keys = plan.budget_keys
             if plan.budget_keys not in self.budgets.touched_plans:  # once per reconcile interval
                 self.budgets.touch(plan)
-        return res
+            return Reservation(headers, held, plan.budget_keys)
+        return Reservation(headers, held)
 
     async def _degraded(self, plan: Plan, facts: RequestFacts) -> Reservation:
         """The decision without Redis (``redis.failure_mode``); the record still names its budget counters."""
@@ -344,38 +393,46 @@ class RedisLimiter:
             self._busy = self._admits - self._rate_admits >= BUSY_ADMITS_PER_S * (now - self._rate_at)
             self._rate_at, self._rate_admits = now, self._admits
         if self._busy:
-            self._settle_timer = loop.call_later(SETTLE_WAIT_S, self._send_settles)
+            # One timer at a time, left to run out when an ADMIT carried the queue first (cheaper than one
+            # per batch, cancelled): a queue that meets an armed timer goes when it fires, sooner still.
+            if self._settle_timer is None:
+                self._settle_timer = loop.call_later(SETTLE_WAIT_S, self._settle_timer_fired)
         else:
             loop.call_soon(self._send_settles)
+
+    def _settle_timer_fired(self) -> None:
+        self._settle_timer = None
+        self._send_settles()
 
     def _send_settles(self) -> None:
         """This loop pass's settlements: one SETTLE_MANY on the fast connection, else through the flusher."""
         items, self._settles = self._settles, []
         waiters, self._settle_waiters = self._settle_waiters, []
-        if not items:  # sent already (flush_settlements)
+        if not items:  # sent already (by an ADMIT, flush_settlements)
             return
-        if self._settle_timer is not None:  # sent before it fired: it would only wake the loop
-            self._settle_timer.cancel()
-            self._settle_timer = None
         fast = self.store.fast
         reply = None
         if fast is not None and self.store.healthy:
             # The member goes last on its line: a newline in it (never in the gateway's own ids) cannot be sent so.
-            if len(items) == 1:  # the usual batch at a low rate (each rides on the next ADMIT): no list building
+            if len(items) == 1:  # the usual batch (each rides on the next ADMIT): no list, KEYS encoded with the plan
                 p, m, sec, dtok, cost = items[0]
-                lines, nkeys, bulk = f"{sec} {dtok} {cost} {p.settle_kinds} {m}", p.settle_n, p.settle_bulk
+                body = f"{sec} {dtok} {cost} {p.settle_kinds} {m}".encode()
+                if b"\n" not in body:
+                    reply = fast.send_command(
+                        b"%s%s$%d\r\n%s\r\n" % (p.settle_one, self._hold_args[self.budgets.ledger], len(body), body))
             else:
                 lines = "\n".join([f"{sec} {dtok} {cost} {p.settle_kinds} {m}" for p, m, sec, dtok, cost in items])
-                nkeys = sum([p.settle_n for p, *_ in items])
-                bulk = b"".join([p.settle_bulk for p, *_ in items])
-            if lines.count("\n") + 1 == len(items):
-                body = lines.encode()
-                reply = fast.send_now(
-                    _SETTLE_MANY_ARGC + nkeys,
-                    b"%s$%d\r\n%d\r\n%s%s$%d\r\n%s\r\n" % (
-                        scripts.SETTLE_MANY.head, len(b"%d" % nkeys), nkeys, bulk,
-                        self._hold_args[self.budgets.ledger], len(body), body),
-                )
+                if lines.count("\n") + 1 == len(items):
+                    plans = list(map(_PLAN, items))
+                    nkeys = sum(map(_SETTLE_N, plans))
+                    body = lines.encode()
+                    reply = fast.send_now(
+                        _SETTLE_MANY_ARGC + nkeys,
+                        b"%s%s%s%s$%d\r\n%s\r\n" % (
+                            scripts.SETTLE_MANY.head, b"$%d\r\n%d\r\n" % (len(f"{nkeys}"), nkeys),
+                            b"".join(map(_SETTLE_BULK, plans)),
+                            self._hold_args[self.budgets.ledger], len(body), body),
+                    )
         if reply is None:  # not connected yet, Redis down, or redis-py: the flusher sends them one by one
             self._to_flusher(items, waiters)
             return
@@ -476,6 +533,9 @@ class RedisLimiter:
 
     async def close(self) -> None:
         await self.flush_settlements()
+        if self._settle_timer is not None:  # nothing left for it to send
+            self._settle_timer.cancel()
+            self._settle_timer = None
         await tasks.stop(self._renewer)
         if self._flusher is not None:
             with contextlib.suppress(*REDIS_ERRORS):

@@ -89,9 +89,20 @@ class Plan:
     settle_bulk: bytes = b""  # settle_keys as RESP bulk strings (SETTLE_MANY's KEYS for one request)
     settle_kinds: str = ""  # the kind letter of each settle key
     settle_n: int = 0  # len(settle_keys)
+    settle_one: bytes = b""  # SETTLE_MANY for this plan alone up to its ARGV: array header, EVALSHA, sha, KEYS
     budget_targets: tuple[tuple[str, tuple[BudgetScope, int]], ...] = ()  # budget key -> (ledger scope, TTL s)
     rate_best: int = -1  # the only request-rate check (-1: none, or several: the tightest is picked per answer)
     token_best: int = -1  # the same for tokens per minute
+    # ADMIT's reply read in place (``RedisLimiter.reserve``): where each figure sits in it, and the constant parts.
+    demands: bool = False  # a token or budget check: the request's tokens and cost are estimated (``demand``)
+    simple_headers: bool = False  # at most one check of each kind with headers (r, t): no choosing per answer
+    rate_at: int = 0  # the rate check's used in the reply (its reset follows; 0: no rate check)
+    rate_limit: int = 0
+    rate_limit_s: str = ""  # its limit as the header's text, formatted once
+    token_at: int = 0  # the same for tokens per minute
+    token_limit: int = 0
+    token_limit_s: str = ""
+    budget_at: tuple[tuple[int, str], ...] = ()  # (the budget check's used in the reply, its counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,12 +262,23 @@ class Planner:
             settle_bulk=encode_parts(*settle_keys),
             settle_kinds="".join(c.kind for c in checks if c.kind != "r"),
             settle_n=len(settle_keys),
+            settle_one=b"*%d\r\n" % (5 + len(settle_keys)) + scripts.SETTLE_MANY.head
+            + encode_parts(len(settle_keys), *settle_keys),
             budget_targets=tuple(
                 (c.key, (scope, c.ttl_s))
                 for c, scope in zip(budget, budget_scopes(p.user_id, p.key_id, p.team_id, budget), strict=True)
             ),
             rate_best=rate_i[0] if len(rate_i) == 1 else -1,
             token_best=token_i[0] if len(token_i) == 1 else -1,
+            demands=bool(token_i or budget),
+            simple_headers=len(rate_i) <= 1 and len(token_i) <= 1,
+            rate_at=4 + 2 * rate_i[0] if len(rate_i) == 1 else 0,
+            rate_limit=checks[rate_i[0]].limit if len(rate_i) == 1 else 0,
+            rate_limit_s=f"{checks[rate_i[0]].limit}" if len(rate_i) == 1 else "",
+            token_at=4 + 2 * token_i[0] if len(token_i) == 1 else 0,
+            token_limit=checks[token_i[0]].limit if len(token_i) == 1 else 0,
+            token_limit_s=f"{checks[token_i[0]].limit}" if len(token_i) == 1 else "",
+            budget_at=tuple((4 + 2 * i, c.key) for i, c in enumerate(checks) if c.kind == "b"),
         )
 
 
@@ -315,8 +337,16 @@ def demand(plan: Plan, facts: RequestFacts, prices: PriceTable, token_cap: int) 
     return tokens, cost
 
 
+# A reset under a minute (the usual one: windows are a minute long) is two lookups: whole seconds, then the
+# fraction with its unit (".125s", ".5s", "s"); no number is formatted per answer.
+SECONDS = tuple(f"{s}" for s in range(60))
+FRACTION = tuple(("." + f"{ms:03d}".rstrip("0") if ms else "") + "s" for ms in range(1000))
+
+
 def duration(ms: int) -> str:
     """OpenAI's reset format: ``250ms``, ``1.5s``, ``1m0s`` (seconds: at most three decimals, no trailing zeros)."""
+    if 1000 <= ms < 60_000 and ms.__class__ is int:
+        return SECONDS[ms // 1000] + FRACTION[ms % 1000]
     if ms < 1000:
         return f"{ms if ms > 0 else 0}ms"
     if ms.__class__ is not int:  # never from the limiters; formatted the general way
