@@ -196,6 +196,12 @@ class Bench:
         if st.cmd_prefix:
             # A worker under valgrind is ~50x slower: to start, and to answer the supervisor's pings.
             st.overrides["GATEWAY_SERVER__WORKER_PING_SECONDS"] = "600"
+            if governed and TIMERS_X != 1:
+                # Timed work (the ledger batch, the last-used flush) lands on ~50x fewer requests under
+                # valgrind than at full speed: --cg-timers-x stretches its intervals by that much, so that
+                # each batch covers as many requests as it would (both trees of a before/after alike).
+                st.overrides["GATEWAY_ACCOUNTING__FLUSH_MS"] = str(int(200 * TIMERS_X))
+                st.overrides["GATEWAY_DATABASE__LAST_USED_FLUSH_SECONDS"] = str(10.0 * TIMERS_X)
             config_py = Path(src or self.default_src or ROOT) / "gateway" / "config.py"
             if "worker_start_seconds" in config_py.read_text():  # an older checkout has a fixed 30 s
                 st.overrides["GATEWAY_SERVER__WORKER_START_SECONDS"] = "900"
@@ -342,6 +348,7 @@ def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, 
 
 TOP = 0
 KEEP = ""
+TIMERS_X = 1.0
 
 
 def _short(key: str) -> str:
@@ -479,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also count instructions per request under valgrind's callgrind (deterministic CPU work)")
     ap.add_argument("--cg-n1", type=int, default=40)
     ap.add_argument("--cg-n2", type=int, default=120)
+    ap.add_argument("--cg-timers-x", type=float, default=1.0,
+                    help="under callgrind, stretch governed's ledger flush (200 ms) and last-used flush (10 s) "
+                         "by this factor (~50: valgrind's slowdown) so that timed work weighs per request as at "
+                         "full speed")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the run's directory (logs) for a post-mortem")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved CPU batches per target (the least is kept)")
     ap.add_argument("--rate", type=int, default=0,
@@ -487,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-pstats", default="", help="directory to copy each target's cProfile stats to (with --top)")
     ap.add_argument("--top", type=int, default=0, help="print the N functions with most calls per request")
     args = ap.parse_args(argv)
-    global TOP, KEEP
+    global TOP, KEEP, TIMERS_X
     TOP = args.top
+    TIMERS_X = args.cg_timers_x
     KEEP = args.keep_pstats
     if KEEP:
         Path(KEEP).mkdir(parents=True, exist_ok=True)
