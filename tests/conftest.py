@@ -113,6 +113,15 @@ class MockUpstream:
 
 
 @pytest.fixture
+async def cancelling_mock() -> AsyncIterator[MockUpstream]:
+    """The mock as ``llm-gateway mock-upstream`` runs it: a dropped connection cancels its handler."""
+    server = TestServer(create_mock_app(MockUpstreamConfig(chunks=5)), host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    yield MockUpstream(server)
+    await server.close()
+
+
+@pytest.fixture
 async def mock_upstream() -> AsyncIterator[MockUpstream]:
     server = TestServer(create_mock_app(MockUpstreamConfig(chunks=5)), host="127.0.0.1")
     await server.start_server()

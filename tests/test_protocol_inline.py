@@ -16,11 +16,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import parse
-from gateway.mock.upstream import MockUpstreamConfig, create_mock_app
 from gateway.observability import logging as gwlog
 from gateway.server.inline import inline_supported
 from gateway.server.protocol import GatewayProtocol, InlineGatewayProtocol
@@ -75,15 +74,6 @@ async def start(app_toml: str) -> TestClient[Any, Any]:
     client: TestClient[Any, Any] = TestClient(GatewayTestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client
-
-
-@pytest.fixture
-async def cancelling_mock() -> AsyncIterator[MockUpstream]:
-    """The mock as ``llm-gateway mock-upstream`` runs it: a dropped connection cancels its handler."""
-    server = TestServer(create_mock_app(MockUpstreamConfig(chunks=5)), host="127.0.0.1", handler_cancellation=True)
-    await server.start_server()
-    yield MockUpstream(server)
-    await server.close()
 
 
 @pytest.fixture

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
-from gateway.config import MockUpstreamConfig
-from gateway.mock.upstream import create_mock_app
-from tests.conftest import TEST_KEY, MockUpstream, gateway_toml
+from tests.conftest import TEST_KEY, gateway_toml
 
 AV = {"anthropic-version": "2023-06-01"}
 MSG = {"model": "demo-claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 CHAT = {"model": "demo-gpt", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-
-
-@pytest.fixture
-async def cancelling_mock() -> AsyncIterator[MockUpstream]:
-    server = TestServer(create_mock_app(MockUpstreamConfig(chunks=5)), host="127.0.0.1", handler_cancellation=True)
-    await server.start_server()
-    yield MockUpstream(server)
-    await server.close()
 
 
 @pytest.mark.slow

@@ -17,8 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
-from gateway.config import MockUpstreamConfig, parse
-from gateway.mock.upstream import create_mock_app
+from gateway.config import parse
 from tests.conftest import CONFIG_DIR, TEST_KEY, MockUpstream, gateway_toml
 
 AV = {"anthropic-version": "2023-06-01"}
@@ -193,15 +192,6 @@ async def test_non_streamed_body_stalled_by_upstream_is_504(make_gateway, cancel
 
 
 # ------------------------------------------------------------------ client disconnect
-
-
-@pytest.fixture
-async def cancelling_mock() -> AsyncIterator[MockUpstream]:
-    """The mock as ``llm-gateway mock-upstream`` runs it: a dropped connection cancels its handler."""
-    server = TestServer(create_mock_app(MockUpstreamConfig(chunks=5)), host="127.0.0.1", handler_cancellation=True)
-    await server.start_server()
-    yield MockUpstream(server)
-    await server.close()
 
 
 @pytest.fixture
