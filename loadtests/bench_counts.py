@@ -100,6 +100,42 @@ if _dir and _who and _who in sys.argv:
         os.replace(tmp, os.path.join(_dir, f"{os.getpid()}.calls"))
         _prof.enable()
 
+    if os.environ.get("BENCH_COUNTS_OPCODES"):
+        # --opcodes: Python bytecode instructions executed per function (sys.settrace with
+        # f_trace_opcodes), reported through the same snapshot files as the calls.
+        import collections
+        import threading
+        _ops = collections.Counter()
+
+        def _local(frame, event, arg):
+            if event == "opcode":
+                _ops[frame.f_code] += 1
+            return _local
+
+        def _global(frame, event, arg):
+            frame.f_trace_opcodes = True
+            return _local
+
+        def _snapshot(signum, frame):
+            sys.settrace(None)
+            import gc
+            gens = " ".join(str(g["collections"]) for g in gc.get_stats())
+            tmp = os.path.join(_dir, f"{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                f.write(f"{sum(_ops.values())} 0 {gens}\\n")
+            if os.environ.get("BENCH_COUNTS_DUMP"):
+                import marshal
+                flat = {}
+                for code, n in _ops.items():
+                    k = f"{code.co_filename}:{code.co_firstlineno}({code.co_name})"
+                    flat[k] = flat.get(k, 0) + n
+                with open(os.path.join(_dir, f"{os.getpid()}.stats"), "wb") as f:
+                    marshal.dump(flat, f)
+            os.replace(tmp, os.path.join(_dir, f"{os.getpid()}.calls"))
+            sys.settrace(_global)
+
+        _prof.enable = lambda: (sys.settrace(_global), threading.settrace(_global))
+
     signal.signal(signal.SIGUSR1, _snapshot)
     _prof.enable()
 '''
@@ -149,6 +185,8 @@ class Bench:
             if TOP:
                 env["BENCH_COUNTS_DUMP"] = "1"
             env["BENCH_COUNTS_ARGV"] = argv_marker
+            if OPCODES:
+                env["BENCH_COUNTS_OPCODES"] = "1"
         return env
 
     def start_mock(self) -> None:
@@ -206,8 +244,7 @@ class Bench:
             if "worker_start_seconds" in config_py.read_text():  # an older checkout has a fixed 30 s
                 st.overrides["GATEWAY_SERVER__WORKER_START_SECONDS"] = "900"
         env = self._env("worker", profile, src)
-        st.overrides.update({k: v for k, v in env.items() if k in ("PYTHONPATH", "BENCH_COUNTS_DIR", "BENCH_COUNTS_ARGV",
-                                                                   "BENCH_COUNTS_DUMP", "BENCH_DROP_EDITABLE")})
+        st.overrides.update({k: v for k, v in env.items() if k == "PYTHONPATH" or k.startswith("BENCH_")})
         saved_src, st.gateway_src = st.gateway_src, ""  # our PYTHONPATH already carries it
         try:
             proc = st._start_gateway()
@@ -347,6 +384,7 @@ def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, 
 
 
 TOP = 0
+OPCODES = False  # --opcodes: the "Python calls" columns count bytecode instructions instead
 KEEP = ""
 TIMERS_X = 1.0
 
@@ -482,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-strace", action="store_true")
     ap.add_argument("--gateway-src", default="")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--opcodes", action="store_true",
+                    help="count Python bytecode instructions (sys.settrace) instead of calls: the py_calls "
+                         "figures and --top then show opcodes per request, by function")
     ap.add_argument("--callgrind", action="store_true",
                     help="also count instructions per request under valgrind's callgrind (deterministic CPU work)")
     ap.add_argument("--cg-n1", type=int, default=40)
@@ -498,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-pstats", default="", help="directory to copy each target's cProfile stats to (with --top)")
     ap.add_argument("--top", type=int, default=0, help="print the N functions with most calls per request")
     args = ap.parse_args(argv)
-    global TOP, KEEP, TIMERS_X
+    global TOP, KEEP, TIMERS_X, OPCODES
     TOP = args.top
+    OPCODES = args.opcodes
     TIMERS_X = args.cg_timers_x
     KEEP = args.keep_pstats
     if KEEP:
