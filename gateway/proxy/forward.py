@@ -15,7 +15,7 @@ from gateway.providers.anthropic import DEFAULT_VERSION
 from gateway.proxy.routing import Deployment
 
 
-def upstream_headers(incoming: Mapping[str, str], dep: Deployment) -> CIMultiDict[str]:
+def upstream_headers(incoming: Mapping[str, str] | list[tuple[str, str]], dep: Deployment) -> CIMultiDict[str]:
     """The allowed client headers (proxy/headers.py selected them), plus the provider key."""
     out: CIMultiDict[str] = CIMultiDict(incoming)
     if dep.auth_value:

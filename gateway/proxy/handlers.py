@@ -285,8 +285,8 @@ class Outgoing:
 
     __slots__ = ("_bodies", "_built", "_doc", "_incoming", "_model", "_translation")
 
-    def __init__(self, model: str, body: bytes, doc: dict[str, Any], incoming: Mapping[str, str],
-                 translation: Translation | None = None) -> None:
+    def __init__(self, model: str, body: bytes, doc: dict[str, Any],
+                 incoming: Mapping[str, str] | list[tuple[str, str]], translation: Translation | None = None) -> None:
         self._model = model
         self._doc = doc
         self._bodies = {model: body}

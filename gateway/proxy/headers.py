@@ -13,8 +13,7 @@ forwarded, whatever the configuration says.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-
-from multidict import CIMultiDict
+from itertools import compress
 
 ALLOWED_NAMES = frozenset(
     {
@@ -82,17 +81,15 @@ class HeaderPolicy:
                 self._cache[name] = verdict
         return verdict
 
-    def select(self, incoming: Mapping[str, str]) -> CIMultiDict[str]:
-        """The client's headers that may reach the provider (before the gateway adds its own)."""
+    def select(self, incoming: Mapping[str, str]) -> list[tuple[str, str]]:
+        """The client's headers that may reach the provider (before the gateway adds its own), in order.
+
+        Pairs, picked in C (``compress``): ``upstream_headers`` builds the one multidict from them."""
         names = tuple(incoming.keys())
         plan = self._plans.get(names)
         if plan is None:
             plan = self._plan(names, incoming.get("connection"))
-        out: CIMultiDict[str] = CIMultiDict()
-        for (name, value), keep in zip(incoming.items(), plan, strict=True):
-            if keep:
-                out.add(name, value)
-        return out
+        return list(compress(incoming.items(), plan))  # plan: one verdict per name, in the same order
 
     def _plan(self, names: tuple[str, ...], conn: str | None) -> tuple[bool, ...]:
         named: set[str] = set()
