@@ -416,10 +416,21 @@ def print_top(target: str, kind: str, f1: dict[str, int], f2: dict[str, int], n:
         print(f"  {v:7.1f}  {_short(k)}", file=sys.stderr)
 
 
-def count_syscalls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> float:
+def _by_name(text: str) -> dict[str, int]:
+    """strace -c's table: calls per syscall name."""
+    out: dict[str, int] = {}
+    for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?([a-z_0-9]+)$", text, re.M):
+        if m.group(2) != "total":
+            out[m.group(2)] = out.get(m.group(2), 0) + int(m.group(1))
+    return out
+
+
+def count_syscalls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, Any]:
+    """Syscalls per request (marginal over two batch lengths), in all and by name."""
     pid = t.serving_pids[0]
     drive(t, kind, 50)
     totals = []
+    names: list[dict[str, int]] = []
     attach = [arg for p in t.serving_pids for arg in ("-p", str(p))]
     for n in (n1, n2):
         out = b.tmp / f"strace-{pid}-{n}.txt"
@@ -434,6 +445,7 @@ def count_syscalls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> float:
         st.send_signal(signal.SIGINT)
         st.wait(timeout=30)
         text = out.read_text()
+        names.append(_by_name(text))
         m = re.search(r"^-+.*\n\s*100\.00\s+\S+\s+\S+\s+(\d+)", text, re.M)
         total = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?total$", text, re.M)
         if total:
@@ -442,16 +454,27 @@ def count_syscalls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> float:
             totals.append(int(m.group(1)))
         else:
             raise SystemExit(f"bench_counts: cannot read strace summary:\n{text[-500:]}")
-    return (totals[1] - totals[0]) / (n2 - n1)
+    by_name = {k: round((v - names[0].get(k, 0)) / (n2 - n1), 2) for k, v in names[1].items()}
+    return {"syscalls": (totals[1] - totals[0]) / (n2 - n1),
+            "syscalls_by_name": {k: v for k, v in sorted(by_name.items(), key=lambda kv: -kv[1]) if v >= 0.05}}
 
 
-def cpu_per_request(t: Target, kind: Kind, n: int) -> float:
+def _sys_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        total += int(stat[stat.rindex(")") + 2 :].split()[12])  # stime (field 15)
+    return total
+
+
+def cpu_per_request(t: Target, kind: Kind, n: int) -> tuple[float, float]:
+    """CPU-us per request over an unprofiled batch: user + system, and the system (kernel) part."""
     drive(t, kind, 50)
     pids = t.serving_pids
-    c0 = cpu_ticks(pids)
+    c0, s0 = cpu_ticks(pids), _sys_ticks(pids)
     drive(t, kind, n, conc=16)
-    c1 = cpu_ticks(pids)
-    return (c1 - c0) * 1e6 / CLK_TCK / n
+    c1, s1 = cpu_ticks(pids), _sys_ticks(pids)
+    return (c1 - c0) * 1e6 / CLK_TCK / n, (s1 - s0) * 1e6 / CLK_TCK / n
 
 
 def _k6(b: Bench, url: str, kind: Kind, key: str, rate: int, seconds: float) -> dict[str, float]:
@@ -612,16 +635,18 @@ def main(argv: list[str] | None = None) -> int:
                     for t in live:
                         row = results[t.name][kind.name]
                         if not args.no_strace:
-                            row["syscalls"] = count_syscalls(b, t, kind, args.n1, args.n2)
+                            row.update(count_syscalls(b, t, kind, args.n1, args.n2))
                     if args.cpu_n:
-                        rounds: dict[str, list[float]] = {t.name: [] for t in live}
+                        rounds: dict[str, list[tuple[float, float]]] = {t.name: [] for t in live}
                         for _ in range(args.rounds):
                             for t in live:
                                 rounds[t.name].append(cpu_per_request(t, kind, args.cpu_n))
                         for t in live:
                             row = results[t.name][kind.name]
-                            row["cpu_us"] = min(rounds[t.name])
-                            row["cpu_us_rounds"] = rounds[t.name]  # type: ignore[assignment]
+                            least = min(rounds[t.name])
+                            row["cpu_us"] = least[0]
+                            row["cpu_us_sys"] = least[1]  # the kernel's part of that round
+                            row["cpu_us_rounds"] = [r[0] for r in rounds[t.name]]  # type: ignore[assignment]
                     if args.rate:
                         for t in live:
                             results[t.name][kind.name].update(fixed_rate(b, t, kind, args.rate, args.rate_seconds))
@@ -645,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict[str, Any]) -> None:
     res = report["results"]
     ref = res.get("passthrough", {})
-    print(f"\n{'target':24s} {'kind':16s} {'calls':>7s} {'(Python':>8s} {'+ C)':>6s} {'syscalls':>9s} {'CPU-us':>7s} {'x pass':>7s} {'instr/req':>10s}")
+    print(f"\n{'target':24s} {'kind':16s} {'calls':>7s} {'(Python':>8s} {'+ C)':>6s} {'syscalls':>9s} {'CPU-us':>7s} {'(kernel)':>8s} {'x pass':>7s} {'instr/req':>10s}")
     for name, rows in res.items():
         if name == "direct":
             continue
@@ -654,7 +679,8 @@ def print_report(report: dict[str, Any]) -> None:
             ratio = f"{row['cpu_us'] / base:.2f}" if base and "cpu_us" in row else "-"
             calls = row.get("py_calls", 0) + row.get("c_calls", 0)
             print(f"{name:24s} {kind:16s} {calls:7.0f} {row.get('py_calls', 0):8.0f} {row.get('c_calls', 0):6.0f} "
-                  f"{row.get('syscalls', float('nan')):9.1f} {row.get('cpu_us', float('nan')):7.0f} {ratio:>7s} "
+                  f"{row.get('syscalls', float('nan')):9.1f} {row.get('cpu_us', float('nan')):7.0f} "
+                  f"{row.get('cpu_us_sys', float('nan')):8.0f} {ratio:>7s} "
                   f"{row.get('instructions', float('nan')):10.0f}")
     direct = res.get("direct", {})
     if direct:
