@@ -244,6 +244,35 @@ def test_upstream_error_event_is_noticed():
     assert tap.errored is True
 
 
+@SETTINGS
+@given(texts=st.lists(TEXT, max_size=12), crlf=st.booleans(), cuts=CUTS, stop_at=st.integers(0, 10**6))
+def test_anthropic_deltas_are_the_content_events_seen_whatever_the_reads(texts, crlf, cuts, stop_at):
+    """``deltas`` (a cut stream's output estimate) counts the content events that arrived, whether
+    a read held only content events (counted in C) or also a usage, stop or error event (parsed line
+    by line), with LF or CRLF line ends, whatever words the text holds ("error", "message_")."""
+    eol = b"\r\n" if crlf else b"\n"
+    events = [b"event: message_start" + eol + b'data: {"type":"message_start","message":{"usage":{"input_tokens":3}}}'
+              + eol + eol]
+    for text in texts:
+        doc = orjson.dumps({"type": "content_block_delta", "delta": {"type": "text_delta", "text": text}})
+        events.append(b"event: content_block_delta" + eol + b"data: " + doc + eol + eol)
+    events.append(b"event: message_delta" + eol + b'data: {"type":"message_delta","usage":{"output_tokens":7}}'
+                  + eol + eol)
+    data = b"".join(events)
+    out, tap = run("anthropic", split(data, cuts))
+    assert out == data
+    assert tap.deltas == len(texts)
+    assert tap.usage == Usage(input_tokens=3, output_tokens=7, found=True)
+    # Cut anywhere: the content events whose event line arrived are counted (a last line without
+    # its line end too: the stream ended there).
+    prefix = data[: stop_at % (len(data) + 1)]
+    _, cut = run("anthropic", split(prefix, cuts))
+    line = b"event: content_block_delta"
+    assert cut.deltas == prefix.count(line + eol) + (prefix.endswith(line) or prefix.endswith(line + b"\r"))
+    _, cut = run("anthropic", [prefix + b"x"])  # the same, the last line cut one byte later
+    assert cut.deltas == prefix.count(line + eol)
+
+
 # ------------------------------------------------------------------ usage.py
 
 

@@ -42,6 +42,11 @@ class Outlet(Protocol):
 _COPY_BELOW = 16384  # a smaller chunk is copied into its frame (one write); a larger one is not
 
 _USAGE_EVENTS = frozenset({b"message_start", b"message_delta", b"error"})
+# Events whose data lines the tap reads (the others' it only passes on).
+_STATEFUL = _USAGE_EVENTS | {b"message_stop"}
+# A content event's line, as Anthropic writes it: what ``deltas`` counts (after a line end).
+_DELTA_LINE = b"\nevent: content_block_delta\n"
+_DELTA_LINES = frozenset({b"event: content_block_delta", b"event: content_block_delta\r"})  # as split on LF
 # Anthropic's event names, as sent after "event: " (anything else is stripped of blanks first).
 _ANTHROPIC_EVENTS = frozenset({
     b"message_start", b"message_delta", b"message_stop", b"content_block_start", b"content_block_delta",
@@ -72,7 +77,9 @@ class StreamTap:
         self.completed = False  # saw message_stop / [DONE]
         self.errored = False  # saw an error event from upstream
         self._last = b""  # OpenAI: the last content chunk's payload (its finish_reason ends the answer)
-        self.deltas = 0  # content events seen: the output estimate of a cut stream
+        # Content events seen, the output estimate of a cut stream: OpenAI's content chunks,
+        # Anthropic's ``event: content_block_delta`` lines.
+        self.deltas = 0
         self._tail = b""  # an incomplete last line
         self._event = b""
         self._held: list[bytes] = []  # strip mode: complete lines of an event not yet ended
@@ -115,30 +122,42 @@ class StreamTap:
             # An event still open, or one that may be dropped: whole events only.  Otherwise
             # (the usual read: whole content events) the lines pass as they are, as without stripping.
             return self._events(out)
-        lines = out.split(b"\n")
-        del lines[-1]  # what follows the last line end: nothing
         if self.dialect == "anthropic":
-            event = self._event
-            deltas = 0
-            for line in lines:
-                head = line[:5]
-                if head == b"data:":
-                    if event == b"content_block_delta":
-                        deltas += 1
-                    elif event == b"message_stop":
-                        self.completed = True
-                    elif event in _USAGE_EVENTS:
-                        self._anthropic_doc(event, line[5:].strip())
-                elif head == b"event":
-                    if line[5:6] == b":":
-                        event = line[7:] if line[6:7] == b" " else line[6:]
-                        if event not in _ANTHROPIC_EVENTS:  # blanks around it, a CR: the general case
-                            event = event.strip()
-                elif not line or line == b"\r":
-                    event = b""
-            self._event = event
-            self.deltas += deltas
+            if (
+                self._event not in _STATEFUL and b"message_" not in out and b"error" not in out
+                and b"\r" not in out
+            ):
+                # The usual read: content events only (no usage, stop or error event begins or goes on
+                # here), LF line ends.  Nothing to parse: the deltas are counted in C, and what event
+                # is open at the end does not matter (only a stateful one's data lines are read).
+                self.deltas += (b"\n" + out).count(_DELTA_LINE)
+                self._event = b""
+            else:
+                lines = out.split(b"\n")
+                del lines[-1]  # what follows the last line end: nothing
+                event = self._event
+                deltas = 0
+                for line in lines:
+                    head = line[:5]
+                    if head == b"data:":
+                        if event == b"message_stop":
+                            self.completed = True
+                        elif event in _USAGE_EVENTS:
+                            self._anthropic_doc(event, line[5:].strip())
+                    elif head == b"event":
+                        if line[5:6] == b":":
+                            if line in _DELTA_LINES:
+                                deltas += 1
+                            event = line[7:] if line[6:7] == b" " else line[6:]
+                            if event not in _ANTHROPIC_EVENTS:  # blanks around it, a CR: the general case
+                                event = event.strip()
+                    elif not line or line == b"\r":
+                        event = b""
+                self._event = event
+                self.deltas += deltas
         else:
+            lines = out.split(b"\n")
+            del lines[-1]  # what follows the last line end: nothing
             deltas = 0
             last = None
             for line in lines:
@@ -265,6 +284,8 @@ class StreamTap:
             return
         if line.startswith(b"event:"):
             self._event = line[6:].strip()
+            if line == b"event: content_block_delta":  # the take() loop's test (a CR is gone here)
+                self.deltas += 1
             return
         if not line.startswith(b"data:"):
             return
@@ -276,9 +297,6 @@ class StreamTap:
 
     def _anthropic(self, payload: bytes) -> None:
         event = self._event
-        if event == b"content_block_delta":
-            self.deltas += 1
-            return
         if event == b"message_stop":
             self.completed = True
             return
