@@ -273,6 +273,21 @@ def test_anthropic_deltas_are_the_content_events_seen_whatever_the_reads(texts, 
     assert cut.deltas == prefix.count(line + eol)
 
 
+@SETTINGS
+@given(stream=openai_streams(), cuts=CUTS, stop_at=st.integers(0, 10**6))
+def test_openai_any_split_reads_as_the_whole_stream(stream, cuts, stop_at):
+    """Reads of content chunks only (counted in C) and the others (parsed line by line) give the
+    same deltas, usage and end as the stream in one piece, cut anywhere or not."""
+    data = b"".join(stream.events)
+    prefix = data[: stop_at % (len(data) + 1)]
+    for body in (data, prefix):
+        out, tap = run("openai", split(body, cuts))
+        whole_out, whole = run("openai", [body])
+        assert out == whole_out == body
+        same_tap(tap, whole)
+        assert tap.end_clean() == whole.end_clean()
+
+
 # ------------------------------------------------------------------ usage.py
 
 

@@ -155,6 +155,15 @@ class StreamTap:
                         event = b""
                 self._event = event
                 self.deltas += deltas
+        elif b'"usage"' not in out and b"[DONE]" not in out and b'"error"' not in out:
+            # The usual read: content chunks only.  Every data line is one (counted in C); the
+            # last one is kept for finish_reason_set(), as the loop below keeps it.
+            nl = b"\n" + out
+            n = nl.count(b"\ndata:")
+            if n:
+                self.deltas += n
+                start = nl.rfind(b"\ndata:")  # in ``out``: where that line begins
+                self._last = out[start : out.find(b"\n", start)]
         else:
             lines = out.split(b"\n")
             del lines[-1]  # what follows the last line end: nothing
