@@ -107,9 +107,14 @@ if _dir and _who and _who in sys.argv:
         import threading
         _ops = collections.Counter()
 
+        _lines_of = os.environ.get("BENCH_COUNTS_LINES", "")  # --lines NAME: by line, in functions NAME
+
         def _local(frame, event, arg):
             if event == "opcode":
-                _ops[frame.f_code] += 1
+                code = frame.f_code
+                _ops[code] += 1
+                if _lines_of and code.co_name == _lines_of:
+                    _ops[(code.co_filename, frame.f_lineno, code.co_name)] += 1
             return _local
 
         def _global(frame, event, arg):
@@ -122,12 +127,15 @@ if _dir and _who and _who in sys.argv:
             gens = " ".join(str(g["collections"]) for g in gc.get_stats())
             tmp = os.path.join(_dir, f"{os.getpid()}.tmp")
             with open(tmp, "w") as f:
-                f.write(f"{sum(_ops.values())} 0 {gens}\\n")
+                f.write(f"{sum(v for k, v in _ops.items() if not isinstance(k, tuple))} 0 {gens}\\n")
             if os.environ.get("BENCH_COUNTS_DUMP"):
                 import marshal
                 flat = {}
                 for code, n in _ops.items():
-                    k = f"{code.co_filename}:{code.co_firstlineno}({code.co_name})"
+                    if isinstance(code, tuple):  # (file, line, name) of --lines
+                        k = f"{code[0]}:{code[1]}(line of {code[2]})"
+                    else:
+                        k = f"{code.co_filename}:{code.co_firstlineno}({code.co_name})"
                     flat[k] = flat.get(k, 0) + n
                 with open(os.path.join(_dir, f"{os.getpid()}.stats"), "wb") as f:
                     marshal.dump(flat, f)
@@ -138,6 +146,74 @@ if _dir and _who and _who in sys.argv:
 
     signal.signal(signal.SIGUSR1, _snapshot)
     _prof.enable()
+
+_lag_dir = os.environ.get("BENCH_LAG_DIR")
+if _lag_dir and _who and _who in sys.argv:
+    # --lag: how late the event loop runs a 1 ms timer, and why: the process waited for a CPU
+    # (its run_delay in /proc/self/schedstat grew), a garbage collection ran, or the loop was busy
+    # with our own work.  Cumulative, written every second to <dir>/<pid>.lag (JSON).
+    import asyncio, gc, json, time
+    import uvloop
+    _run = uvloop.run
+    _st = {"ticks": 0, "late_ms": [0] * 8, "class_n": {"runqueue": 0, "gc": 0, "busy": 0},
+           "class_ms": {"runqueue": 0.0, "gc": 0.0, "busy": 0.0}, "worst": [], "gc_ms": 0.0, "gc_max_ms": 0.0}
+    _BOUNDS = (0.5, 1, 2, 3, 5, 10, 20)  # ms: late_ms[i] counts ticks late by less than _BOUNDS[i]
+    _gc = {"t": 0.0, "in_window": 0.0}
+
+    def _gc_cb(phase, info):
+        if phase == "start":
+            _gc["t"] = time.perf_counter()
+        else:
+            d = (time.perf_counter() - _gc["t"]) * 1000
+            _gc["in_window"] += d
+            _st["gc_ms"] += d
+            _st["gc_max_ms"] = max(_st["gc_max_ms"], d)
+
+    gc.callbacks.append(_gc_cb)
+    _sched = os.open("/proc/self/schedstat", os.O_RDONLY)
+
+    def _run_delay():
+        return int(os.pread(_sched, 100, 0).split()[1]) / 1e6  # ms
+
+    def _monitor(loop):
+        state = {"due": loop.time() + 0.001, "rd": _run_delay(), "written": time.monotonic()}
+
+        def tick():
+            now = loop.time()
+            late = (now - state["due"]) * 1000
+            rd = _run_delay()
+            _st["ticks"] += 1
+            i = 0
+            while i < len(_BOUNDS) and late >= _BOUNDS[i]:
+                i += 1
+            _st["late_ms"][i] += 1
+            if late >= 2:
+                waited, collected = rd - state["rd"], _gc["in_window"]
+                why = "runqueue" if waited >= late / 2 else "gc" if collected >= late / 2 else "busy"
+                _st["class_n"][why] += 1
+                _st["class_ms"][why] += late
+                _st["worst"] = sorted([*_st["worst"], [round(late, 2), why, round(waited, 2), round(collected, 2)]],
+                                      reverse=True)[:10]
+            state["rd"] = rd
+            _gc["in_window"] = 0.0
+            state["due"] = loop.time() + 0.001
+            if time.monotonic() - state["written"] >= 1.0:
+                state["written"] = time.monotonic()
+                tmp = os.path.join(_lag_dir, f"{os.getpid()}.tmp")
+                with open(tmp, "w") as f:
+                    json.dump(_st, f)
+                os.replace(tmp, os.path.join(_lag_dir, f"{os.getpid()}.lag"))
+            loop.call_at(state["due"], tick)
+
+        loop.call_at(state["due"], tick)
+
+    def _run_with_monitor(main, **kw):
+        async def wrapped():
+            _monitor(asyncio.get_running_loop())
+            return await main
+        return _run(wrapped(), **kw)
+
+    uvloop.run = _run_with_monitor
 '''
 
 
@@ -168,6 +244,8 @@ class Bench:
         self.default_src = gateway_src
         self.cg_dir = tmp / "callgrind"
         self.cg_dir.mkdir()
+        self.lag_dir = tmp / "lag"
+        self.lag_dir.mkdir()
         self.pg: PostgresServer | None = None
         self.redis: RedisServer | None = None
         self.extra: list[subprocess.Popen[bytes]] = []
@@ -180,6 +258,9 @@ class Bench:
             paths.insert(0, src)
             env["BENCH_DROP_EDITABLE"] = "1"
         env["PYTHONPATH"] = ":".join(paths)
+        if LAG and not profile:
+            env["BENCH_LAG_DIR"] = str(self.lag_dir)
+            env["BENCH_COUNTS_ARGV"] = argv_marker
         if profile:
             env["BENCH_COUNTS_DIR"] = str(self.counts_dir)
             if TOP:
@@ -187,6 +268,8 @@ class Bench:
             env["BENCH_COUNTS_ARGV"] = argv_marker
             if OPCODES:
                 env["BENCH_COUNTS_OPCODES"] = "1"
+                if LINES:
+                    env["BENCH_COUNTS_LINES"] = LINES
         return env
 
     def start_mock(self) -> None:
@@ -210,6 +293,16 @@ class Bench:
             self.pg.start()
             self.redis = RedisServer()
             self.redis.start()
+            if STORES_CPU:
+                # --stores-cpu: Postgres (every process of the cluster) and Redis on these CPUs, instead of
+                # the load generator's (which they inherit from this process).
+                assert self.redis.proc is not None
+                pids = [self.redis.proc.pid]
+                pids += [int(p) for p in subprocess.run(["pgrep", "-f", str(self.pg.datadir)], capture_output=True,
+                                                        text=True).stdout.split()]
+                for pid in pids:
+                    subprocess.run(["taskset", "-a", "-p", "-c", STORES_CPU, str(pid)], check=True,
+                                   capture_output=True)
         assert self.redis is not None
         dsn = self.pg.create_database("bench_" + secrets.token_hex(4))
         return {
@@ -384,6 +477,9 @@ def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, 
 
 
 TOP = 0
+STORES_CPU = ""  # --stores-cpu: where Postgres and Redis run (default: the load generator's CPU)
+LAG = False  # --lag: the serving processes monitor their event loop's lateness (with --rate)
+LINES = ""  # --lines NAME (with --opcodes): also by line in the functions called NAME
 OPCODES = False  # --opcodes: the "Python calls" columns count bytecode instructions instead
 KEEP = ""
 TIMERS_X = 1.0
@@ -483,10 +579,41 @@ def _k6(b: Bench, url: str, kind: Kind, key: str, rate: int, seconds: float) -> 
     return {f"rate_{k}": float(v) for k, v in r.items()}
 
 
-def fixed_rate(b: Bench, t: Target, kind: Kind, rate: int, seconds: float) -> dict[str, float]:
-    """k6 at a constant arrival rate (mock answering at once): latency percentiles and dropped requests."""
+def _lag(b: Bench, pids: list[int]) -> dict[str, Any]:
+    """The serving processes' lag monitors (--lag), summed."""
+    out: dict[str, Any] = {"ticks": 0, "late_ms": [0] * 8, "class_n": {}, "class_ms": {}}
+    for pid in pids:
+        path = b.lag_dir / f"{pid}.lag"
+        if not path.exists():
+            continue
+        st = json.loads(path.read_text())
+        out["ticks"] += st["ticks"]
+        out["late_ms"] = [a + c for a, c in zip(out["late_ms"], st["late_ms"], strict=True)]
+        for k in ("class_n", "class_ms"):
+            for why, v in st[k].items():
+                out[k][why] = out[k].get(why, 0) + v
+        out["worst"] = st["worst"]
+    return out
+
+
+def fixed_rate(b: Bench, t: Target, kind: Kind, rate: int, seconds: float) -> dict[str, Any]:
+    """k6 at a constant arrival rate (mock answering at once): latency percentiles and dropped requests;
+    with --lag, how late the target's event loop ran its 1 ms timer meanwhile, and why."""
     drive(t, kind, 50)
-    return _k6(b, t.url(kind), kind, t.key, rate, seconds)
+    before = _lag(b, t.serving_pids) if LAG else None
+    row: dict[str, Any] = dict(_k6(b, t.url(kind), kind, t.key, rate, seconds))
+    if before is not None:
+        time.sleep(1.2)  # the monitors write every second
+        after = _lag(b, t.serving_pids)
+        row["lag"] = {
+            "ticks": after["ticks"] - before["ticks"],
+            "late_ms_buckets": "<0.5 <1 <2 <3 <5 <10 <20 >=20",
+            "late_ms": [a - c for a, c in zip(after["late_ms"], before["late_ms"], strict=True)],
+            "late_2ms_n": {k: v - before["class_n"].get(k, 0) for k, v in after["class_n"].items()},
+            "late_2ms_total_ms": {k: round(v - before["class_ms"].get(k, 0), 1) for k, v in after["class_ms"].items()},
+            "worst_since_start": after.get("worst", []),
+        }
+    return row
 
 
 def callgrind_dump(b: Bench, pid: int) -> int:
@@ -546,6 +673,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opcodes", action="store_true",
                     help="count Python bytecode instructions (sys.settrace) instead of calls: the py_calls "
                          "figures and --top then show opcodes per request, by function")
+    ap.add_argument("--stores-cpu", default="",
+                    help="pin Postgres and Redis to these CPUs (taskset list); by default they share the load "
+                         "generator's CPU")
+    ap.add_argument("--lag", action="store_true",
+                    help="with --rate: each target's event loop times a 1 ms timer; reports how late it ran "
+                         "and why (waiting for a CPU, a garbage collection, or busy)")
+    ap.add_argument("--lines", default="",
+                    help="with --opcodes and --top: also count by source line in the functions of this name")
     ap.add_argument("--callgrind", action="store_true",
                     help="also count instructions per request under valgrind's callgrind (deterministic CPU work)")
     ap.add_argument("--cg-n1", type=int, default=40)
@@ -562,9 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-pstats", default="", help="directory to copy each target's cProfile stats to (with --top)")
     ap.add_argument("--top", type=int, default=0, help="print the N functions with most calls per request")
     args = ap.parse_args(argv)
-    global TOP, KEEP, TIMERS_X, OPCODES
+    global TOP, KEEP, TIMERS_X, OPCODES, LINES, LAG, STORES_CPU
     TOP = args.top
+    STORES_CPU = args.stores_cpu
+    LAG = args.lag
     OPCODES = args.opcodes
+    LINES = args.lines
     TIMERS_X = args.cg_timers_x
     KEEP = args.keep_pstats
     if KEEP:
@@ -694,6 +832,10 @@ def print_report(report: dict[str, Any]) -> None:
                       f"  added p50 {row['rate_p50_ms'] - d.get('rate_p50_ms', 0):6.2f}  p99 "
                       f"{row['rate_p99_ms'] - d.get('rate_p99_ms', 0):6.2f} ms  dropped {row['rate_dropped']:.0f}"
                       f"  failed {row['rate_failed_rate']:.3f}")
+                lag = row.get("lag")
+                if lag:
+                    print(f"  {'':12s} loop lag: 1 ms timer late by (ms) {lag['late_ms_buckets']}: {lag['late_ms']}; "
+                          f"late >= 2 ms: {lag['late_2ms_n']} ({lag['late_2ms_total_ms']} ms in all)")
     scaled = [(name, name.partition("@")[0].partition("/")) for name in res if "/" in name.partition("@")[0]]
     if scaled:
         print("\nseveral workers (instructions per request summed over the workers; projected throughput ratio"
