@@ -46,6 +46,7 @@ _USAGE_EVENTS = frozenset({b"message_start", b"message_delta", b"error"})
 _STATEFUL = _USAGE_EVENTS | {b"message_stop"}
 # A content event's line, as Anthropic writes it: what ``deltas`` counts (after a line end).
 _DELTA_LINE = b"\nevent: content_block_delta\n"
+_NULL_USAGE = b'"usage":null'  # in each OpenAI content chunk once include_usage is on
 _DELTA_LINES = frozenset({b"event: content_block_delta", b"event: content_block_delta\r"})  # as split on LF
 # Anthropic's event names, as sent after "event: " (anything else is stripped of blanks first).
 _ANTHROPIC_EVENTS = frozenset({
@@ -116,7 +117,8 @@ class StreamTap:
         out = data[:end]  # all of it (the same object) when it ends with a line end: the usual case
         if self.strip_usage and (
             self._held or self._drop or self.dialect == "anthropic"
-            or b'"usage"' in out or b"[DONE]" in out or b'"error"' in out
+            or (b'"usage"' in out and out.count(b'"usage"') != out.count(_NULL_USAGE))
+            or b"[DONE]" in out or b'"error"' in out
             or not (out[-2:] == b"\n\n" or out[-3:] == b"\n\r\n")
         ):
             # An event still open, or one that may be dropped: whole events only.  Otherwise
@@ -155,9 +157,13 @@ class StreamTap:
                         event = b""
                 self._event = event
                 self.deltas += deltas
-        elif b'"usage"' not in out and b"[DONE]" not in out and b'"error"' not in out:
-            # The usual read: content chunks only.  Every data line is one (counted in C); the
-            # last one is kept for finish_reason_set(), as the loop below keeps it.
+        elif (
+            b"[DONE]" not in out and b'"error"' not in out
+            and (b'"usage"' not in out or out.count(b'"usage"') == out.count(_NULL_USAGE))
+        ):
+            # The usual read: content chunks only (with include_usage on, OpenAI's carry
+            # "usage":null).  Every data line is one (counted in C); the last one is kept for
+            # finish_reason_set(), as the loop below keeps it.
             nl = b"\n" + out
             n = nl.count(b"\ndata:")
             if n:
