@@ -20,6 +20,8 @@ from gateway.accounting.usage import Usage, apply_anthropic, apply_openai, from_
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
 TOKENS = st.integers(min_value=0, max_value=10**7)
+# Texts holding the names the tap looks for (its counted path must step aside for them).
+WORDS = st.sampled_from(["error", "an error occurred", "message_start", "message_delta", "event: message_stop\n"])
 
 
 @dataclass
@@ -47,7 +49,7 @@ def anthropic_streams(draw: Any) -> Stream:
         ("message_start", {"type": "message_start", "message": {"id": "m", "role": "assistant", "usage": start}}),
         ("content_block_start", {"type": "content_block_start", "index": 0}),
     ]
-    for text in draw(st.lists(TEXT, max_size=8)):
+    for text in draw(st.lists(TEXT | WORDS, max_size=8)):
         docs.append(("content_block_delta", {"type": "content_block_delta", "delta": {"type": "text_delta", "text": text}}))
         if draw(st.booleans()):
             docs.append(("ping", {"type": "ping"}))
@@ -59,8 +61,10 @@ def anthropic_streams(draw: Any) -> Stream:
     completed = draw(st.booleans())
     if completed:
         docs.append(("message_stop", {"type": "message_stop"}))
+    lf_only = draw(st.booleans())  # as Anthropic sends them (the tap's counted path), or mixed line ends
     events = [
-        event([b"event: " + name.encode(), b"data: " + orjson.dumps(doc)], draw(eol_for(3))) for name, doc in docs
+        event([b"event: " + name.encode(), b"data: " + orjson.dumps(doc)], [b"\n"] * 3 if lf_only else draw(eol_for(3)))
+        for name, doc in docs
     ]
     usage = Usage(
         input_tokens=start["input_tokens"],

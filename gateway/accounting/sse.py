@@ -46,6 +46,9 @@ _USAGE_EVENTS = frozenset({b"message_start", b"message_delta", b"error"})
 _STATEFUL = _USAGE_EVENTS | {b"message_stop"}
 # A content event's line, as Anthropic writes it: what ``deltas`` counts (after a line end).
 _DELTA_LINE = b"\nevent: content_block_delta\n"
+# A read shorter than this (a few events) is parsed line by line even when most of it could be counted:
+# finding the events that need parsing costs about what parsing them all does (opcode counts).
+_PARSE_BELOW = 512
 _NULL_USAGE = b'"usage":null'  # in each OpenAI content chunk once include_usage is on
 _DELTA_LINES = frozenset({b"event: content_block_delta", b"event: content_block_delta\r"})  # as split on LF
 # Anthropic's event names, as sent after "event: " (anything else is stripped of blanks first).
@@ -134,29 +137,10 @@ class StreamTap:
                 # is open at the end does not matter (only a stateful one's data lines are read).
                 self.deltas += (b"\n" + out).count(_DELTA_LINE)
                 self._event = b""
+            elif len(out) < _PARSE_BELOW or b"\r" in out:
+                self._anthropic_lines(out)  # a few events, or CR line ends: every line parsed
             else:
-                lines = out.split(b"\n")
-                del lines[-1]  # what follows the last line end: nothing
-                event = self._event
-                deltas = 0
-                for line in lines:
-                    head = line[:5]
-                    if head == b"data:":
-                        if event == b"message_stop":
-                            self.completed = True
-                        elif event in _USAGE_EVENTS:
-                            self._anthropic_doc(event, line[5:].strip())
-                    elif head == b"event":
-                        if line[5:6] == b":":
-                            if line in _DELTA_LINES:
-                                deltas += 1
-                            event = line[7:] if line[6:7] == b" " else line[6:]
-                            if event not in _ANTHROPIC_EVENTS:  # blanks around it, a CR: the general case
-                                event = event.strip()
-                    elif not line or line == b"\r":
-                        event = b""
-                self._event = event
-                self.deltas += deltas
+                self._anthropic_events(out)
         elif (
             b"[DONE]" not in out and b'"error"' not in out
             and (b'"usage"' not in out or out.count(b'"usage"') == out.count(_NULL_USAGE))
@@ -204,6 +188,63 @@ class StreamTap:
         if o.proto._paused:
             o.slow()
         return out
+
+    def _anthropic_events(self, out: bytes) -> None:
+        """Whole lines with LF ends, some of them a usage, stop or error event's (or the event open
+        before them is one): the events holding such a name, and the lines up to the first blank
+        line when an open event is one, are parsed line by line; the events between, counted in C.
+
+        The same as ``_anthropic_lines(out)``: each part parsed starts after a blank line (no event
+        open), and a part counted holds no such event, so what it leaves open is never read."""
+        pos = 0
+        if self._event in _STATEFUL:  # its data lines may be in this read
+            k = out.find(b"\n\n")
+            pos = len(out) if k < 0 else k + 2
+            self._anthropic_lines(out[:pos])
+        n = len(out)
+        while pos < n:
+            i = out.find(b"message_", pos)
+            j = out.find(b"error", pos)
+            m = i if j < 0 or 0 <= i < j else j  # the first name that needs parsing
+            if m < 0:
+                break
+            k = out.rfind(b"\n\n", pos, m)
+            start = pos if k < 0 else k + 2  # where its event begins
+            if start > pos:
+                self.deltas += (b"\n" + out[pos:start]).count(_DELTA_LINE)
+            k = out.find(b"\n\n", m)
+            pos = n if k < 0 else k + 2  # where its event ends (after the blank line)
+            self._event = b""
+            self._anthropic_lines(out[start:pos])
+        else:
+            return
+        self.deltas += (b"\n" + out[pos:]).count(_DELTA_LINE)
+        self._event = b""
+
+    def _anthropic_lines(self, out: bytes) -> None:
+        """Whole lines, parsed one by one."""
+        lines = out.split(b"\n")
+        del lines[-1]  # what follows the last line end: nothing
+        event = self._event
+        deltas = 0
+        for line in lines:
+            head = line[:5]
+            if head == b"data:":
+                if event == b"message_stop":
+                    self.completed = True
+                elif event in _USAGE_EVENTS:
+                    self._anthropic_doc(event, line[5:].strip())
+            elif head == b"event":
+                if line[5:6] == b":":
+                    if line in _DELTA_LINES:
+                        deltas += 1
+                    event = line[7:] if line[6:7] == b" " else line[6:]
+                    if event not in _ANTHROPIC_EVENTS:  # blanks around it, a CR: the general case
+                        event = event.strip()
+            elif not line or line == b"\r":
+                event = b""
+        self._event = event
+        self.deltas += deltas
 
     def _send(self, out: bytes) -> None:
         """Push mode: write bytes passed on to the outlet."""
