@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from itertools import compress
+from operator import itemgetter
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -41,45 +43,41 @@ _SKIP_RESPONSE = HOP_BY_HOP | UPSTREAM_ONLY
 _EVENT_END = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")  # a line end, then a blank line
 
 
-# Response header names (exact spelling, as upstreams send them) already classified, so that
-# building the client's headers costs no lower() per header; bounded, upstreams choose the names.
-_RELAYED: set[str] = set()
-_SKIPPED: set[str] = set()  # hop-by-hop, upstream-only
-_REQUEST_ID: set[str] = set()  # x-request-id: the gateway's own owns the name
+# What to do with each field of an upstream's answer, by its header names (exact spelling, in
+# order): a provider sends the same names on every answer, so each name is classified once, not
+# per answer.  A plan: which fields reach the client (for itertools.compress), and where the
+# upstream's x-request-id is (the last one; -1: none).  Bounded: upstreams choose the names.
+_Plan = tuple[tuple[bool, ...], int]
+_PLANS: dict[tuple[str, ...], _Plan] = {}
+PLANS_MAX = 256
+_NAME = itemgetter(0)
 
 
-def _classify(name: str) -> bool:
-    """Learn one name; True when the sets were emptied first (an upstream inventing names)."""
-    reset = len(_RELAYED) + len(_SKIPPED) + len(_REQUEST_ID) >= 4096
-    if reset:
-        _RELAYED.clear()
-        _SKIPPED.clear()
-        _REQUEST_ID.clear()
-    low = name.lower()
-    (_SKIPPED if low in _SKIP_RESPONSE else _REQUEST_ID if low == "x-request-id" else _RELAYED).add(name)
-    return reset
+def _plan(names: tuple[str, ...]) -> _Plan:
+    keep: list[bool] = []
+    rid = -1
+    for i, name in enumerate(names):
+        low = name.lower()
+        if low == "x-request-id":  # the gateway's own id owns the name
+            rid = i
+        keep.append(low not in _SKIP_RESPONSE and low != "x-request-id")  # hop-by-hop, upstream-only
+    if len(_PLANS) >= PLANS_MAX:
+        _PLANS.clear()  # an upstream inventing names: start over rather than stop learning
+    plan = _PLANS[names] = (tuple(keep), rid)
+    return plan
 
 
 def client_headers(dep: Deployment, resp: LeanResponse, ctx: RequestContext) -> CIMultiDict[str]:
-    items = resp.headers.items()
-    upstream_rid: str | None = None
-    reset = False
-    for name, value in items:
-        if name in _RELAYED or name in _SKIPPED:
-            continue
-        if name not in _REQUEST_ID:
-            reset = _classify(name) or reset
-            if name not in _REQUEST_ID:
-                continue
-        if dep.provider.request_id_header == "x-request-id":
-            # The gateway's id owns x-request-id; keep the provider's alongside.
-            upstream_rid = value
-    if reset:  # names learnt before the reset in this loop were forgotten: learn them again
-        for name, _ in items:
-            _classify(name)
-    out: CIMultiDict[str] = CIMultiDict([(name, value) for name, value in items if name in _RELAYED])
-    if upstream_rid is not None:
-        out["x-upstream-request-id"] = upstream_rid
+    fields = resp.fields
+    names = tuple(map(_NAME, fields))
+    plan = _PLANS.get(names)
+    if plan is None:
+        plan = _plan(names)
+    out: CIMultiDict[str] = CIMultiDict(list(compress(fields, plan[0])))
+    rid = plan[1]
+    if rid >= 0 and dep.provider.request_id_header == "x-request-id":
+        # The gateway's id owns x-request-id; keep the provider's alongside.
+        out["x-upstream-request-id"] = fields[rid][1]
     out["x-request-id"] = ctx.request_id
     served_headers(out, ctx)
     return out

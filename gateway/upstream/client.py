@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import re
 import ssl as ssl_mod
 from collections.abc import Callable, Iterable, Mapping
@@ -211,7 +212,7 @@ class _Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses its answer with llhttp."""
 
     __slots__ = ("_head", "_informational", "_pieces", "_until_close", "active_at", "body", "body_at", "closed",
-                 "complete", "head_at", "head_future", "headers", "held", "idle", "idle_at", "keep_alive", "lines",
+                 "complete", "fields", "head_at", "head_future", "headers", "held", "idle", "idle_at", "keep_alive", "lines",
                  "loop", "nchunks", "on_body", "parser", "paused", "pool", "reused", "seen", "sink", "status", "timer",
                  "total_at", "transport")
 
@@ -235,6 +236,7 @@ class _Connection(asyncio.Protocol):
         self.body: LeanBody | None = None
         self.status = 0
         self.headers: CIMultiDictProxy[str] | None = None
+        self.fields: list[tuple[str, str]] = []  # the same fields as ``headers``, as parsed: (name, value)
         # The answer's bytes until its head is complete (None after): its header lines are
         # parsed from them in one go, not by a Python callback per header.
         self._head: bytes | None = None
@@ -344,7 +346,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         head = self._head or b""
-        headers, end = _headers(head)
+        fields, end = _headers(head)
         if status < 200:
             # 1xx (103 Early Hints, an unasked 100): not the answer; its head is skipped.
             self._informational = True
@@ -352,6 +354,8 @@ class _Connection(asyncio.Protocol):
             return
         self.status = status
         self._head = None
+        self.fields = fields
+        headers = CIMultiDict(fields)
         self.headers = CIMultiDictProxy(headers)
         self._until_close = (
             "content-length" not in headers and "transfer-encoding" not in headers and status >= 200
@@ -461,7 +465,7 @@ class _Connection(asyncio.Protocol):
 class LeanResponse:
     """The part of ``aiohttp.ClientResponse`` the proxy reads."""
 
-    __slots__ = ("_conn", "_done", "content", "headers", "status")
+    __slots__ = ("_conn", "_done", "content", "fields", "headers", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -470,6 +474,9 @@ class LeanResponse:
         assert conn.headers is not None
         assert conn.body is not None
         self.headers: CIMultiDictProxy[str] = conn.headers
+        # ``headers``' fields as a list of (name, value) in arrival order: the relay picks from it
+        # without a multidict's iteration (gateway/proxy/streaming.py ``client_headers``).
+        self.fields: list[tuple[str, str]] = conn.fields
         self.content = conn.body
 
     async def read(self) -> bytes:
@@ -720,9 +727,9 @@ class LeanSession:
 _HEADER_LINE = re.compile(r"^([^:\r\n]+):[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE)
 
 
-def _headers(head: bytes) -> tuple[CIMultiDict[str], int]:
+def _headers(head: bytes) -> tuple[list[tuple[str, str]], int]:
     """The header fields of an answer's head (status line, fields, blank line; the body may follow),
-    and where the head ends."""
+    as (name, value) pairs in order, and where the head ends."""
     end = head.find(b"\r\n\r\n")
     if end >= 0:
         after = end + 4
@@ -732,18 +739,23 @@ def _headers(head: bytes) -> tuple[CIMultiDict[str], int]:
     start = head.find(b"\n") + 1  # after the status line (its reason phrase may hold a colon)
     text = head[start:end].decode("latin-1")
     if not text:
-        return CIMultiDict(), after
+        return [], after
     lines = text.split("\r\n")
     if len(lines) != text.count("\n") + 1 or "\r\n " in text or "\r\n\t" in text:
         # A bare LF line end or a folded line: the general case, by regular expression.
-        return CIMultiDict(_HEADER_LINE.findall(text)), after
+        return _HEADER_LINE.findall(text), after
     # The usual head (CRLF lines), split in C: the regular expression alone was ~12% of a
-    # request's instructions (callgrind), this is less than half of it.  A list, not zip/map
-    # iterators: multidict builds from a list of pairs in half the time.
-    return CIMultiDict([(name, value.strip(" \t")) for name, _, value in map(str.partition, lines, _COLONS)]), after
+    # request's instructions (callgrind), this is less than half of it; and paired in C too
+    # (no Python loop per field).  A list, not zip/map iterators: multidict builds from a
+    # list of pairs in half the time.
+    parts = list(map(str.partition, lines, _COLONS))  # (name, ":", value)
+    return list(zip(map(_NAME, parts), map(str.strip, map(_VALUE, parts), _BLANKS), strict=True)), after
 
 
 _COLONS = itertools.repeat(":")
+_BLANKS = itertools.repeat(" \t")
+_NAME = operator.itemgetter(0)
+_VALUE = operator.itemgetter(2)
 
 
 # Header names the client sets itself (or that make no sense on a request it frames).
