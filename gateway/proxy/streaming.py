@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 from itertools import compress
-from operator import itemgetter
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -50,7 +49,6 @@ _EVENT_END = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")  # a line end, then a 
 _Plan = tuple[tuple[bool, ...], int]
 _PLANS: dict[tuple[str, ...], _Plan] = {}
 PLANS_MAX = 256
-_NAME = itemgetter(0)
 
 
 def _plan(names: tuple[str, ...]) -> _Plan:
@@ -69,7 +67,7 @@ def _plan(names: tuple[str, ...]) -> _Plan:
 
 def client_headers(dep: Deployment, resp: LeanResponse, ctx: RequestContext) -> CIMultiDict[str]:
     fields = resp.fields
-    names = tuple(map(_NAME, fields))
+    names = resp.names
     plan = _PLANS.get(names)
     if plan is None:
         plan = _plan(names)

@@ -212,9 +212,9 @@ class _Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses its answer with llhttp."""
 
     __slots__ = ("_head", "_informational", "_pieces", "_until_close", "active_at", "body", "body_at", "closed",
-                 "complete", "fields", "head_at", "head_future", "headers", "held", "idle", "idle_at", "keep_alive", "lines",
-                 "loop", "nchunks", "on_body", "parser", "paused", "pool", "reused", "seen", "sink", "status", "timer",
-                 "total_at", "transport")
+                 "complete", "content_type", "fields", "head_at", "head_future", "held", "idle", "idle_at",
+                 "keep_alive", "lines", "loop", "names", "nchunks", "on_body", "parser", "paused", "pool", "reused",
+                 "seen", "sink", "status", "timer", "total_at", "transport")
 
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
@@ -235,8 +235,10 @@ class _Connection(asyncio.Protocol):
         self.head_future: asyncio.Future[None] | None = None
         self.body: LeanBody | None = None
         self.status = 0
-        self.headers: CIMultiDictProxy[str] | None = None
-        self.fields: list[tuple[str, str]] = []  # the same fields as ``headers``, as parsed: (name, value)
+        # The answer's header fields as parsed, (name, value) in order; None until its head came.
+        self.fields: list[tuple[str, str]] | None = None
+        self.names: tuple[str, ...] = ()  # their names, in order
+        self.content_type = ""  # the first content-type field's value
         # The answer's bytes until its head is complete (None after): its header lines are
         # parsed from them in one go, not by a Python callback per header.
         self._head: bytes | None = None
@@ -346,7 +348,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         head = self._head or b""
-        fields, end = _headers(head)
+        fields, names, end = _headers(head)
         if status < 200:
             # 1xx (103 Early Hints, an unasked 100): not the answer; its head is skipped.
             self._informational = True
@@ -355,12 +357,15 @@ class _Connection(asyncio.Protocol):
         self.status = status
         self._head = None
         self.fields = fields
-        headers = CIMultiDict(fields)
-        self.headers = CIMultiDictProxy(headers)
-        self._until_close = (
-            "content-length" not in headers and "transfer-encoding" not in headers and status >= 200
-            and status != 204 and status != 304
-        )
+        self.names = names
+        # No multidict here (LeanResponse makes one if asked): what the client needs of the
+        # fields is known by their names alone, once per set of names.
+        plan = _HEAD_PLANS.get(names)
+        if plan is None:
+            plan = _head_plan(names)
+        framed, ctype = plan
+        self.content_type = fields[ctype][1] if ctype >= 0 else ""
+        self._until_close = not framed and status != 204 and status != 304
         fut = self.head_future
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -388,7 +393,7 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             return
         now = self.loop.time()
-        head_pending = self.headers is None  # (the answer's head has not come)
+        head_pending = self.fields is None  # (the answer's head has not come)
         overdue = (
             (head_pending and self.head_at is not None and now >= self.head_at)
             or (self.total_at is not None and now >= self.total_at)
@@ -411,7 +416,7 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         at = self.total_at
-        if self.headers is None:  # the answer's head has not come
+        if self.fields is None:  # the answer's head has not come
             if self.head_at is not None and (at is None or self.head_at < at):
                 at = self.head_at
         else:
@@ -465,19 +470,29 @@ class _Connection(asyncio.Protocol):
 class LeanResponse:
     """The part of ``aiohttp.ClientResponse`` the proxy reads."""
 
-    __slots__ = ("_conn", "_done", "content", "fields", "headers", "status")
+    __slots__ = ("_conn", "_done", "_headers", "content", "content_type", "fields", "names", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
         self._done = False
         self.status: int = conn.status
-        assert conn.headers is not None
+        assert conn.fields is not None
         assert conn.body is not None
-        self.headers: CIMultiDictProxy[str] = conn.headers
-        # ``headers``' fields as a list of (name, value) in arrival order: the relay picks from it
-        # without a multidict's iteration (gateway/proxy/streaming.py ``client_headers``).
+        # The header fields as a list of (name, value) in arrival order, and their names: the relay
+        # picks from them (gateway/proxy/streaming.py ``client_headers``) without a multidict.
         self.fields: list[tuple[str, str]] = conn.fields
+        self.names: tuple[str, ...] = conn.names
+        self.content_type: str = conn.content_type  # headers.get("content-type", "")
+        self._headers: CIMultiDictProxy[str] | None = None
         self.content = conn.body
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The header fields as aiohttp gives them; made on first use (a relayed answer needs none)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(CIMultiDict(self.fields))
+        return headers
 
     async def read(self) -> bytes:
         try:
@@ -556,7 +571,7 @@ class _Pool:
         conn.lines = False
         conn.held = b""
         conn.head_future = None
-        conn.headers = None
+        conn.fields = None
         conn.idle_at = conn.loop.time()
         conn.body_at = None
         conn.idle = 0.0
@@ -727,9 +742,9 @@ class LeanSession:
 _HEADER_LINE = re.compile(r"^([^:\r\n]+):[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE)
 
 
-def _headers(head: bytes) -> tuple[list[tuple[str, str]], int]:
+def _headers(head: bytes) -> tuple[list[tuple[str, str]], tuple[str, ...], int]:
     """The header fields of an answer's head (status line, fields, blank line; the body may follow),
-    as (name, value) pairs in order, and where the head ends."""
+    as (name, value) pairs in order, their names, and where the head ends."""
     end = head.find(b"\r\n\r\n")
     if end >= 0:
         after = end + 4
@@ -739,23 +754,43 @@ def _headers(head: bytes) -> tuple[list[tuple[str, str]], int]:
     start = head.find(b"\n") + 1  # after the status line (its reason phrase may hold a colon)
     text = head[start:end].decode("latin-1")
     if not text:
-        return [], after
+        return [], (), after
     lines = text.split("\r\n")
     if len(lines) != text.count("\n") + 1 or "\r\n " in text or "\r\n\t" in text:
         # A bare LF line end or a folded line: the general case, by regular expression.
-        return _HEADER_LINE.findall(text), after
+        fields: list[tuple[str, str]] = _HEADER_LINE.findall(text)
+        return fields, tuple(map(_NAME, fields)), after
     # The usual head (CRLF lines), split in C: the regular expression alone was ~12% of a
     # request's instructions (callgrind), this is less than half of it; and paired in C too
     # (no Python loop per field).  A list, not zip/map iterators: multidict builds from a
     # list of pairs in half the time.
     parts = list(map(str.partition, lines, _COLONS))  # (name, ":", value)
-    return list(zip(map(_NAME, parts), map(str.strip, map(_VALUE, parts), _BLANKS), strict=True)), after
+    names = tuple(map(_NAME, parts))
+    return list(zip(names, map(str.strip, map(_VALUE, parts), _BLANKS), strict=True)), names, after
 
 
 _COLONS = itertools.repeat(":")
 _BLANKS = itertools.repeat(" \t")
 _NAME = operator.itemgetter(0)
 _VALUE = operator.itemgetter(2)
+
+
+# What the client needs from an answer's header names (exact spelling, in order), learnt once per
+# set of names (a provider sends the same ones each time): whether the body's length is framed
+# (content-length or transfer-encoding: else it ends with the connection), and where the first
+# content-type field is (-1: none).  Bounded: upstreams choose the names.
+_HEAD_PLANS: dict[tuple[str, ...], tuple[bool, int]] = {}
+HEAD_PLANS_MAX = 256
+
+
+def _head_plan(names: tuple[str, ...]) -> tuple[bool, int]:
+    lows = [name.lower() for name in names]
+    framed = "content-length" in lows or "transfer-encoding" in lows
+    ctype = lows.index("content-type") if "content-type" in lows else -1
+    if len(_HEAD_PLANS) >= HEAD_PLANS_MAX:
+        _HEAD_PLANS.clear()  # an upstream inventing names: start over rather than stop learning
+    plan = _HEAD_PLANS[names] = (framed, ctype)
+    return plan
 
 
 # Header names the client sets itself (or that make no sense on a request it frames).
