@@ -1,7 +1,8 @@
 """The client's headers made from the upstream's (gateway/proxy/streaming.py ``client_headers``).
 
 The relay decides what to do with each of an upstream's fields once per set of
-header names (a plan, cached by the names in order), not per answer.  An
+header names (a plan, kept on the client's HeadShape for those names in order),
+not per answer.  An
 upstream whose names change from one answer to the next must still get each
 answer's own fields relayed, in order; the cache stays bounded whatever names
 the upstream invents.
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from gateway.providers.base import HOP_BY_HOP, UPSTREAM_ONLY
 from gateway.proxy import streaming
 from gateway.proxy.context import RequestContext
+from gateway.upstream import client
 from tests.conftest import TEST_KEY, GatewayFactory, gateway_toml
 
 CHAT = {"model": "demo-gpt", "messages": [{"role": "user", "content": "hi"}]}
@@ -141,6 +143,14 @@ NAMES = st.sampled_from(["Content-Type", "content-type", "X-Request-Id", "x-requ
                          "request-id", "Transfer-Encoding", "Alt-Svc"])
 
 
+def _answer(fields: list[tuple[str, str]]) -> Any:
+    """A LeanResponse's header side, as the client makes it from a head with these fields."""
+    head = ("HTTP/1.1 200 OK\r\n" + "".join(f"{n}: {v}\r\n" for n, v in fields) + "\r\n").encode("latin-1")
+    parts, names, _ = client._headers(head)
+    shape = client._SHAPES.get(names) or client._shape(names)
+    return SimpleNamespace(parts=parts, shape=shape)
+
+
 @settings(max_examples=300, deadline=None)
 @given(answers=st.lists(st.lists(st.tuples(NAMES, st.sampled_from(["a", "b", ""])), max_size=8), max_size=6),
        rid_header=st.sampled_from(["x-request-id", "request-id"]))
@@ -150,17 +160,16 @@ def test_each_answer_gets_the_rules_headers_whatever_was_cached(
     dep: Any = SimpleNamespace(provider=SimpleNamespace(request_id_header=rid_header))
     for fields in answers + answers:  # the second round: every plan from the cache
         ctx = _ctx()
-        resp: Any = SimpleNamespace(fields=fields, names=tuple(name for name, _ in fields))
-        assert list(streaming.client_headers(dep, resp, ctx).items()) == _expected(fields, rid_header, ctx)
+        assert list(streaming.client_headers(dep, _answer(fields), ctx).items()) == _expected(fields, rid_header, ctx)
 
 
-def test_the_plan_cache_is_bounded_and_still_right_once_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streaming, "_PLANS", {})
+def test_a_full_shape_cache_starts_over_and_stays_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client, "_SHAPES", {})
     dep: Any = SimpleNamespace(provider=SimpleNamespace(request_id_header="x-request-id"))
-    for i in range(3 * streaming.PLANS_MAX):
-        fields = [("Content-Type", "application/json"), (f"x-invented-{i}", "v"), ("X-Request-Id", "up"),
-                  ("Server", "s")]
+    for i in range(3 * client.SHAPES_MAX):
+        fields = [("Content-Type", "application/json"), (f"x-invented-{i % (2 * client.SHAPES_MAX)}", "v"),
+                  ("X-Request-Id", "up"), ("Server", "s")]
         ctx = _ctx()
-        resp: Any = SimpleNamespace(fields=fields, names=tuple(name for name, _ in fields))
-        assert list(streaming.client_headers(dep, resp, ctx).items()) == _expected(fields, "x-request-id", ctx)
-        assert len(streaming._PLANS) <= streaming.PLANS_MAX
+        assert list(streaming.client_headers(dep, _answer(fields), ctx).items()) == _expected(fields, "x-request-id",
+                                                                                             ctx)
+        assert len(client._SHAPES) <= client.SHAPES_MAX

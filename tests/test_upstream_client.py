@@ -230,19 +230,21 @@ async def test_each_answers_framing_and_content_type_follow_its_own_header_names
             r = await session.request("POST", URL(base + "/v1/messages"), data=b"{}", headers={},
                                       timeout=aiohttp.ClientTimeout(total=5, sock_connect=2))
             assert content_type == r.content_type == r.headers.get("content-type", "")
-            assert r.fields == list(r.headers.items())
-            assert [name for name, _ in r.fields] == list(r.names)
+            assert client.fields(r.parts) == list(r.headers.items())
+            assert r.shape.lows == tuple(name.lower() for name, _ in r.headers.items())
             assert body == await r.read()
     finally:
         await session.close()
 
 
-def test_the_head_plan_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client, "_HEAD_PLANS", {})
-    for i in range(3 * client.HEAD_PLANS_MAX):
-        names = (f"x-invented-{i}", "Content-Type", "Content-Length")
-        assert (True, 1) == client._head_plan(names)
-        assert len(client._HEAD_PLANS) <= client.HEAD_PLANS_MAX
+def test_the_head_shape_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client, "_SHAPES", {})
+    for i in range(3 * client.SHAPES_MAX):
+        shape = client._shape(f"x-invented-{i}\nContent-Type\nContent-Length")
+        assert (True, 1, (f"x-invented-{i}", "content-type", "content-length")) == (shape.framed, shape.ctype,
+                                                                                   shape.lows)
+        assert len(client._SHAPES) <= client.SHAPES_MAX
+    assert client._shape("").lows == ()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

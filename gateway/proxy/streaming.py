@@ -33,7 +33,7 @@ from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
 from gateway.server.response import WholeResponse
-from gateway.upstream.client import LeanBody, LeanResponse
+from gateway.upstream.client import LeanBody, LeanResponse, fields
 
 if TYPE_CHECKING:
     from gateway.translate.attempt import StreamTranslator, Translation
@@ -42,40 +42,26 @@ _SKIP_RESPONSE = HOP_BY_HOP | UPSTREAM_ONLY
 _EVENT_END = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")  # a line end, then a blank line
 
 
-# What to do with each field of an upstream's answer, by its header names (exact spelling, in
-# order): a provider sends the same names on every answer, so each name is classified once, not
-# per answer.  A plan: which fields reach the client (for itertools.compress), and where the
-# upstream's x-request-id is (the last one; -1: none).  Bounded: upstreams choose the names.
-_Plan = tuple[tuple[bool, ...], int]
-_PLANS: dict[tuple[str, ...], _Plan] = {}
-PLANS_MAX = 256
-
-
-def _plan(names: tuple[str, ...]) -> _Plan:
-    keep: list[bool] = []
-    rid = -1
-    for i, name in enumerate(names):
-        low = name.lower()
-        if low == "x-request-id":  # the gateway's own id owns the name
-            rid = i
-        keep.append(low not in _SKIP_RESPONSE and low != "x-request-id")  # hop-by-hop, upstream-only
-    if len(_PLANS) >= PLANS_MAX:
-        _PLANS.clear()  # an upstream inventing names: start over rather than stop learning
-    plan = _PLANS[names] = (tuple(keep), rid)
-    return plan
+def _plan(lows: tuple[str, ...]) -> tuple[tuple[bool, ...], int]:
+    """What to do with each field of an answer, by its names (lower-cased, in order): which fields
+    reach the client (for itertools.compress), and where the upstream's x-request-id is (the last;
+    -1: none).  Made once per set of names (kept on the client's HeadShape), not per answer."""
+    rid = len(lows) - 1 - lows[::-1].index("x-request-id") if "x-request-id" in lows else -1
+    # Hop-by-hop and upstream-only fields stay behind; the gateway's own id owns x-request-id.
+    return tuple(low not in _SKIP_RESPONSE and low != "x-request-id" for low in lows), rid
 
 
 def client_headers(dep: Deployment, resp: LeanResponse, ctx: RequestContext) -> CIMultiDict[str]:
-    fields = resp.fields
-    names = resp.names
-    plan = _PLANS.get(names)
+    shape = resp.shape
+    plan = shape.relay
     if plan is None:
-        plan = _plan(names)
-    out: CIMultiDict[str] = CIMultiDict(list(compress(fields, plan[0])))
+        plan = shape.relay = _plan(shape.lows)
+    parts = resp.parts
+    out: CIMultiDict[str] = CIMultiDict(fields(list(compress(parts, plan[0]))))
     rid = plan[1]
     if rid >= 0 and dep.provider.request_id_header == "x-request-id":
         # The gateway's id owns x-request-id; keep the provider's alongside.
-        out["x-upstream-request-id"] = fields[rid][1]
+        out["x-upstream-request-id"] = parts[rid][2].strip(" \t")
     out["x-request-id"] = ctx.request_id
     served_headers(out, ctx)
     return out
