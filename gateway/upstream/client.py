@@ -797,7 +797,9 @@ class HeadShape:
 
 
 # By the names joined with line ends (one string: hashed and compared in one go, cheaper than a
-# tuple of fresh strings).  Bounded: upstreams choose the names.
+# tuple of fresh strings).  Unambiguous: no name holds a line end (``_headers`` splits the CRLF
+# head only when every LF ends a line; its regular expression excludes them).  Bounded: upstreams
+# choose the names.
 _SHAPES: dict[str, HeadShape] = {}
 SHAPES_MAX = 256
 _NO_FIELDS = HeadShape([])
