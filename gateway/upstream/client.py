@@ -784,9 +784,10 @@ class HeadShape:
     """What an answer's header names (exact spelling, in order) tell, learnt once per set of names:
     a provider sends the same names on every answer, so none is lowered or compared per answer."""
 
-    __slots__ = ("ctype", "framed", "lows", "relay")
+    __slots__ = ("ctype", "framed", "lows", "names", "relay")
 
     def __init__(self, names: list[str]) -> None:
+        self.names = tuple(names)
         lows = self.lows = tuple(name.lower() for name in names)
         # Else the body ends when the connection does.
         self.framed = "content-length" in lows or "transfer-encoding" in lows
