@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from gateway.upstream import client
 from gateway.upstream.client import LeanSession
 
 BODIES = {
@@ -205,6 +206,45 @@ async def test_read_until_close_and_chunked_bodies_are_read_whole(
     base = await raw_server(_answer(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
                                     b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"))
     assert (201, b"hello world") == await _call(base)
+
+
+# Heads whose names change from one answer to the next: what the client reads of each (the body's
+# framing, the content-type) is learnt once per set of names and must follow each answer's own.
+CHANGING_HEADS = [
+    (b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", "application/json", b"{}"),
+    (b"content-length: 2\r\nx-a: 1\r\nCONTENT-TYPE: text/plain\r\nContent-Type: b/c\r\n\r\nab", "text/plain",
+     b"ab"),
+    (b"Transfer-Encoding: chunked\r\ncontent-type: a/b\r\n\r\n2\r\nab\r\n0\r\n\r\n", "a/b", b"ab"),
+    (b"x-a: 1\r\n\r\nuntil close", "", b"until close"),
+    (b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", "application/json", b"{}"),  # cached
+]
+
+
+async def test_each_answers_framing_and_content_type_follow_its_own_header_names(
+    raw_server: Callable[[Handler], Awaitable[str]],
+) -> None:
+    session = LeanSession()
+    try:
+        for raw, content_type, body in CHANGING_HEADS:
+            base = await raw_server(_answer(b"HTTP/1.1 200 OK\r\n" + raw))
+            r = await session.request("POST", URL(base + "/v1/messages"), data=b"{}", headers={},
+                                      timeout=aiohttp.ClientTimeout(total=5, sock_connect=2))
+            assert content_type == r.content_type == r.headers.get("content-type", "")
+            assert client.fields(r.parts) == list(r.headers.items())
+            assert r.shape.lows == tuple(name.lower() for name, _ in r.headers.items())
+            assert body == await r.read()
+    finally:
+        await session.close()
+
+
+def test_the_head_shape_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client, "_SHAPES", {})
+    for i in range(3 * client.SHAPES_MAX):
+        shape = client._shape(f"x-invented-{i}\nContent-Type\nContent-Length")
+        assert (True, 1, (f"x-invented-{i}", "content-type", "content-length")) == (shape.framed, shape.ctype,
+                                                                                   shape.lows)
+        assert len(client._SHAPES) <= client.SHAPES_MAX
+    assert client._shape("").lows == ()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

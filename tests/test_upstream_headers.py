@@ -1,8 +1,8 @@
-"""The lean client's header parse (upstream/client.py ``_headers``) against llhttp's own.
+"""The lean client's header parse (upstream/client.py ``_headers``, ``fields``) against llhttp's own.
 
 The client reads an answer's header fields from its head in one go (split in
 C for the usual CRLF head, a regular expression for the rest) rather than by a
-Python callback per field.  For any head llhttp accepts, both must give the
+Python callback per field; ``fields`` strips their values.  For any head llhttp accepts, both must give the
 fields llhttp itself reports, in order, values without surrounding blanks
 (llhttp drops the leading ones, RFC 9110 section 5.5 both).
 """
@@ -13,7 +13,7 @@ import httptools
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gateway.upstream.client import _headers
+from gateway.upstream import client
 
 NAMES = st.text(alphabet="abcXYZ-_0123456789", min_size=1, max_size=8)
 VALUES = st.text(alphabet="vw:;, =\t/\"'", max_size=12)
@@ -56,7 +56,9 @@ def test_fields_are_llhttps_fields(fields: list[tuple[str, str, str, str]], eol:
     head = ("HTTP/1.1 200 OK" + eol + "".join(line + eol for line in lines) + eol).encode("latin-1")
     expected = _llhttp(head)
     assume(expected is not None)
-    parsed, end = _headers(head + body)
+    parts, names, end = client._headers(head + body)
+    parsed = client.fields(parts)
     assert end == len(head)
+    assert names == "\n".join(name for name, _ in parsed)
     # llhttp leaves the trailing blanks to its user; a field value has none (RFC 9110 5.5).
-    assert list(parsed.items()) == [(name, value.strip(BLANKS)) for name, value in expected]
+    assert parsed == [(name, value.strip(BLANKS)) for name, value in expected]

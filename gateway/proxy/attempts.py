@@ -107,7 +107,7 @@ class Attempt:
         except (aiohttp.ClientError, OSError):
             raise AttemptFailed(connection_failure(dep.name)) from None
         try:
-            if resp.status == 200 and resp.headers.get("content-type", "").startswith(STREAM_TYPES):
+            if resp.status == 200 and resp.content_type.startswith(STREAM_TYPES):
                 return await self._read_ahead(resp)
             content = resp.content
             if content._eof:  # all of it is in (it came with the headers: the usual case); not is_eof(),

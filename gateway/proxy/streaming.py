@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -20,7 +22,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_writer import StreamWriter
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from gateway.accounting.sse import StreamTap
 from gateway.accounting.usage import Usage, from_body
@@ -32,66 +34,65 @@ from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
 from gateway.server.response import WholeResponse
-from gateway.upstream.client import LeanBody, LeanResponse
+from gateway.upstream.client import HeadShape, LeanBody, LeanResponse
 
 if TYPE_CHECKING:
     from gateway.translate.attempt import StreamTranslator, Translation
 
 _SKIP_RESPONSE = HOP_BY_HOP | UPSTREAM_ONLY
+_VALUE = itemgetter(2)  # of a (name, ":", value) part
+_BLANKS = repeat(" \t")
 _EVENT_END = (b"\n\n", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")  # a line end, then a blank line
 
 
-# Response header names (exact spelling, as upstreams send them) already classified, so that
-# building the client's headers costs no lower() per header; bounded, upstreams choose the names.
-_RELAYED: set[str] = set()
-_SKIPPED: set[str] = set()  # hop-by-hop, upstream-only
-_REQUEST_ID: set[str] = set()  # x-request-id: the gateway's own owns the name
+# Header names the gateway sets on every relayed answer, as istr: a case-insensitive multidict
+# lower-cases a plain str key at each use, an istr's once.
+_X_REQUEST_ID = istr("x-request-id")
+_X_UPSTREAM_REQUEST_ID = istr("x-upstream-request-id")
+_X_GATEWAY_UPSTREAM = istr("x-gateway-upstream")
+_X_GATEWAY_MODEL = istr("x-gateway-model")
+_X_GATEWAY_ATTEMPTS = istr("x-gateway-attempts")
+
+_Plan = tuple[tuple[bool, ...], tuple[istr, ...], int]
 
 
-def _classify(name: str) -> bool:
-    """Learn one name; True when the sets were emptied first (an upstream inventing names)."""
-    reset = len(_RELAYED) + len(_SKIPPED) + len(_REQUEST_ID) >= 4096
-    if reset:
-        _RELAYED.clear()
-        _SKIPPED.clear()
-        _REQUEST_ID.clear()
-    low = name.lower()
-    (_SKIPPED if low in _SKIP_RESPONSE else _REQUEST_ID if low == "x-request-id" else _RELAYED).add(name)
-    return reset
+def _plan(shape: HeadShape) -> _Plan:
+    """What to do with each field of an answer, by its names (in order): which fields reach the
+    client (for itertools.compress), their names (as istr, spelt as the upstream spelt them), and
+    where the upstream's x-request-id is (the last; -1: none).  Made once per set of names (kept on
+    the client's HeadShape), not per answer."""
+    lows = shape.lows
+    # Hop-by-hop and upstream-only fields stay behind; the gateway's own id owns x-request-id.
+    keep = tuple(low not in _SKIP_RESPONSE and low != "x-request-id" for low in lows)
+    rid = len(lows) - 1 - lows[::-1].index("x-request-id") if "x-request-id" in lows else -1
+    return keep, tuple(istr(name) for name in compress(shape.names, keep)), rid
 
 
 def client_headers(dep: Deployment, resp: LeanResponse, ctx: RequestContext) -> CIMultiDict[str]:
-    items = resp.headers.items()
-    upstream_rid: str | None = None
-    reset = False
-    for name, value in items:
-        if name in _RELAYED or name in _SKIPPED:
-            continue
-        if name not in _REQUEST_ID:
-            reset = _classify(name) or reset
-            if name not in _REQUEST_ID:
-                continue
-        if dep.provider.request_id_header == "x-request-id":
-            # The gateway's id owns x-request-id; keep the provider's alongside.
-            upstream_rid = value
-    if reset:  # names learnt before the reset in this loop were forgotten: learn them again
-        for name, _ in items:
-            _classify(name)
-    out: CIMultiDict[str] = CIMultiDict([(name, value) for name, value in items if name in _RELAYED])
-    if upstream_rid is not None:
-        out["x-upstream-request-id"] = upstream_rid
-    out["x-request-id"] = ctx.request_id
+    shape = resp.shape
+    plan: _Plan | None = shape.relay
+    if plan is None:
+        plan = shape.relay = _plan(shape)
+    parts = resp.parts
+    keep, names, rid = plan
+    # The kept values, without their surrounding blanks, paired with their names in C.
+    values = map(str.strip, map(_VALUE, compress(parts, keep)), _BLANKS)
+    out: CIMultiDict[str] = CIMultiDict(list(zip(names, values, strict=True)))
+    if rid >= 0 and dep.provider.request_id_header == "x-request-id":
+        # The gateway's id owns x-request-id; keep the provider's alongside.
+        out[_X_UPSTREAM_REQUEST_ID] = parts[rid][2].strip(" \t")
+    out[_X_REQUEST_ID] = ctx.request_id
     served_headers(out, ctx)
     return out
 
 
 def served_headers(out: CIMultiDict[str] | dict[str, str], ctx: RequestContext) -> None:
     """Tell the client what served it: the upstream, its model name, the attempts made."""
-    out["x-gateway-upstream"] = ctx.upstream
+    out[_X_GATEWAY_UPSTREAM] = ctx.upstream
     model = ctx.served_model
     # The client's own model name when no mapping applies: never let it break a header.
-    out["x-gateway-model"] = model if model.isascii() and model.isprintable() else quote(model, safe="")
-    out["x-gateway-attempts"] = str(ctx.attempts)
+    out[_X_GATEWAY_MODEL] = model if model.isascii() and model.isprintable() else quote(model, safe="")
+    out[_X_GATEWAY_ATTEMPTS] = str(ctx.attempts)
 
 
 def relay_body(

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.hdrs import CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, DATE, TRANSFER_ENCODING
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion11
 from aiohttp.web_request import BaseRequest
@@ -77,9 +78,9 @@ class WholeResponse(web.Response):
             or message.method == "HEAD"
             or status < 200
             or status in _NO_BODY_STATUS
-            or "Content-Length" in h
-            or "Transfer-Encoding" in h
-            or "Date" in h
+            or CONTENT_LENGTH in h  # (aiohttp's names are istr: no lower-casing per lookup)
+            or TRANSFER_ENCODING in h
+            or DATE in h
         ):
             return await super().prepare(request)
         target = message.path
@@ -101,15 +102,15 @@ class WholeResponse(web.Response):
         self._keep_alive = keep_alive
         body = self._body
         assert isinstance(body, bytes)
-        if body and "Content-Type" not in h:
-            h["Content-Type"] = "application/octet-stream"
+        if body and CONTENT_TYPE not in h:
+            h[CONTENT_TYPE] = "application/octet-stream"
         block = "\r\n".join(map(": ".join, h.items()))  # the caller's headers, then aiohttp's own
         breaks = len(h) - 1
         if breaks >= 0:
             if block.count("\n") != breaks or block.count("\r") != breaks:
                 raise ValueError("Newline or carriage return detected in headers. Potential header injection attack.")
             block += "\r\n"
-        close = "" if keep_alive or "Connection" in h else "Connection: close\r\n"
+        close = "" if keep_alive or CONNECTION in h else "Connection: close\r\n"
         head = (
             f"HTTP/1.1 {status} {self._reason}\r\n{block}Content-Length: {len(body)}\r\n"
             f"Date: {rfc822_formatted_time()}\r\n{close}\r\n"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import re
 import ssl as ssl_mod
 from collections.abc import Callable, Iterable, Mapping
@@ -211,9 +212,9 @@ class _Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses its answer with llhttp."""
 
     __slots__ = ("_head", "_informational", "_pieces", "_until_close", "active_at", "body", "body_at", "closed",
-                 "complete", "head_at", "head_future", "headers", "held", "idle", "idle_at", "keep_alive", "lines",
-                 "loop", "nchunks", "on_body", "parser", "paused", "pool", "reused", "seen", "sink", "status", "timer",
-                 "total_at", "transport")
+                 "complete", "content_type", "head_at", "head_future", "held", "idle", "idle_at", "keep_alive",
+                 "lines", "loop", "nchunks", "on_body", "parser", "parts", "paused", "pool", "reused", "seen",
+                 "shape", "sink", "status", "timer", "total_at", "transport")
 
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
@@ -234,7 +235,10 @@ class _Connection(asyncio.Protocol):
         self.head_future: asyncio.Future[None] | None = None
         self.body: LeanBody | None = None
         self.status = 0
-        self.headers: CIMultiDictProxy[str] | None = None
+        # The answer's header fields as parsed: (name, ":", raw value) in order; None until its head came.
+        self.parts: list[tuple[str, str, str]] | None = None
+        self.shape = _NO_FIELDS  # what their names tell
+        self.content_type = ""  # the first content-type field's value
         # The answer's bytes until its head is complete (None after): its header lines are
         # parsed from them in one go, not by a Python callback per header.
         self._head: bytes | None = None
@@ -344,7 +348,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         head = self._head or b""
-        headers, end = _headers(head)
+        parts, names, end = _headers(head)
         if status < 200:
             # 1xx (103 Early Hints, an unasked 100): not the answer; its head is skipped.
             self._informational = True
@@ -352,11 +356,16 @@ class _Connection(asyncio.Protocol):
             return
         self.status = status
         self._head = None
-        self.headers = CIMultiDictProxy(headers)
-        self._until_close = (
-            "content-length" not in headers and "transfer-encoding" not in headers and status >= 200
-            and status != 204 and status != 304
-        )
+        self.parts = parts
+        # No multidict here (LeanResponse makes one if asked): what the client needs of the
+        # fields is known by their names alone, once per set of names.
+        shape = _SHAPES.get(names)
+        if shape is None:
+            shape = _shape(names)
+        self.shape = shape
+        ctype = shape.ctype
+        self.content_type = parts[ctype][2].strip(" \t") if ctype >= 0 else ""
+        self._until_close = not shape.framed and status != 204 and status != 304
         fut = self.head_future
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -384,7 +393,7 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             return
         now = self.loop.time()
-        head_pending = self.headers is None  # (the answer's head has not come)
+        head_pending = self.parts is None  # (the answer's head has not come)
         overdue = (
             (head_pending and self.head_at is not None and now >= self.head_at)
             or (self.total_at is not None and now >= self.total_at)
@@ -407,7 +416,7 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         at = self.total_at
-        if self.headers is None:  # the answer's head has not come
+        if self.parts is None:  # the answer's head has not come
             if self.head_at is not None and (at is None or self.head_at < at):
                 at = self.head_at
         else:
@@ -461,16 +470,30 @@ class _Connection(asyncio.Protocol):
 class LeanResponse:
     """The part of ``aiohttp.ClientResponse`` the proxy reads."""
 
-    __slots__ = ("_conn", "_done", "content", "headers", "status")
+    __slots__ = ("_conn", "_done", "_headers", "content", "content_type", "parts", "shape", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
         self._done = False
         self.status: int = conn.status
-        assert conn.headers is not None
+        assert conn.parts is not None
         assert conn.body is not None
-        self.headers: CIMultiDictProxy[str] = conn.headers
+        # The header fields as parsed, (name, ":", value with its blanks) in arrival order, and what
+        # their names tell: the relay picks from them (gateway/proxy/streaming.py ``client_headers``)
+        # without a multidict, stripping only the values it keeps.
+        self.parts: list[tuple[str, str, str]] = conn.parts
+        self.shape: HeadShape = conn.shape
+        self.content_type: str = conn.content_type  # headers.get("content-type", "")
+        self._headers: CIMultiDictProxy[str] | None = None
         self.content = conn.body
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The header fields as aiohttp gives them; made on first use (a relayed answer needs none)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(CIMultiDict(fields(self.parts)))
+        return headers
 
     async def read(self) -> bytes:
         try:
@@ -549,7 +572,7 @@ class _Pool:
         conn.lines = False
         conn.held = b""
         conn.head_future = None
-        conn.headers = None
+        conn.parts = None
         conn.idle_at = conn.loop.time()
         conn.body_at = None
         conn.idle = 0.0
@@ -720,9 +743,10 @@ class LeanSession:
 _HEADER_LINE = re.compile(r"^([^:\r\n]+):[ \t]*(.*?)[ \t]*\r?$", re.MULTILINE)
 
 
-def _headers(head: bytes) -> tuple[CIMultiDict[str], int]:
+def _headers(head: bytes) -> tuple[list[tuple[str, str, str]], str, int]:
     """The header fields of an answer's head (status line, fields, blank line; the body may follow),
-    and where the head ends."""
+    as (name, ":", value) in order (``fields`` strips the values), their names joined by line
+    ends (a name has none), and where the head ends."""
     end = head.find(b"\r\n\r\n")
     if end >= 0:
         after = end + 4
@@ -732,18 +756,61 @@ def _headers(head: bytes) -> tuple[CIMultiDict[str], int]:
     start = head.find(b"\n") + 1  # after the status line (its reason phrase may hold a colon)
     text = head[start:end].decode("latin-1")
     if not text:
-        return CIMultiDict(), after
+        return [], "", after
     lines = text.split("\r\n")
     if len(lines) != text.count("\n") + 1 or "\r\n " in text or "\r\n\t" in text:
         # A bare LF line end or a folded line: the general case, by regular expression.
-        return CIMultiDict(_HEADER_LINE.findall(text)), after
+        pairs: list[tuple[str, str]] = _HEADER_LINE.findall(text)
+        return [(name, ":", value) for name, value in pairs], "\n".join(map(_NAME, pairs)), after
     # The usual head (CRLF lines), split in C: the regular expression alone was ~12% of a
-    # request's instructions (callgrind), this is less than half of it.  A list, not zip/map
-    # iterators: multidict builds from a list of pairs in half the time.
-    return CIMultiDict([(name, value.strip(" \t")) for name, _, value in map(str.partition, lines, _COLONS)]), after
+    # request's instructions (callgrind), this is less than half of it; no Python loop per field.
+    parts = list(map(str.partition, lines, _COLONS))  # (name, ":", value)
+    return parts, "\n".join(map(_NAME, parts)), after
+
+
+def fields(parts: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(name, value) pairs from ``_headers``' parts, values without surrounding blanks, paired in C.
+    A list, not zip/map iterators: multidict builds from a list of pairs in half the time."""
+    return list(zip(map(_NAME, parts), map(str.strip, map(_VALUE, parts), _BLANKS), strict=True))
 
 
 _COLONS = itertools.repeat(":")
+_BLANKS = itertools.repeat(" \t")
+_NAME = operator.itemgetter(0)
+_VALUE = operator.itemgetter(2)
+
+
+class HeadShape:
+    """What an answer's header names (exact spelling, in order) tell, learnt once per set of names:
+    a provider sends the same names on every answer, so none is lowered or compared per answer."""
+
+    __slots__ = ("ctype", "framed", "lows", "names", "relay")
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = tuple(names)
+        lows = self.lows = tuple(name.lower() for name in names)
+        # Else the body ends when the connection does.
+        self.framed = "content-length" in lows or "transfer-encoding" in lows
+        self.ctype = lows.index("content-type") if "content-type" in lows else -1  # the first; -1: none
+        # The relay's own plan for these names (gateway/proxy/streaming.py), kept here so that an
+        # answer's names are looked up once.
+        self.relay: Any = None
+
+
+# By the names joined with line ends (one string: hashed and compared in one go, cheaper than a
+# tuple of fresh strings).  Unambiguous: no name holds a line end (``_headers`` splits the CRLF
+# head only when every LF ends a line; its regular expression excludes them).  Bounded: upstreams
+# choose the names.
+_SHAPES: dict[str, HeadShape] = {}
+SHAPES_MAX = 256
+_NO_FIELDS = HeadShape([])
+
+
+def _shape(names: str) -> HeadShape:
+    if len(_SHAPES) >= SHAPES_MAX:
+        _SHAPES.clear()  # an upstream inventing names: start over rather than stop learning
+    shape = _SHAPES[names] = HeadShape(names.split("\n") if names else [])
+    return shape
 
 
 # Header names the client sets itself (or that make no sense on a request it frames).
