@@ -446,3 +446,62 @@ async def test_push_by_lines_hands_on_only_reads_that_end_a_line(
         r.close()
     finally:
         await session.close()
+
+
+# ---------------------------------------------------------------- the request head
+
+
+async def test_request_head_sends_the_fields_in_order_without_framing_ones_for_each_set_of_names() -> None:
+    """What an upstream receives, request after request on one connection: the given fields in
+    order, minus those the client frames itself (any spelling), whichever names came before (the
+    per-names plan); a line break in a name or value is refused before anything is sent."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                heads.append(head)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    session = LeanSession()
+    sets = [
+        [("x-a", "1"), ("Content-Type", "application/json")],
+        [("x-a", "1"), ("HOST", "evil"), ("content-length", "99"), ("x-b", "2"), ("Connection", "close")],
+        [("x-a", "1"), ("Content-Type", "application/json")],  # a known set again
+        [("Transfer-Encoding", "chunked")],
+        [],
+    ]
+    try:
+        for _ in range(2):  # the second round from the plans learnt in the first
+            for fields in sets:
+                r = await session.request("POST", URL(base + "/v1/x"), data=b"{}", headers=dict(fields),
+                                          timeout=aiohttp.ClientTimeout(total=5))
+                assert (r.status, await r.read()) == (200, b"ok")
+        for bad in ({"x-a": "1\r\nx-injected: 1"}, {"x-a\nb": "1"}, {"x-a": "1\r"}):
+            with pytest.raises(ValueError):
+                await session.request("POST", URL(base + "/v1/x"), data=b"{}", headers=bad,
+                                      timeout=aiohttp.ClientTimeout(total=5))
+    finally:
+        await session.close()
+        srv.close()
+    host = base.removeprefix("http://").encode()
+    expected = [
+        [b"x-a: 1", b"Content-Type: application/json"],
+        [b"x-a: 1", b"x-b: 2"],
+        [b"x-a: 1", b"Content-Type: application/json"],
+        [],
+        [],
+    ] * 2
+    assert len(heads) == len(expected)  # nothing of the refused requests reached the upstream
+    for head, fields in zip(heads, expected, strict=True):
+        assert head == b"\r\n".join([b"POST /v1/x HTTP/1.1", b"Host: " + host, *fields, b"Content-Length: 2", b"", b""])

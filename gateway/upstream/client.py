@@ -37,6 +37,7 @@ import operator
 import re
 import ssl as ssl_mod
 from collections.abc import Callable, Iterable, Mapping
+from itertools import compress
 from typing import Any, cast
 
 import aiohttp
@@ -827,13 +828,33 @@ def _sendable(name: str) -> bool:
 
 
 def _head(method: str, target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
-    lines = [
-        f"{name}: {value}\r\n" for name, value in headers.items()
-        if name in _SENDABLE or (name not in _DROPPED and _sendable(name))
-    ]
-    fields = "".join(lines)
+    # Which fields go, by the names (in order) of this request's headers: the same on every request
+    # of a client, so the whole verdict is one lookup.  None: all of them (the usual case).
+    names = tuple(headers)
+    try:
+        keep = _HEAD_PLANS[names]
+    except KeyError:
+        keep = _head_plan(names)
+    items = headers.items() if keep is None else compress(headers.items(), keep)
+    fields = "\r\n".join(map(": ".join, items))  # type: ignore[arg-type]  # (name, value) pairs
     # A line break inside a name or a value would add a header line: each line has exactly one CR and one LF.
-    n = len(lines)
-    if fields.count("\n") != n or fields.count("\r") != n:
-        raise ValueError("a header name or value contains a line break")
+    n = len(names) if keep is None else sum(keep)
+    if n:
+        if fields.count("\n") != n - 1 or fields.count("\r") != n - 1:
+            raise ValueError("a header name or value contains a line break")
+        fields += "\r\n"
     return f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{fields}Content-Length: {length}\r\n\r\n".encode("latin-1")
+
+
+# Request header names (exact spelling, in order) -> which to send; bounded: clients choose some names.
+_HEAD_PLANS: dict[tuple[str, ...], tuple[bool, ...] | None] = {}
+HEAD_PLANS_MAX = 256
+
+
+def _head_plan(names: tuple[str, ...]) -> tuple[bool, ...] | None:
+    keep = tuple(name in _SENDABLE or (name not in _DROPPED and _sendable(name)) for name in names)
+    plan = None if all(keep) else keep
+    if len(_HEAD_PLANS) >= HEAD_PLANS_MAX:
+        _HEAD_PLANS.clear()
+    _HEAD_PLANS[names] = plan
+    return plan
