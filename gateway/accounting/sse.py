@@ -126,6 +126,11 @@ class StreamTap:
         ):
             # An event still open, or one that may be dropped: whole events only.  Otherwise
             # (the usual read: whole content events) the lines pass as they are, as without stripping.
+            if (
+                self.dialect != "anthropic" and not self._held and not self._drop and len(out) >= _PARSE_BELOW
+                and out[-2:] == b"\n\n" and b"\r" not in out
+            ):
+                return self._openai_whole(out)
             return self._events(out)
         if self.dialect == "anthropic":
             if (
@@ -267,7 +272,7 @@ class StreamTap:
         if o.proto._paused:
             o.slow()
 
-    def _events(self, out: bytes) -> bytes:
+    def _events(self, out: bytes, send: bool = True) -> bytes:
         """Strip mode: the whole lines ``out`` read; pass on (return, and write to the outlet) the
         events they complete, minus the usage-only chunk the client did not ask for."""
         new = out.split(b"\n")
@@ -308,9 +313,52 @@ class StreamTap:
         else:
             ranges.append((emit_from, ev_start))
             passed = b"".join(b"\n".join(lines[a:b]) + b"\n" for a, b in ranges if b > a)
+        if self.outlet is not None and send:
+            self._send(passed)
+        return passed
+
+    def _openai_whole(self, out: bytes) -> bytes:
+        """Strip mode, OpenAI, whole events with LF line ends and nothing held (a stream that came
+        in one read or in event-sized reads): the events that hold a usage object, ``[DONE]`` or an
+        error go through ``_events`` (which drops the usage-only chunk); the content chunks between
+        them are counted in C and passed as they are.  The same as ``_events(out)``."""
+        pieces: list[bytes] = []
+        pos = 0
+        n = len(out)
+        while pos < n:
+            m = out.find(b'"usage"', pos)
+            while m >= 0 and out.startswith(_NULL_USAGE, m):  # a content chunk's "usage":null
+                m = out.find(b'"usage"', m + 12)
+            for marker in (b"[DONE]", b'"error"'):
+                k = out.find(marker, pos, m if m >= 0 else n)
+                if k >= 0:
+                    m = k
+            if m < 0:
+                break
+            k = out.rfind(b"\n\n", pos, m)
+            start = pos if k < 0 else k + 2  # the event holding it
+            if start > pos:
+                pieces.append(self._content(out, pos, start))
+            end = out.find(b"\n\n", m) + 2  # (out ends with a blank line)
+            pieces.append(self._events(out[start:end], send=False))
+            pos = end
+        if pos < n:
+            pieces.append(self._content(out, pos, n))
+        passed = out if len(pieces) == 1 and len(pieces[0]) == n else b"".join(pieces)
         if self.outlet is not None:
             self._send(passed)
         return passed
+
+    def _content(self, out: bytes, start: int, end: int) -> bytes:
+        """OpenAI content chunks out[start:end] (whole events): counted, the last data line kept."""
+        region = out[start:end]
+        nl = b"\n" + region
+        count = nl.count(b"\ndata:")
+        if count:
+            self.deltas += count
+            i = nl.rfind(b"\ndata:")
+            self._last = region[i : region.find(b"\n", i)]
+        return region
 
     def rest(self) -> bytes:
         """Push mode, the stream ended: what was held back (an unterminated last line or event), parsed;
