@@ -40,10 +40,14 @@ class FirstContent:
             return self._anthropic(chunk) if self.dialect == "anthropic" else Seen.CONTENT
         # OpenAI (chat streams, and the Responses API's named events): line by line, whole lines only.
         data = self._tail + chunk if self._tail else chunk
-        lines = data.split(b"\n")
-        self._tail = lines[-1]
-        del lines[-1]
-        for line in lines:
+        # Line by line with find, not one split: the answer is usually in the first few lines of a
+        # read that may hold the whole stream (a split would copy out every line of it).
+        start = 0
+        end = data.find(b"\n")
+        while end >= 0:
+            line = data[start:end]
+            start = end + 1
+            end = data.find(b"\n", start)
             if line[:5] == b"data:":
                 seen = _openai(line[5:])
             elif line[:6] == b"event:":  # named events are the Responses API's (chat streams have none)
@@ -53,6 +57,7 @@ class FirstContent:
             if seen is not Seen.NOTHING:
                 self._tail = b""
                 return seen
+        self._tail = data[start:] if start else data
         return Seen.NOTHING
 
     def _anthropic(self, chunk: bytes) -> Seen:
