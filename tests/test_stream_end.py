@@ -149,3 +149,10 @@ def test_tap_end_clean_needs_the_finish_chunk_last() -> None:
     tap.feed(_chunks(content, finish))
     assert tap.end_clean() is True
     assert 2 == tap.output_estimate, "no usage reported: the deltas seen"
+    # A finish chunk followed by a content chunk in the same read (or the next): not complete.
+    for reads in ([_chunks(finish, content)], [_chunks(content, finish), _chunks(content)]):
+        tap = StreamTap("openai")
+        for read in reads:
+            tap.feed(read)
+        tap.flush()
+        assert tap.end_clean() is False

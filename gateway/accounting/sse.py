@@ -80,7 +80,9 @@ class StreamTap:
         self.usage = Usage()
         self.completed = False  # saw message_stop / [DONE]
         self.errored = False  # saw an error event from upstream
-        self._last = b""  # OpenAI: the last content chunk's payload (its finish_reason ends the answer)
+        # OpenAI: the last content chunk's payload (its finish_reason ends the answer), or the last
+        # read of content chunks (``_last_line``).
+        self._last = b""
         # Content events seen, the output estimate of a cut stream: OpenAI's content chunks,
         # Anthropic's ``event: content_block_delta`` lines.
         self.deltas = 0
@@ -151,14 +153,13 @@ class StreamTap:
             and (b'"usage"' not in out or out.count(b'"usage"') == out.count(_NULL_USAGE))
         ):
             # The usual read: content chunks only (with include_usage on, OpenAI's carry
-            # "usage":null).  Every data line is one (counted in C); the last one is kept for
-            # finish_reason_set(), as the loop below keeps it.
+            # "usage":null).  Every data line is one (counted in C: one call a read, as the split
+            # below); the read is kept, its last data line found only if end_clean() asks.
             nl = b"\n" + out
             n = nl.count(b"\ndata:")
             if n:
                 self.deltas += n
-                start = nl.rfind(b"\ndata:")  # in ``out``: where that line begins
-                self._last = out[start : out.find(b"\n", start)]
+                self._last = out  # a read: its last data line is found if end_clean() asks (_last_line)
         else:
             lines = out.split(b"\n")
             del lines[-1]  # what follows the last line end: nothing
@@ -356,8 +357,7 @@ class StreamTap:
         count = nl.count(b"\ndata:")
         if count:
             self.deltas += count
-            i = nl.rfind(b"\ndata:")
-            self._last = region[i : region.find(b"\n", i)]
+            self._last = region  # as in take(): the line is found when asked
         return region
 
     def rest(self) -> bytes:
@@ -465,7 +465,7 @@ class StreamTap:
         OpenAI-compatible servers do); only a stream without a terminal
         event is cut.  Call after ``flush``.
         """
-        if not self.completed and not self.errored and self.dialect != "anthropic" and finish_reason_set(self._last):
+        if not self.completed and not self.errored and self.dialect != "anthropic" and finish_reason_set(_last_line(self._last)):
             self.completed = True
         return self.completed
 
@@ -475,6 +475,16 @@ class StreamTap:
         if self.completed and self.usage.found:
             return self.usage.output_tokens
         return max(self.usage.output_tokens, self.deltas)
+
+
+def _last_line(last: bytes) -> bytes:
+    """``StreamTap._last``: a content chunk's line or payload, or a whole read of content chunks
+    (it ends with a line end; a line has none): then its last data line."""
+    if b"\n" not in last:
+        return last
+    nl = b"\n" + last
+    i = nl.rfind(b"\ndata:")  # in ``last``: where that line begins
+    return last[i : last.find(b"\n", i)]
 
 
 def finish_reason_set(payload: bytes) -> bool:
