@@ -449,6 +449,11 @@ def drive(t: Target, kind: Kind, n: int, conc: int = 8) -> None:
     asyncio.run(_drive(t.url(kind), kind, t.key, n, conc))
 
 
+def _file_safe(name: str) -> str:
+    """A target's name (``standalone@/tmp/s1``, ``standalone/2``) as part of a file name."""
+    return name.replace("@", "-at").replace("/", "_")
+
+
 def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, float]:
     pid = t.serving_pids[0]  # its cProfile stats (--top); the counts are summed over every worker
     drive(t, kind, 50)  # warm-up: caches, pools, first-use imports
@@ -458,14 +463,14 @@ def count_calls(b: Bench, t: Target, kind: Kind, n1: int, n2: int) -> dict[str, 
     f1 = b.snapshot_stats(pid)
     keep = b.counts_dir / f"{pid}.pstats"
     if keep.exists() and KEEP:
-        shutil.copy(keep, Path(KEEP) / f"{t.name}-{kind.name}.before.pstats")
+        shutil.copy(keep, Path(KEEP) / f"{_file_safe(t.name)}-{kind.name}.before.pstats")
     drive(t, kind, n2)
     s2 = b.snapshot_all(t.serving_pids)
     f2 = b.snapshot_stats(pid)
     if f2 and TOP:
         print_top(t.name, kind.name, f1, f2, n2)
         if keep.exists() and KEEP:
-            shutil.copy(keep, Path(KEEP) / f"{t.name}-{kind.name}.pstats")
+            shutil.copy(keep, Path(KEEP) / f"{_file_safe(t.name)}-{kind.name}.pstats")
     return {
         "py_calls": (s2[0] - s1[0]) / n2,
         "c_calls": (s2[1] - s1[1]) / n2,
