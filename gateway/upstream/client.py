@@ -816,15 +816,6 @@ def _shape(names: str) -> HeadShape:
 
 # Header names the client sets itself (or that make no sense on a request it frames).
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-_SENDABLE: set[str] = set()  # names (exact spelling) known not to be framing: no lower() per header
-_DROPPED: set[str] = set()
-
-
-def _sendable(name: str) -> bool:
-    ok = name.lower() not in _FRAMING
-    if len(_SENDABLE) + len(_DROPPED) < 4096:  # bounded: clients choose some of the names
-        (_SENDABLE if ok else _DROPPED).add(name)
-    return ok
 
 
 def _head(method: str, target: str, host: str, headers: Mapping[str, str], length: int) -> bytes:
@@ -852,7 +843,7 @@ HEAD_PLANS_MAX = 256
 
 
 def _head_plan(names: tuple[str, ...]) -> tuple[bool, ...] | None:
-    keep = tuple(name in _SENDABLE or (name not in _DROPPED and _sendable(name)) for name in names)
+    keep = tuple(name.lower() not in _FRAMING for name in names)  # once per set of names: no cache per name
     plan = None if all(keep) else keep
     if len(_HEAD_PLANS) >= HEAD_PLANS_MAX:
         _HEAD_PLANS.clear()
