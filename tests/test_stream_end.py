@@ -156,3 +156,29 @@ def test_tap_end_clean_needs_the_finish_chunk_last() -> None:
             tap.feed(read)
         tap.flush()
         assert tap.end_clean() is False
+
+
+def test_tap_end_clean_looks_past_comments_and_blank_reads() -> None:
+    """A read without a data line (an SSE comment, a keep-alive) after the finish chunk does not hide
+    it: the stream is still whole, whether the comment came in its own read or with the chunks, and
+    whether the reads were large (several events) or one event each."""
+    content = {"choices": [{"index": 0, "delta": {"content": "x" * 300}, "finish_reason": None}]}
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    ping = b": keep-alive\n\n"
+    for strip in (False, True):
+        for reads in (
+            [_chunks(content, finish), ping],
+            [_chunks(content), _chunks(finish), ping, ping],
+            [_chunks(content, content, finish) + ping],
+            [_chunks(content, finish) + ping + b": data: not a line\n\n"],
+        ):
+            tap = StreamTap("openai", strip_usage=strip)
+            for read in reads:
+                tap.feed(read)
+            tap.flush()
+            assert tap.end_clean() is True, reads
+        tap = StreamTap("openai", strip_usage=strip)
+        for read in (_chunks(finish, content), ping):
+            tap.feed(read)
+        tap.flush()
+        assert tap.end_clean() is False

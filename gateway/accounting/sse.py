@@ -49,6 +49,9 @@ _DELTA_LINE = b"\nevent: content_block_delta\n"
 # A read shorter than this (a few events) is parsed line by line even when most of it could be counted:
 # finding the events that need parsing costs about what parsing them all does (opcode counts).
 _PARSE_BELOW = 512
+# Reads of content events only are kept uncounted up to this many bytes (a read larger than this is
+# kept alone): most streams end with their usage, and then their deltas are never asked for.
+_COUNT_AFTER = 8192
 _NULL_USAGE = b'"usage":null'  # in each OpenAI content chunk once include_usage is on
 _DELTA_LINES = frozenset({b"event: content_block_delta", b"event: content_block_delta\r"})  # as split on LF
 # Anthropic's event names, as sent after "event: " (anything else is stripped of blanks first).
@@ -66,7 +69,9 @@ class StreamTap:
         "_last",
         "_tail",
         "completed",
-        "deltas",
+        "_deltas",
+        "_uncounted",
+        "_uncounted_bytes",
         "dialect",
         "errored",
         "outlet",
@@ -76,7 +81,7 @@ class StreamTap:
 
     def __init__(self, dialect: str, *, strip_usage: bool = False) -> None:
         self.dialect = dialect
-        self.strip_usage = strip_usage
+        self.strip_usage = strip_usage and dialect != "anthropic"  # (OpenAI's usage chunk: Anthropic has none)
         self.usage = Usage()
         self.completed = False  # saw message_stop / [DONE]
         self.errored = False  # saw an error event from upstream
@@ -84,8 +89,12 @@ class StreamTap:
         # read of content chunks (``_last_line``).
         self._last = b""
         # Content events seen, the output estimate of a cut stream: OpenAI's content chunks,
-        # Anthropic's ``event: content_block_delta`` lines.
-        self.deltas = 0
+        # Anthropic's ``event: content_block_delta`` lines (``deltas``).  Reads of content events only
+        # are counted when asked (a stream that ends with its usage never is), or once more than
+        # _COUNT_AFTER bytes of them are held: ``_uncounted``.
+        self._deltas = 0
+        self._uncounted: list[bytes] = []
+        self._uncounted_bytes = 0
         self._tail = b""  # an incomplete last line
         self._event = b""
         self._held: list[bytes] = []  # strip mode: complete lines of an event not yet ended
@@ -120,62 +129,70 @@ class StreamTap:
             return b""
         self._tail = data[end:]
         out = data[:end]  # all of it (the same object) when it ends with a line end: the usual case
-        if self.strip_usage and (
-            self._held or self._drop or self.dialect == "anthropic"
-            or (b'"usage"' in out and out.count(b'"usage"') != out.count(_NULL_USAGE))
-            or b"[DONE]" in out or b'"error"' in out
-            or not (out[-2:] == b"\n\n" or out[-3:] == b"\n\r\n")
-        ):
-            # An event still open, or one that may be dropped: whole events only.  Otherwise
-            # (the usual read: whole content events) the lines pass as they are, as without stripping.
-            if (
-                self.dialect != "anthropic" and not self._held and not self._drop and len(out) >= _PARSE_BELOW
-                and out[-2:] == b"\n\n" and b"\r" not in out
-            ):
-                return self._openai_whole(out)
-            return self._events(out)
         if self.dialect == "anthropic":
             if (
                 self._event not in _STATEFUL and b"message_" not in out and b"error" not in out
-                and b"\r" not in out
+                and 13 not in out
             ):
                 # The usual read: content events only (no usage, stop or error event begins or goes on
-                # here), LF line ends.  Nothing to parse: the deltas are counted in C, and what event
-                # is open at the end does not matter (only a stateful one's data lines are read).
-                self.deltas += (b"\n" + out).count(_DELTA_LINE)
+                # here), LF line ends.  Nothing to parse: the deltas are counted in C when asked, and
+                # what event is open at the end does not matter (only a stateful one's data lines are
+                # read).  (``_hold`` written out: a call fewer on every read of a stream.)
+                if self._uncounted_bytes + end > _COUNT_AFTER and self._uncounted:
+                    self._count()
+                self._uncounted.append(out)
+                self._uncounted_bytes += end
                 self._event = b""
-            elif len(out) < _PARSE_BELOW or b"\r" in out:
+            elif len(out) < _PARSE_BELOW or 13 in out:
                 self._anthropic_lines(out)  # a few events, or CR line ends: every line parsed
             else:
                 self._anthropic_events(out)
-        elif (
-            b"[DONE]" not in out and b'"error"' not in out
-            and (b'"usage"' not in out or out.count(b'"usage"') == out.count(_NULL_USAGE))
-        ):
-            # The usual read: content chunks only (with include_usage on, OpenAI's carry
-            # "usage":null).  Every data line is one (counted in C: one call a read, as the split
-            # below); the read is kept, its last data line found only if end_clean() asks.
-            # (``_content(out, 0, len(out))`` written out: a call fewer on every read of a stream.)
-            nl = b"\n" + out
-            n = nl.count(b"\ndata:")
-            if n:
-                self.deltas += n
-                self._last = out  # a read: its last data line is found if end_clean() asks (_last_line)
         else:
-            lines = out.split(b"\n")
-            del lines[-1]  # what follows the last line end: nothing
-            deltas = 0
-            last = None
-            for line in lines:
-                if line[:5] == b"data:":
-                    if b'"usage"' in line or b"[DONE]" in line or b'"error"' in line:
-                        self._openai(line[5:].strip())
-                    else:
-                        deltas += 1
-                        last = line  # finish_reason_set() reads it as it is
-            self.deltas += deltas
-            if last is not None:
-                self._last = last
+            if end >= _PARSE_BELOW:
+                m = _openai_marker(out, 0)  # several events: where the first to parse is, in three passes
+            elif (
+                b"[DONE]" not in out and b'"error"' not in out
+                and (b'"usage"' not in out or out.count(b'"usage"') == out.count(_NULL_USAGE))
+            ):
+                m = -1  # (an event or two: the same three passes, and no call unless include_usage is on)
+            else:
+                m = _openai_marker(out, 0)
+            if m < 0:
+                if self.strip_usage and (
+                    self._held or self._drop or not (out[-2:] == b"\n\n" or out[-3:] == b"\n\r\n")
+                ):
+                    return self._events(out)  # an event still open (or being dropped): whole events only
+                # The usual read: content chunks only (with include_usage on, OpenAI's carry
+                # "usage":null).  Every data line is one: counted in C when asked; the read is kept,
+                # its last data line found only if end_clean() asks.  (``_hold`` written out.)
+                if self._uncounted_bytes + end > _COUNT_AFTER and self._uncounted:
+                    self._count()
+                self._uncounted.append(out)
+                self._uncounted_bytes += end
+                if out[:5] == b"data:" or b"\ndata:" in out:
+                    self._last = out
+            elif self.strip_usage:
+                # A usage, [DONE] or error event may be dropped: whole events only.
+                if not self._held and not self._drop and len(out) >= _PARSE_BELOW and out[-2:] == b"\n\n" and (
+                    13 not in out
+                ):
+                    return self._openai_whole(out, m)
+                return self._events(out)
+            else:
+                lines = out.split(b"\n")
+                del lines[-1]  # what follows the last line end: nothing
+                deltas = 0
+                last = None
+                for line in lines:
+                    if line[:5] == b"data:":
+                        if b'"usage"' in line or b"[DONE]" in line or b'"error"' in line:
+                            self._openai(line[5:].strip())
+                        else:
+                            deltas += 1
+                            last = line  # finish_reason_set() reads it as it is
+                self._deltas += deltas
+                if last is not None:
+                    self._last = last
         o = self.outlet
         if o is None:
             return out
@@ -209,23 +226,28 @@ class StreamTap:
             pos = len(out) if k < 0 else k + 2
             self._anthropic_lines(out[:pos])
         n = len(out)
+        # Where the next "message_" / "error" is (-1: none left), each found again only once passed.
+        i = out.find(b"message_", pos)
+        j = out.find(b"error", pos)
         while pos < n:
-            i = out.find(b"message_", pos)
-            j = out.find(b"error", pos)
+            if 0 <= i < pos:
+                i = out.find(b"message_", pos)
+            if 0 <= j < pos:
+                j = out.find(b"error", pos)
             m = i if j < 0 or 0 <= i < j else j  # the first name that needs parsing
             if m < 0:
                 break
             k = out.rfind(b"\n\n", pos, m)
             start = pos if k < 0 else k + 2  # where its event begins
             if start > pos:
-                self.deltas += (b"\n" + out[pos:start]).count(_DELTA_LINE)
+                self._hold(out[pos:start])
             k = out.find(b"\n\n", m)
             pos = n if k < 0 else k + 2  # where its event ends (after the blank line)
             self._event = b""
             self._anthropic_lines(out[start:pos])
         else:
             return
-        self.deltas += (b"\n" + out[pos:]).count(_DELTA_LINE)
+        self._hold(out[pos:] if pos else out)
         self._event = b""
 
     def _anthropic_lines(self, out: bytes) -> None:
@@ -251,7 +273,7 @@ class StreamTap:
             elif not line or line == b"\r":
                 event = b""
         self._event = event
-        self.deltas += deltas
+        self._deltas += deltas
 
     def _send(self, out: bytes) -> None:
         """Push mode: write bytes passed on to the outlet."""
@@ -302,7 +324,7 @@ class StreamTap:
                     if b'"usage"' in line or b"[DONE]" in line or b'"error"' in line:
                         self._openai(line[5:].strip())
                     else:
-                        self.deltas += 1
+                        self._deltas += 1
                         self._last = line
             else:
                 self._line(line[:-1] if line.endswith(b"\r") else line)
@@ -319,47 +341,63 @@ class StreamTap:
             self._send(passed)
         return passed
 
-    def _openai_whole(self, out: bytes) -> bytes:
+    def _openai_whole(self, out: bytes, m: int) -> bytes:
         """Strip mode, OpenAI, whole events with LF line ends and nothing held (a stream that came
-        in one read or in event-sized reads): the events that hold a usage object, ``[DONE]`` or an
-        error go through ``_events`` (which drops the usage-only chunk); the content chunks between
-        them are counted in C and passed as they are.  The same as ``_events(out)``."""
+        in one read or in event-sized reads), ``m`` the first marker (``_openai_marker``): the events
+        that hold a usage object, ``[DONE]`` or an error go through ``_events`` (which drops the
+        usage-only chunk); the content chunks between them are kept uncounted and passed as they
+        are.  The same as ``_events(out)``."""
         pieces: list[bytes] = []
         pos = 0
         n = len(out)
-        while pos < n:
-            m = out.find(b'"usage"', pos)
-            while m >= 0 and out.startswith(_NULL_USAGE, m):  # a content chunk's "usage":null
-                m = out.find(b'"usage"', m + 12)
-            for marker in (b"[DONE]", b'"error"'):
-                k = out.find(marker, pos, m if m >= 0 else n)
-                if k >= 0:
-                    m = k
-            if m < 0:
-                break
+        while m >= 0:
             k = out.rfind(b"\n\n", pos, m)
             start = pos if k < 0 else k + 2  # the event holding it
             if start > pos:
-                pieces.append(self._content(out, pos, start))
+                pieces.append(self._content(out[pos:start]))
             end = out.find(b"\n\n", m) + 2  # (out ends with a blank line)
             pieces.append(self._events(out[start:end], send=False))
             pos = end
+            m = _openai_marker(out, pos)
         if pos < n:
-            pieces.append(self._content(out, pos, n))
+            pieces.append(self._content(out[pos:] if pos else out))
         passed = out if len(pieces) == 1 and len(pieces[0]) == n else b"".join(pieces)
         if self.outlet is not None:
             self._send(passed)
         return passed
 
-    def _content(self, out: bytes, start: int, end: int) -> bytes:
-        """OpenAI content chunks out[start:end] (whole events): counted, the last data line kept."""
-        region = out[start:end]
-        nl = b"\n" + region
-        count = nl.count(b"\ndata:")
-        if count:
-            self.deltas += count
+    def _content(self, region: bytes) -> bytes:
+        """OpenAI content chunks (whole events): kept uncounted, the last data line kept."""
+        self._hold(region)
+        if region[:5] == b"data:" or b"\ndata:" in region:
             self._last = region  # as in take(): the line is found when asked
         return region
+
+    def _hold(self, region: bytes) -> None:
+        """Content events only, whole lines: counted when asked (``deltas``), or once more than
+        _COUNT_AFTER bytes are held."""
+        if self._uncounted_bytes + len(region) > _COUNT_AFTER and self._uncounted:
+            self._count()
+        self._uncounted.append(region)
+        self._uncounted_bytes += len(region)
+
+    def _count(self) -> None:
+        """Count the content events held uncounted (whole lines: each piece ends with a line end).
+        Joined with a line end, so that no two pieces' lines share one: Anthropic's pattern begins and
+        ends with a line end, and one piece's last line may be ``event: content_block_delta``, the
+        next's first one too (an event parsed between them)."""
+        held = self._uncounted
+        self._deltas += (b"\n" + b"\n".join(held)).count(_DELTA_LINE if self.dialect == "anthropic" else b"\ndata:")
+        held.clear()
+        self._uncounted_bytes = 0
+
+    @property
+    def deltas(self) -> int:
+        """Content events seen, the output estimate of a cut stream: OpenAI's content chunks
+        (data lines), Anthropic's ``event: content_block_delta`` lines."""
+        if self._uncounted:
+            self._count()
+        return self._deltas
 
     def rest(self) -> bytes:
         """Push mode, the stream ended: what was held back (an unterminated last line or event), parsed;
@@ -390,7 +428,7 @@ class StreamTap:
         if line.startswith(b"event:"):
             self._event = line[6:].strip()
             if line == b"event: content_block_delta":  # the take() loop's test (a CR is gone here)
-                self.deltas += 1
+                self._deltas += 1
             return
         if not line.startswith(b"data:"):
             return
@@ -429,13 +467,13 @@ class StreamTap:
             self.completed = True
             return
         if b'"usage"' not in payload and b'"error"' not in payload:
-            self.deltas += 1
+            self._deltas += 1
             self._last = payload
             return
         if b'"usage":null' in payload and payload.count(b'"usage"') == 1:
             # OpenAI sends "usage":null in every chunk once include_usage is
             # on: a content chunk, no need to parse it.
-            self.deltas += 1
+            self._deltas += 1
             self._last = payload
             return
         try:
@@ -449,7 +487,7 @@ class StreamTap:
             return
         u = doc.get("usage")
         if u is None:
-            self.deltas += 1
+            self._deltas += 1
             self._last = payload
             return
         apply_openai(self.usage, u)
@@ -478,13 +516,36 @@ class StreamTap:
         return max(self.usage.output_tokens, self.deltas)
 
 
+def _openai_marker(out: bytes, pos: int) -> int:
+    """Where, in OpenAI's whole lines ``out`` from ``pos`` on, the first event that needs parsing is
+    marked: a usage object (not a content chunk's ``"usage":null``), ``[DONE]`` or an error; -1: none
+    (content chunks only).  Three passes over the bytes at most, whatever the read holds."""
+    n = len(out)
+    m = out.find(b'"usage"', pos)
+    if m >= 0 and out.startswith(_NULL_USAGE, m):
+        # include_usage on: "usage":null in every content chunk.  Only a read with a usage object
+        # (its last chunk, usually) is searched chunk by chunk.
+        if out.count(b'"usage"', m) == out.count(_NULL_USAGE, m):
+            m = -1
+        else:
+            while m >= 0 and out.startswith(_NULL_USAGE, m):
+                m = out.find(b'"usage"', m + 12)
+    end = n if m < 0 else m
+    k = out.find(b'"error"', pos, end)
+    if k >= 0:
+        end = k
+    k = out.find(b"[DONE]", pos, end)
+    if k >= 0:
+        end = k
+    return end if end < n else -1
+
+
 def _last_line(last: bytes) -> bytes:
     """``StreamTap._last``: a content chunk's line or payload, or a whole read of content chunks
     (it ends with a line end; a line has none): then its last data line."""
-    if b"\n" not in last:
+    if 10 not in last:
         return last
-    nl = b"\n" + last
-    i = nl.rfind(b"\ndata:")  # in ``last``: where that line begins
+    i = last.rfind(b"\ndata:") + 1  # where that line begins (0: the first line, or none)
     return last[i : last.find(b"\n", i)]
 
 

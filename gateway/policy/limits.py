@@ -417,7 +417,7 @@ class RedisLimiter:
             if len(items) == 1:  # the usual batch (each rides on the next ADMIT): no list, KEYS encoded with the plan
                 p, m, sec, dtok, cost = items[0]
                 body = f"{sec} {dtok} {cost} {p.settle_kinds} {m}".encode()
-                if b"\n" not in body:
+                if 10 not in body:
                     reply = fast.send_command(
                         b"%s%s$%d\r\n%s\r\n" % (p.settle_one, self._hold_args[self.budgets.ledger], len(body), body))
             else:

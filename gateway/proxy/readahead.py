@@ -67,10 +67,11 @@ class FirstContent:
         self._tail = data[-_ANTHROPIC_KEEP:]
         best, seen = len(data), Seen.NOTHING
         for marker, what in _ANTHROPIC_MARKERS:
-            if marker in data:  # (most reads hold none: no find)
-                i = data.find(marker, 0, best)
-                if i >= 0:
-                    best, seen = i, what
+            # Each search ends where the earliest marker so far begins: a stream in one read is searched
+            # up to its first content event, not through to its end once per marker.
+            i = data.find(marker, 0, best)
+            if i >= 0:
+                best, seen = i, what
         return seen
 
 

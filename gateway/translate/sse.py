@@ -18,15 +18,15 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         """Return the events this chunk completes (event name may be b"")."""
-        if not self._tail and not self._data and chunk[-2:] == b"\n\n" and b"\r" not in chunk:
+        if not self._tail and not self._data and chunk[-2:] == b"\n\n" and 13 not in chunk:
             # The usual case: whole events, each one optional event line and one data line.
             out: list[tuple[bytes, bytes]] = []
             for block in chunk[:-2].split(b"\n\n"):
-                if block[:6] == b"data: " and b"\n" not in block:
+                if block[:6] == b"data: " and 10 not in block:
                     out.append((b"", block[6:]))
                     continue
                 name, _, rest = block.partition(b"\n")
-                if name[:7] == b"event: " and rest[:6] == b"data: " and b"\n" not in rest:
+                if name[:7] == b"event: " and rest[:6] == b"data: " and 10 not in rest:
                     out.append((name[7:].strip(), rest[6:]))
                     continue
                 out.extend(self._lines(block + b"\n\n"))

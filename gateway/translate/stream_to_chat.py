@@ -46,7 +46,7 @@ class AnthropicToChatStream:
         out: list[bytes] = []
         if (
             chunk[:7] == b"event: " and chunk[-2:] == b"\n\n" and self._decoder.idle
-            and chunk.count(b"\n") == 3 and b"\r" not in chunk
+            and chunk.count(b"\n") == 3 and 13 not in chunk
         ):
             # The usual read: one whole event (an event line and a data line).
             name, _, rest = chunk[7:-2].partition(b"\n")

@@ -154,7 +154,7 @@ class LeanBody:
         if chunks:
             self._chunks = []
             data = b"".join(chunks)
-            if lines and b"\n" not in data:
+            if lines and 10 not in data:
                 conn.held = data
             else:
                 sink(data)
@@ -289,7 +289,7 @@ class _Connection(asyncio.Protocol):
                 if self.lines:
                     # An SSE sink has nothing to pass on before a line end: hold the read, no call.
                     held = self.held
-                    if b"\n" not in chunk:
+                    if 10 not in chunk:
                         self.held = held + chunk if held else chunk
                         return
                     if held:
@@ -324,7 +324,7 @@ class _Connection(asyncio.Protocol):
             if self.lines:
                 chunk = self.held + chunk
                 self.held = b""
-                if b"\n" not in chunk:
+                if 10 not in chunk:
                     self.held = chunk  # an error follows: no line end will come, the owner reads it with held()
                     return
             self.sink(chunk)
