@@ -56,7 +56,7 @@ class ResponsesTap(StreamTap):
         for line in lines:
             if line[:5] == b"data:":
                 if event[-6:] == b".delta":
-                    self.deltas += 1
+                    self._deltas += 1
                 elif event in _COMPLETE or event in _FAILED or (not event and b'"error"' in line):
                     self._terminal(event, line[5:].strip())
             elif line[:6] == b"event:":

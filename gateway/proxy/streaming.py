@@ -33,7 +33,7 @@ from gateway.proxy.attempts import Opened
 from gateway.proxy.context import RequestContext
 from gateway.proxy.routing import Deployment
 from gateway.resilience.breaker import State
-from gateway.server.response import WholeResponse
+from gateway.server.response import StreamHead, WholeResponse
 from gateway.upstream.client import HeadShape, LeanBody, LeanResponse
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ async def relay_stream(
     headers["server-timing"] = ctx.server_timing()
     if opened.read is not None:
         headers["content-type"] = "text/event-stream; charset=utf-8"  # a cloud's stream, turned into SSE
-    out = web.StreamResponse(status=resp.status, headers=headers)
+    out = StreamHead(resp.status, headers)
     if dep.breaker.state is State.HALF_OPEN:
         # The probe answered: a long stream must not hold the circuit half-open.
         dep.breaker.record_success()
@@ -226,7 +226,7 @@ class _Sink:
 
 
 async def _push(
-    request: web.Request, writer: StreamWriter, out: web.StreamResponse, opened: Opened, ctx: RequestContext,
+    request: web.Request, writer: StreamWriter, out: StreamHead, opened: Opened, ctx: RequestContext,
     tap: StreamTap,
 ) -> _Outcome:
     """The common case: the upstream's SSE relayed as it is, without a task switch per chunk."""
@@ -236,10 +236,11 @@ async def _push(
     if ctx.ttft_s is None:
         ctx.ttft_s = time.perf_counter() - ctx.start
     first = take(opened.ahead)
-    if first:
-        await out.write(first)  # the headers and the first events, in one write
-    else:
-        writer.send_headers()
+    if not out.begin(first):  # the head and the first events, in one write
+        if first:
+            await out.write(first)  # (aiohttp's path: it sends its head along)
+        else:
+            writer.send_headers()
     sink = _Sink(body, writer.protocol, writer.chunked)
     sink.last = first
     ended = False
@@ -289,7 +290,7 @@ async def _push(
 
 
 async def _pull(
-    request: web.Request, out: web.StreamResponse, opened: Opened, ctx: RequestContext, tap: StreamTap,
+    request: web.Request, out: StreamHead, opened: Opened, ctx: RequestContext, tap: StreamTap,
     translator: StreamTranslator | None,
 ) -> _Outcome:
     """A translated stream or a cloud's reader: chunk by chunk, a read (and a task switch) each."""
@@ -308,6 +309,8 @@ async def _pull(
                 chunk = ahead
                 ahead = b""
             else:
+                if not last:
+                    out.send_head()  # nothing written yet: the client gets the head before the wait
                 t0 = time.perf_counter()
                 chunk = await read()
                 ctx.upstream_s += time.perf_counter() - t0
