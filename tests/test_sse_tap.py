@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -404,3 +405,25 @@ def test_push_mode_writes_to_its_outlet_exactly_what_it_passes_on(stream, strip,
     assert [p for p in passed if p] == written
     assert sum(len(p) for p in passed) == outlet.sent
     assert (written[-1] if written else b"") == outlet.last
+
+
+@pytest.mark.parametrize("n", [1, 5, 30])
+@pytest.mark.parametrize("usage_null", [False, True])
+def test_openai_stream_in_one_read_strips_as_event_by_event(n: int, usage_null: bool) -> None:
+    """A stream in one read (the tap's whole-read path, from 512 bytes) and the same stream an event a
+    read give the same bytes to the client (the usage-only chunk dropped), usage, end and deltas;
+    with include_usage's "usage":null in every content chunk too."""
+    null = {"usage": None} if usage_null else {}
+    chunks = [{"choices": [{"index": 0, "delta": {"content": f"word{i} "}, "finish_reason": None}], **null}
+              for i in range(n)]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], **null})
+    usage = {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": n}}
+    events = [b"data: " + orjson.dumps(c) + b"\n\n" for c in [*chunks, usage]] + [b"data: [DONE]\n\n"]
+    data = b"".join(events)
+    whole_out, whole = run("openai", [data], strip=True)
+    split_out, split = run("openai", events, strip=True)
+    assert whole_out == split_out == data.replace(events[-2], b"")
+    same_tap(whole, split)
+    assert whole.usage == Usage(input_tokens=9, output_tokens=n, found=True)
+    assert whole.completed and whole.end_clean()
+    assert whole.deltas == n + 1  # the content chunks and the finish chunk

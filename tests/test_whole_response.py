@@ -108,7 +108,10 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         head = StreamHead(status, CIMultiDict(headers))
         await head.prepare(request)
         assert head.begin(pieces[0])  # the lean path: HTTP/1.1, the application's one hook
-        stream: web.StreamResponse = head
+        for piece in pieces[1:-1]:
+            await head.write(piece)
+        await head.finish(pieces[-1] if len(pieces) > 1 else b"")  # the last piece and the end, one write
+        return head
     else:
         stream = web.StreamResponse(status=status, headers=CIMultiDict(headers))
         await stream.prepare(request)

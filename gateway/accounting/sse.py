@@ -356,7 +356,16 @@ class StreamTap:
             if start > pos:
                 pieces.append(self._content(out[pos:start]))
             end = out.find(b"\n\n", m) + 2  # (out ends with a blank line)
-            pieces.append(self._events(out[start:end], send=False))
+            if out.find(b"\n", start) == end - 2 and out.startswith(b"data:", start):
+                # The usual event: one data line (OpenAI's usage chunk, [DONE], an error), parsed as
+                # _events would parse it; the usage-only chunk is dropped.
+                self._openai(out[start + 5 : end - 2].strip())
+                if self._drop:
+                    self._drop = False
+                else:
+                    pieces.append(out[start:end])
+            else:
+                pieces.append(self._events(out[start:end], send=False))
             pos = end
             m = _openai_marker(out, pos)
         if pos < n:

@@ -107,7 +107,7 @@ def _load(payload: bytes) -> dict[str, Any] | None:
 
 def _openai(payload: bytes) -> Seen:
     """One data line's payload (after "data:", blanks around it)."""
-    if b"[DONE]" in payload and payload.strip() == b"[DONE]":
+    if len(payload) < 16 and payload.strip() == b"[DONE]":  # (a chunk is longer: no strip, no search)
         return Seen.END
     # The common case without a parse: a non-empty text delta.  (A quote inside a string value
     # is escaped, so this key pattern only matches a key.)

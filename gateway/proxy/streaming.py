@@ -165,10 +165,8 @@ async def relay_stream(
         # The unfinished line (and a held event) is dropped; an unfinished
         # event is ended first, so that the error event parses on its own.
         lead = b"\n" if last and not last.endswith(_EVENT_END) else b""
-        await out.write(lead + stream_error_event(failure[0], failure[1], dialect))
+        rest = lead + stream_error_event(failure[0], failure[1], dialect)
     else:
-        if rest:
-            await out.write(rest)
         if tap.errored:
             # The upstream sent its own error event (relayed as is): a failed answer all the same.
             ctx.partial = True
@@ -176,7 +174,7 @@ async def relay_stream(
             dep.breaker.record_failure()
         else:
             dep.breaker.record_success()
-    await out.write_eof()
+    await out.finish(rest)  # what is left, and the end of the body: one write
     return out
 
 

@@ -198,3 +198,25 @@ class StreamHead(web.StreamResponse):
         writer = self._payload_writer
         if isinstance(writer, StreamWriter):
             writer.send_headers()
+
+    async def finish(self, last: bytes = b"") -> None:
+        """Write ``last`` (if any) and the end of the body, in one write once the head has gone
+        (as ``write(last)`` then ``write_eof()`` would, in two)."""
+        writer = self._payload_writer
+        if (
+            not isinstance(writer, StreamWriter) or not writer.chunked or not writer._headers_written
+            or writer._eof or writer._compress is not None or writer._on_chunk_sent is not None
+            or writer.on_body_write is not None or self._eof_sent
+        ):
+            if last:
+                await self.write(last)
+            await self.write_eof()
+            return
+        writer._write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
+        writer._eof = True
+        self._eof_sent = True
+        self._req = None
+        self._body_length = writer.output_size
+        self._payload_writer = None
+        if writer._protocol._paused:  # the client reads slowly: as write_eof does
+            await writer.drain()
