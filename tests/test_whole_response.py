@@ -112,10 +112,9 @@ async def _serve(request: web.Request) -> web.StreamResponse:
             await head.write(piece)
         await head.finish(pieces[-1] if len(pieces) > 1 else b"")  # the last piece and the end, one write
         return head
-    else:
-        stream = web.StreamResponse(status=status, headers=CIMultiDict(headers))
-        await stream.prepare(request)
-        await stream.write(pieces[0])
+    stream = web.StreamResponse(status=status, headers=CIMultiDict(headers))
+    await stream.prepare(request)
+    await stream.write(pieces[0])
     for piece in pieces[1:]:
         await stream.write(piece)
     await stream.write_eof()

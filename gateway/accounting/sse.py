@@ -63,15 +63,15 @@ _ANTHROPIC_EVENTS = frozenset({
 
 class StreamTap:
     __slots__ = (
+        "_deltas",
         "_drop",
         "_event",
         "_held",
         "_last",
         "_tail",
-        "completed",
-        "_deltas",
         "_uncounted",
         "_uncounted_bytes",
+        "completed",
         "dialect",
         "errored",
         "outlet",
