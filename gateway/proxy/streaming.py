@@ -151,9 +151,10 @@ async def relay_stream(
         and writer._compress is None and writer.length is None and writer._on_chunk_sent is None
         and writer.on_body_write is None
     ):
-        failure, last, rest = await _push(request, writer, out, opened, ctx, tap)
+        failure, last, rest, unsent = await _push(request, writer, out, opened, ctx, tap)
     else:
         failure, last, rest = await _pull(request, out, opened, ctx, tap, translator)
+        unsent = b""
     # The client's: the tap's (the Responses API has its own), or the translator's.
     dialect = tap.dialect if translator is None else translator.dialect
     if failure is None and not tap.end_clean() and not tap.errored:
@@ -165,8 +166,9 @@ async def relay_stream(
         # The unfinished line (and a held event) is dropped; an unfinished
         # event is ended first, so that the error event parses on its own.
         lead = b"\n" if last and not last.endswith(_EVENT_END) else b""
-        rest = lead + stream_error_event(failure[0], failure[1], dialect)
+        rest = unsent + lead + stream_error_event(failure[0], failure[1], dialect)
     else:
+        rest = unsent + rest if unsent else rest
         if tap.errored:
             # The upstream sent its own error event (relayed as is): a failed answer all the same.
             ctx.partial = True
@@ -174,7 +176,7 @@ async def relay_stream(
             dep.breaker.record_failure()
         else:
             dep.breaker.record_success()
-    await out.finish(rest)  # what is left, and the end of the body: one write
+    await out.finish(rest)  # what is left, and the end of the body (the head too, if it waited): one write
     return out
 
 
@@ -226,14 +228,21 @@ class _Sink:
 async def _push(
     request: web.Request, writer: StreamWriter, out: StreamHead, opened: Opened, ctx: RequestContext,
     tap: StreamTap,
-) -> _Outcome:
-    """The common case: the upstream's SSE relayed as it is, without a task switch per chunk."""
+) -> tuple[tuple[ErrorKind, str] | None, bytes, bytes, bytes]:
+    """The common case: the upstream's SSE relayed as it is, without a task switch per chunk.  Also
+    returns what was accepted for the client but not written yet (the last element)."""
     resp = opened.resp
     body = resp.content
     take = tap.taker()
     if ctx.ttft_s is None:
         ctx.ttft_s = time.perf_counter() - ctx.start
     first = take(opened.ahead)
+    if body.is_eof():
+        # The whole stream came with the read-ahead (a short answer, or an upstream that sends it at
+        # once): nothing to wait for.  The head, the events and the end of the body leave together,
+        # in relay_stream's last write (or with the error event if the stream turns out cut).
+        resp.release()
+        return None, first, tap.rest(), first
     if not out.begin(first):  # the head and the first events, in one write
         if first:
             await out.write(first)  # (aiohttp's path: it sends its head along)
@@ -284,7 +293,7 @@ async def _push(
     if held:
         take(held)  # no line end in it: nothing to pass on, but the tap parses its last line
     rest = tap.rest()
-    return failure, sink.last, rest
+    return failure, sink.last, rest, b""
 
 
 async def _pull(

@@ -200,19 +200,25 @@ class StreamHead(web.StreamResponse):
             writer.send_headers()
 
     async def finish(self, last: bytes = b"") -> None:
-        """Write ``last`` (if any) and the end of the body, in one write once the head has gone
-        (as ``write(last)`` then ``write_eof()`` would, in two)."""
+        """Write ``last`` (if any) and the end of the body in one write, with the head if it is still
+        held (as ``write(last)`` then ``write_eof()`` would, in two)."""
         writer = self._payload_writer
         if (
-            not isinstance(writer, StreamWriter) or not writer.chunked or not writer._headers_written
-            or writer._eof or writer._compress is not None or writer._on_chunk_sent is not None
+            not isinstance(writer, StreamWriter) or not writer.chunked or writer._eof
+            or writer._compress is not None or writer._on_chunk_sent is not None
             or writer.on_body_write is not None or self._eof_sent
+            or (not writer._headers_written and writer._headers_buf is None)
         ):
             if last:
                 await self.write(last)
             await self.write_eof()
             return
-        writer._write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else b"0\r\n\r\n")
+        head = b""
+        if not writer._headers_written and writer._headers_buf is not None:
+            head = writer._headers_buf
+            writer._headers_written = True
+            writer._headers_buf = None
+        writer._write(head + b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last) if last else head + b"0\r\n\r\n")
         writer._eof = True
         self._eof_sent = True
         self._req = None
