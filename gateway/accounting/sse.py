@@ -244,7 +244,21 @@ class StreamTap:
             k = out.find(b"\n\n", m)
             pos = n if k < 0 else k + 2  # where its event ends (after the blank line)
             self._event = b""
-            self._anthropic_lines(out[start:pos])
+            nl = out.find(b"\n", start)
+            if (
+                k >= 0 and out.startswith(b"event: ", start) and out.startswith(b"data:", nl + 1)
+                and out.find(b"\n", nl + 1) == k and (name := out[start + 7 : nl]) in _ANTHROPIC_EVENTS
+            ):
+                # The usual event (an event line with a name as Anthropic spells it, one data line,
+                # the blank line): read as _anthropic_lines would read it, without a split.
+                if name in _USAGE_EVENTS:
+                    self._anthropic_doc(name, out[nl + 6 : k].strip())
+                elif name == b"message_stop":
+                    self.completed = True
+                elif name == b"content_block_delta":  # (a text that says "error" or "message_")
+                    self._deltas += 1
+            else:
+                self._anthropic_lines(out[start:pos])
         else:
             return
         self._hold(out[pos:] if pos else out)
