@@ -155,12 +155,16 @@ def anthropic_sse_body(deltas: int = 19) -> bytes:
 
 
 def openai_sse_body(content: int = 21) -> bytes:
-    """25 events: role chunk, 21 content chunks, finish chunk, usage chunk, [DONE] (``content``: more)."""
+    """25 events: role chunk, 21 content chunks, finish chunk, usage chunk, [DONE] (``content``: more).
+
+    As OpenAI streams once ``stream_options.include_usage`` is on (the gateway turns it on to count a
+    stream): every chunk but the usage chunk carries ``"usage":null``."""
     base = {"id": "chatcmpl-BenchFixedBody000000000", "object": "chat.completion.chunk", "created": 1700000000,
             "model": "gpt-bench", "system_fingerprint": "fp_bench"}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                "usage": None}
 
     ev = [_sse(None, chunk({"role": "assistant", "content": "", "refusal": None}))]
     for i in range(content):

@@ -152,9 +152,12 @@ class StreamTap:
                 m = _openai_marker(out, 0)  # several events: where the first to parse is, in three passes
             elif (
                 b"[DONE]" not in out and b'"error"' not in out
-                and (b'"usage"' not in out or out.count(b'"usage"') == out.count(_NULL_USAGE))
+                and (b'"usage"' not in out or (
+                    out[(u := out.find(b'"usage"')) : u + 12] == _NULL_USAGE and b'"usage"' not in out[u + 12 :]))
             ):
-                m = -1  # (an event or two: the same three passes, and no call unless include_usage is on)
+                # An event or two of content: the same three passes, and one call if include_usage is on
+                # (a content chunk's "usage":null; a second one in the read takes the general path).
+                m = -1
             else:
                 m = _openai_marker(out, 0)
             if m < 0:
@@ -546,10 +549,14 @@ def _openai_marker(out: bytes, pos: int) -> int:
     n = len(out)
     m = out.find(b'"usage"', pos)
     if m >= 0 and out.startswith(_NULL_USAGE, m):
-        # include_usage on: "usage":null in every content chunk.  Only a read with a usage object
-        # (its last chunk, usually) is searched chunk by chunk.
-        if out.count(b'"usage"', m) == out.count(_NULL_USAGE, m):
+        # include_usage on: "usage":null in every content chunk, and the usage object (if the read
+        # holds it) in the last chunk but [DONE]: the last "usage" is checked, the ones before it
+        # counted; only an unusual read is searched chunk by chunk.
+        r = out.rfind(b'"usage"', m + 12)
+        if r < 0:
             m = -1
+        elif out.count(b'"usage"', m, r) == out.count(_NULL_USAGE, m, r):
+            m = -1 if out.startswith(_NULL_USAGE, r) else r
         else:
             while m >= 0 and out.startswith(_NULL_USAGE, m):
                 m = out.find(b'"usage"', m + 12)
