@@ -354,18 +354,19 @@ class _Transport:
     def writelines(self, parts: list[bytes]) -> None:
         self.frames.append(b"".join(parts))
 
-    def is_closing(self) -> bool:
-        return False
-
 
 class _Proto:
+    """aiohttp's protocol as the tap reads it: paused or not, and its transport (None once lost)."""
+
     _paused = False
+    transport: Any = None
 
 
 class _Outlet:
     def __init__(self, chunked: bool) -> None:
         self.transport: Any = _Transport()
         self.proto: Any = _Proto()
+        self.proto.transport = self.transport
         self.chunked = chunked
         self.sent = 0
         self.last = b""
@@ -427,3 +428,22 @@ def test_openai_stream_in_one_read_strips_as_event_by_event(n: int, usage_null: 
     assert whole.usage == Usage(input_tokens=9, output_tokens=n, found=True)
     assert whole.completed and whole.end_clean()
     assert whole.deltas == n + 1  # the content chunks and the finish chunk
+
+
+def test_push_mode_stops_once_the_client_connection_is_lost() -> None:
+    """aiohttp clears its protocol's transport when the client's connection is lost: the tap then
+    writes nothing more and tells its outlet (which stops reading the upstream)."""
+    gone: list[bool] = []
+    outlet = _Outlet(chunked=True)
+    outlet.gone = lambda: gone.append(True)  # type: ignore[method-assign]
+    tap = StreamTap("anthropic")
+    tap.outlet = outlet  # type: ignore[assignment]
+    event = b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
+    tap.take(event)
+    assert len(outlet.transport.frames) == 1 and not gone
+    outlet.proto.transport = None
+    tap.take(event)
+    tap._send(event)
+    assert len(outlet.transport.frames) == 1
+    assert gone == [True, True]
+    assert tap.deltas == 2  # still counted: a cut stream's output estimate

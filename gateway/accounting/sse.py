@@ -27,7 +27,9 @@ class Outlet(Protocol):
     (the relay's state: one write per chunk, no call between the tap and the client's transport)."""
 
     transport: asyncio.Transport
-    proto: BaseProtocol  # aiohttp's: ``_paused`` while the client's transport is full
+    # aiohttp's: ``_paused`` while the client's transport is full; its ``transport`` None once the
+    # connection is lost (a write to a closing transport before that is dropped by the loop, not raised).
+    proto: BaseProtocol
     chunked: bool  # frame each write (chunked transfer encoding)
     sent: int  # body bytes written
     last: bytes  # the last bytes written (is the client at an event boundary?)
@@ -200,10 +202,11 @@ class StreamTap:
         if o is None:
             return out
         # Inlined _send (the hot path of a relayed stream).
-        transport = o.transport
-        if transport.is_closing():
+        proto = o.proto
+        if proto.transport is None:  # the client's connection is lost (aiohttp clears it): no call per read
             o.gone()
             return out
+        transport = o.transport
         if not o.chunked:
             transport.write(out)
         elif end < _COPY_BELOW:
@@ -212,7 +215,7 @@ class StreamTap:
             transport.writelines((b"%x\r\n" % end, out, b"\r\n"))
         o.sent += end
         o.last = out
-        if o.proto._paused:
+        if proto._paused:
             o.slow()
         return out
 
@@ -297,10 +300,10 @@ class StreamTap:
         o = self.outlet
         if o is None or not out:
             return
-        transport = o.transport
-        if transport.is_closing():
+        if o.proto.transport is None:  # the client's connection is lost
             o.gone()
             return
+        transport = o.transport
         n = len(out)
         if not o.chunked:
             transport.write(out)
