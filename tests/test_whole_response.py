@@ -175,15 +175,16 @@ _NAME = _TOKEN.filter(lambda n: n.lower() not in {"content-length", "transfer-en
 _VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=40)
 _BAD_VALUE = st.builds(lambda a, brk, b: a + brk + b, _VALUE, st.sampled_from(["\r\n", "\n", "\r", "\r\nX-Injected: 1"]), _VALUE)
 _STATUS = st.integers(200, 599).filter(lambda s: s not in (204, 304))
-
-
-@settings(max_examples=150, deadline=None)
-@given(
+# An answer to serve both ways: status, headers, body, and maybe a header that would split the head.
+_ANSWERS = settings(max_examples=150, deadline=None)(given(
     status=_STATUS,
     headers=st.lists(st.tuples(_NAME, _VALUE), max_size=8),
     body=st.binary(max_size=3000),
     bad=st.one_of(st.none(), st.tuples(_NAME, _BAD_VALUE)),
-)
+))
+
+
+@_ANSWERS
 def test_whole_response_says_what_aiohttp_would(
     differential_server: int, status: int, headers: list[tuple[str, str]], body: bytes,
     bad: tuple[str, str] | None,
@@ -197,13 +198,7 @@ def test_whole_response_says_what_aiohttp_would(
     assert (whole is None) == (bad is not None)  # a header that would split the head: no answer at all
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    status=_STATUS,
-    headers=st.lists(st.tuples(_NAME, _VALUE), max_size=8),
-    body=st.binary(max_size=3000),
-    bad=st.one_of(st.none(), st.tuples(_NAME, _BAD_VALUE)),
-)
+@_ANSWERS
 def test_stream_head_says_what_aiohttp_would(
     differential_server: int, status: int, headers: list[tuple[str, str]], body: bytes,
     bad: tuple[str, str] | None,

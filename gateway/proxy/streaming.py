@@ -183,6 +183,8 @@ async def relay_stream(
 # What a relay loop hands on: why the stream failed, if it did; the last bytes written (is the
 # client at an event boundary?); what to write if it did not fail.
 _Outcome = tuple[tuple[ErrorKind, str] | None, bytes, bytes]
+# Push mode's: the same, and what was accepted for the client but not written yet.
+_Pushed = tuple[tuple[ErrorKind, str] | None, bytes, bytes, bytes]
 
 _STALLED = (ErrorKind.UPSTREAM_TIMEOUT, "The upstream stalled mid-stream; the answer is incomplete.")
 _FAILED = (ErrorKind.UPSTREAM_ERROR, "The upstream connection failed mid-stream; the answer is incomplete.")
@@ -228,9 +230,8 @@ class _Sink:
 async def _push(
     request: web.Request, writer: StreamWriter, out: StreamHead, opened: Opened, ctx: RequestContext,
     tap: StreamTap,
-) -> tuple[tuple[ErrorKind, str] | None, bytes, bytes, bytes]:
-    """The common case: the upstream's SSE relayed as it is, without a task switch per chunk.  Also
-    returns what was accepted for the client but not written yet (the last element)."""
+) -> _Pushed:
+    """The common case: the upstream's SSE relayed as it is, without a task switch per chunk."""
     resp = opened.resp
     body = resp.content
     take = tap.taker()

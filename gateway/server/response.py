@@ -31,8 +31,9 @@ A relayed stream (``relay_stream``) gets the same head, with
 its own, one write (and one send) before the first events.
 ``StreamHead.prepare`` leaves the head with aiohttp's writer, as a
 ``StreamResponse`` that buffers its head would; ``begin`` sends it with the
-first chunk, framed, in one write, and every later write and ``write_eof``
-are aiohttp's own.
+first chunk, framed, in one write; later writes are aiohttp's own, and
+``finish`` sends the last bytes with the end of the body (and the head, if
+nothing was written yet) in one write.
 
 aiohttp internals relied on: ``request._message`` (the parsed request line),
 ``request._match_info._apps``, the app's ``_on_response_prepare``, ``request._payload_writer`` and the writer's
